@@ -1,0 +1,42 @@
+"""Small helpers shared by every script: base directory, seeding, the dtype one-liner."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanochat.precision import resolve
+
+
+def autodetect_dtype(device_type: str = "cuda") -> torch.dtype:
+    """The compute dtype the precision policy picks for this machine's `device_type`.
+
+    python -c "from nanochat.common import autodetect_dtype; print(autodetect_dtype('cuda'))"
+    prints torch.float16 on a P100, torch.bfloat16 on an A100/H100.
+    """
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("autodetect_dtype('cuda'): no CUDA GPU is visible; use 'cpu' or check CUDA_VISIBLE_DEVICES")
+    return resolve("auto", device_type).torch_dtype
+
+
+def base_dir() -> Path:
+    """Where tokenizers, data and runs live by default: $NANOCHAT_BASE_DIR or ~/.cache/nanochat."""
+    return Path(os.environ.get("NANOCHAT_BASE_DIR", Path.home() / ".cache" / "nanochat"))
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,54 @@
+"""Run records: a JSON-lines metrics log per run, and loss-curve plots from those logs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends one JSON object per line; `step` counts optimizer steps done. Opening it with
+    `resume_step` drops records after that step, so a resumed run's log stays continuous with no
+    step recorded twice."""
+
+    def __init__(self, path: str | Path, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [r for r in read_metrics(self.path) if r.get("step", -1) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def log(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curves(runs: dict[str, str | Path], out: str | Path, keys: Sequence[str] = ("loss", "val_bpb")) -> Path:
+    """One panel per metric in `keys`, one line per run ({label: metrics.jsonl}); saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for label, path in runs.items():
+            points = [(r["step"], r[key]) for r in read_metrics(path) if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,134 @@
+"""The training step, shared by the plain scripts and the Ray train loop.
+
+One optimizer step = `grad_accum` micro-batches of forward+backward under the plan's autocast,
+then (fp16 only) the GradScaler's unscale / inf-check / step / update, then zero_grad. The loss is
+kept on the device during accumulation so micro-steps never wait on the host; the one `.item()`
+per step is the price of the divergence guard and the log line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nanochat.precision import PrecisionPlan
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stayed non-finite (or fp16 steps kept overflowing) for too many steps in a row."""
+
+
+def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float) -> float:
+    """Linear warmup, flat, then linear warmdown to `final_lr_frac` over the last `warmdown_ratio` of steps."""
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - step) / warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: float = 0.95) -> float:
+    """Muon's momentum ramps from 0.85 to 0.95 over the first 300 steps (as upstream nanochat does)."""
+    frac = min(step / warmup_steps, 1.0)
+    return (1 - frac) * start + frac * end
+
+
+def set_schedule(optimizer: torch.optim.Optimizer, lrm: float, momentum: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+        if group.get("kind") == "muon":
+            group["momentum"] = momentum
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean training loss over the micro-batches (nan if non-finite)
+    skipped: bool  # the optimizer did not step (fp16 overflow or non-finite loss)
+    scale: float | None  # GradScaler scale after the step, None without a scaler
+
+
+class TrainStep:
+    """Callable that performs one optimizer step; holds the GradScaler and the divergence counter."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        plan: PrecisionPlan,
+        grad_accum: int,
+        scaler: torch.amp.GradScaler | None = None,
+        max_bad_steps: int = 20,
+        sync_grads: Callable[[], None] | None = None,
+    ):
+        self.model, self.optimizer, self.plan = model, optimizer, plan
+        self.grad_accum = grad_accum
+        self.scaler = scaler
+        self.max_bad_steps = max_bad_steps
+        self.sync_grads = sync_grads  # e.g. an all-reduce across data-parallel workers
+        self.bad_in_a_row = 0
+        self.skipped_total = 0
+
+    def __call__(self, batches: Iterator[Batch]) -> StepResult:
+        total = None
+        for _ in range(self.grad_accum):
+            x, y = next(batches)
+            with self.plan.compute_context():
+                loss = self.model(x, y)
+            total = loss.detach() if total is None else total + loss.detach()
+            loss = loss / self.grad_accum
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if self.sync_grads is not None:
+            self.sync_grads()
+        mean_loss = (total / self.grad_accum).item()
+        skipped = self._optimizer_step(math.isfinite(mean_loss))
+        self.optimizer.zero_grad(set_to_none=True)
+        self._guard(skipped, mean_loss)
+        return StepResult(mean_loss, skipped, self.scaler.get_scale() if self.scaler else None)
+
+    def _optimizer_step(self, loss_is_finite: bool) -> bool:
+        """Step every optimizer group, or none. Returns True when the step was skipped."""
+        if self.scaler is None:
+            if loss_is_finite:
+                self.optimizer.step()
+            return not loss_is_finite
+        # unscale first so Muon orthogonalizes true gradients; scaler.step skips the whole
+        # optimizer (Muon and AdamW groups alike) if any gradient holds inf/NaN
+        scale_before = self.scaler.get_scale()
+        self.scaler.unscale_(self.optimizer)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return self.scaler.get_scale() < scale_before
+
+    def _guard(self, skipped: bool, loss: float) -> None:
+        self.skipped_total += skipped
+        self.bad_in_a_row = self.bad_in_a_row + 1 if skipped else 0
+        if self.bad_in_a_row < self.max_bad_steps:
+            return
+        scale = f", loss scale {self.scaler.get_scale():g}" if self.scaler else ""
+        raise TrainingDiverged(
+            f"{self.bad_in_a_row} optimizer steps in a row were skipped (last loss {loss}{scale}): training has "
+            f"diverged in {self.plan.dtype}. Lower the learning rates, resume from an earlier checkpoint, "
+            "or try --dtype float32 to rule out a precision problem."
+        )
+
+
+def maybe_compile(model: nn.Module, plan: PrecisionPlan, setting: str = "auto") -> nn.Module:
+    """torch.compile the model where the plan allows it ("auto"), always ("on") or never ("off")."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"compile must be auto, on or off, not {setting!r}")
+    if setting == "on" and plan.device == "cuda" and not plan.compile:
+        raise ValueError(
+            f"--compile on: {plan.name} (sm {plan.capability}) cannot run Triton kernels (needs sm 7.0+); use --compile auto"
+        )
+    if setting == "on" or (setting == "auto" and plan.compile):
+        return torch.compile(model, dynamic=False)
+    return model
