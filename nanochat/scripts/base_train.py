@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if latest else None)
     batches = iter(train_loader)
     timed_tokens, timed_seconds, val = 0, 0.0, None
-    bar = tqdm(range(start_step, num_iterations), initial=start_step, total=num_iterations, desc="base", dynamic_ncols=True)
+    # in logs (not a terminal) a bar redraw is a new line: redraw every 10 s instead of 10 times a second
+    bar = tqdm(range(start_step, num_iterations), initial=start_step, total=num_iterations, desc="base",
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10)
     for step in bar:
         set_schedule(optimizer, lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac), muon_momentum(step))
         t0 = time.perf_counter()

@@ -1,0 +1,451 @@
+"""Atomic checkpoints of a training state.
+
+A checkpoint is one directory, root/step_000123/, holding:
+
+    model.pt       model.state_dict() with any torch.compile "_orig_mod." prefix removed
+    optim.pt       optimizer.state_dict() (absent when saved without an optimizer)
+    meta.json      step, data-loader position, GradScaler state, RNG states and the caller's metadata
+    manifest.json  size and sha256 of every other file; written last
+
+Everything is written into a hidden temp dir in `root`, fsync'd, and renamed into place, so a
+reader sees either a complete checkpoint or none. The manifest is the second line of defence: a
+directory whose files do not match it (a truncated copy, a half-synced bucket) is never resumed from.
+
+    save_checkpoint(root, step, model=m, optimizer=opt, scaler=sc, loader_state=ls, meta=meta)
+    path = find_latest(root)
+    state = load_checkpoint(path, model=m, optimizer=opt, scaler=sc, expect={"model_config": cfg})
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.amp import GradScaler
+from torch.optim import Optimizer
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.pt"
+OPTIM_FILE = "optim.pt"
+META_FILE = "meta.json"
+MANIFEST_FILE = "manifest.json"
+COMPILE_PREFIX = "_orig_mod."
+STEP_DIR_RE = re.compile(r"^step_(\d+)$")
+LEFTOVER_PREFIXES = (".tmp-", ".old-", ".del-")  # hidden dirs of saves/deletes that were cut short
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged, or does not belong to the run that tries to load it."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# small file helpers
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename is only durable once the directory holding the entry is flushed too.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # some filesystems (and Windows) cannot open directories; nothing more we can do
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_torch(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# state pieces: model keys, RNG
+
+
+def _strip_compile_prefix(key: str) -> str:
+    # torch.compile wraps a module as `_orig_mod`; the prefix can sit at the front (whole model
+    # compiled) or mid-key (one block compiled), so drop it wherever it appears.
+    return key.replace(COMPILE_PREFIX, "")
+
+
+def _canonical_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {_strip_compile_prefix(k): v for k, v in model.state_dict().items()}
+
+
+def _match_model_keys(saved: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename saved keys to the target model's own keys, so compiled and eager models share files."""
+    own_keys = {_strip_compile_prefix(k): k for k in model.state_dict()}
+    return {own_keys.get(_strip_compile_prefix(k), k): v for k, v in saved.items()}
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _from_b64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def _capture_rng() -> dict:
+    # Stored as JSON (no pickle) so meta.json stays readable and safe to load.
+    version, mt_state, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    rng = {
+        "python": {"version": version, "state": list(mt_state), "gauss": gauss},
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": np_state["state"]["key"].tolist(),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": _b64(torch.get_rng_state()),
+        "cuda": [],
+    }
+    if torch.cuda.is_available():
+        rng["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return rng
+
+
+def _restore_rng(rng: dict) -> None:
+    py = rng["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npr = rng["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": npr["bit_generator"],
+            "state": {"key": np.array(npr["key"], dtype=np.uint32), "pos": npr["pos"]},
+            "has_gauss": npr["has_gauss"],
+            "gauss": npr["gauss"],
+        }
+    )
+    torch.set_rng_state(_from_b64(rng["torch"]))
+    saved_cuda = rng.get("cuda") or []
+    if saved_cuda and torch.cuda.is_available():
+        n_now = torch.cuda.device_count()
+        if n_now != len(saved_cuda):
+            log.warning(
+                "checkpoint holds CUDA RNG states for %d devices, this process sees %d; "
+                "restoring the first %d only",
+                len(saved_cuda), n_now, min(n_now, len(saved_cuda)),
+            )
+        for i, s in enumerate(saved_cuda[:n_now]):
+            torch.cuda.set_rng_state(_from_b64(s), device=i)
+
+
+# ---------------------------------------------------------------------------------------------------
+# manifest
+
+
+def _write_manifest(directory: Path, step: int) -> None:
+    files = {}
+    for p in sorted(directory.iterdir()):
+        if p.name != MANIFEST_FILE:
+            files[p.name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    _write_json({"format_version": FORMAT_VERSION, "step": step, "files": files}, directory / MANIFEST_FILE)
+
+
+def _manifest_problem(directory: Path) -> str | None:
+    """What is wrong with a checkpoint dir's files versus its manifest, or None when it is intact."""
+    manifest_path = directory / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return f"{manifest_path} is missing (the save never finished)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{manifest_path} is unreadable ({e})"
+    for name, entry in files.items():
+        p = directory / name
+        if not p.is_file():
+            return f"{p} is listed in the manifest but missing"
+        size = p.stat().st_size
+        if size != entry.get("size"):
+            return f"{p} has {size} bytes, the manifest says {entry['size']} (truncated or overwritten)"
+        if _sha256(p) != entry.get("sha256"):
+            return f"{p} does not match its sha256 in the manifest (corrupted)"
+    if MODEL_FILE not in files or META_FILE not in files:
+        return f"{manifest_path} does not list {MODEL_FILE} and {META_FILE}"
+    return None
+
+
+def _verify(directory: Path) -> None:
+    problem = _manifest_problem(directory)
+    if problem is not None:
+        raise CheckpointError(
+            f"checkpoint {directory} is damaged: {problem}. Delete this directory or load an earlier "
+            f"checkpoint (find_latest() skips damaged ones)."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# listing
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every step_N directory under root, newest first; warns about leftovers."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = STEP_DIR_RE.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+        elif p.name.startswith(LEFTOVER_PREFIXES):
+            log.warning("ignoring leftover %s (an interrupted save or delete); safe to remove", p)
+    return sorted(found, reverse=True)
+
+
+def find_latest(root: str | Path) -> Path | None:
+    """The highest-step checkpoint under `root` whose files match its manifest, or None."""
+    for _, path in _step_dirs(Path(root)):
+        problem = _manifest_problem(path)
+        if problem is None:
+            return path
+        log.warning("skipping damaged checkpoint %s: %s", path, problem)
+    return None
+
+
+def _remove_dir(path: Path) -> None:
+    # Rename first (atomic) so a crash during rmtree leaves a hidden leftover, not a half-deleted
+    # step dir that looks like a checkpoint.
+    trash = path.parent / f".del-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _prune(root: Path, keep_last: int, new_path: Path) -> None:
+    complete = [p for _, p in _step_dirs(root) if p != new_path and (p / MANIFEST_FILE).is_file()]
+    for old in complete[max(keep_last - 1, 0):]:
+        log.info("keep_last=%d: removing %s", keep_last, old)
+        _remove_dir(old)
+
+
+# ---------------------------------------------------------------------------------------------------
+# save / load
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: Optimizer | None,
+    scaler: GradScaler | None,
+    loader_state: dict | None,
+    meta: dict,
+    keep_last: int | None = None,
+) -> Path:
+    """Write root/step_{step:06d}/ atomically and return its path.
+
+    `loader_state` and `meta` must be JSON-serializable. `keep_last=N` then removes all but the N
+    newest complete checkpoints (the one just written always stays).
+    """
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / _step_dir_name(step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    # Serialize the JSON part first: a non-serializable meta should fail before anything hits disk.
+    record = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torch_version": torch.__version__,
+        "loader_state": loader_state,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "rng": _capture_rng(),
+        "meta": meta,
+    }
+    try:
+        json.dumps(record)
+    except TypeError as e:
+        raise CheckpointError(f"meta and loader_state must be JSON-serializable: {e}") from e
+
+    tmp.mkdir()
+    try:
+        _write_torch(_canonical_state_dict(model), tmp / MODEL_FILE)
+        if optimizer is not None:
+            _write_torch(optimizer.state_dict(), tmp / OPTIM_FILE)
+        _write_json(record, tmp / META_FILE)
+        _write_manifest(tmp, step)
+        _fsync_dir(tmp)
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    if keep_last is not None:
+        _prune(root, keep_last, final)
+    return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    # os.replace cannot overwrite a non-empty directory, so an existing checkpoint of the same step
+    # is moved aside first and deleted only once the new one is in place.
+    old = None
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_expect(path: Path, saved: dict, expect: dict) -> None:
+    # Compare through JSON so tuples vs lists and int keys vs str keys do not count as differences.
+    diffs = []
+    for key, want in expect.items():
+        want = json.loads(json.dumps(want))
+        have = saved.get(key, "<missing>")
+        if have != want:
+            diffs.append(f"  {key}: saved {have!r} vs expected {want!r}")
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} does not match this run:\n" + "\n".join(diffs) + "\n"
+            "Resume with the settings it was saved with, or start a new checkpoint directory."
+        )
+
+
+def _load_torch(path: Path, map_location: Any) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot read {path}: {e}. Delete this checkpoint or load an earlier one."
+        ) from e
+
+
+def _read_record(path: Path) -> dict:
+    record = json.loads((path / META_FILE).read_text())
+    if record.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path / META_FILE} has format_version {record.get('format_version')!r}, this code reads "
+            f"{FORMAT_VERSION}. Load it with the nanochat version that wrote it."
+        )
+    return record
+
+
+def _load_model_weights(model: nn.Module, state: dict, path: Path) -> None:
+    try:
+        model.load_state_dict(_match_model_keys(state, model), strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path / MODEL_FILE} does not fit this model: {e}") from e
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module | None = None,
+    optimizer: Optimizer | None = None,
+    scaler: GradScaler | None = None,
+    map_location: Any = "cpu",
+    expect: dict | None = None,
+    restore_rng: bool = True,
+) -> dict:
+    """Verify and load the checkpoint at `path` into the given objects (each optional).
+
+    `expect` maps meta keys to the values this run needs (model config, tokenizer fingerprint,
+    precision plan...); any difference raises CheckpointError before anything is loaded.
+    Returns {"step", "loader_state", "meta", "path"}.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist; use find_latest(root) to locate one")
+    _verify(path)
+    record = _read_record(path)
+    if expect:
+        _check_expect(path, record["meta"], expect)
+
+    if model is not None:
+        _load_model_weights(model, _load_torch(path / MODEL_FILE, map_location), path)
+    if optimizer is not None:
+        if not (path / OPTIM_FILE).is_file():
+            raise CheckpointError(
+                f"{path} was saved without optimizer state; pass optimizer=None to load weights only"
+            )
+        optimizer.load_state_dict(_load_torch(path / OPTIM_FILE, map_location))
+    if scaler is not None and scaler.is_enabled():
+        if record["scaler"]:
+            scaler.load_state_dict(record["scaler"])
+        else:
+            log.warning("%s has no GradScaler state (saved without fp16); the scale starts fresh", path)
+    if restore_rng:
+        _restore_rng(record["rng"])
+    return {
+        "step": record["step"],
+        "loader_state": record["loader_state"],
+        "meta": record["meta"],
+        "path": path,
+    }
+
+
+def load_model_state(path: str | Path, map_location: Any = "cpu") -> tuple[dict, dict]:
+    """(state_dict without compile prefixes, meta) of a verified checkpoint, for eval and inference."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist; use find_latest(root) to locate one")
+    _verify(path)
+    record = _read_record(path)
+    state = _load_torch(path / MODEL_FILE, map_location)
+    return {_strip_compile_prefix(k): v for k, v in state.items()}, record["meta"]
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the GPT saved at `path` (a step_* dir, or a root whose latest complete one is used).
+
+    Returns (model in eval mode on `device`, meta)."""
+    from nanochat.gpt import GPT, GPTConfig  # the model module stays free of checkpoint logic
+
+    path = Path(path)
+    if not STEP_DIR_RE.match(path.name):
+        latest = find_latest(path)
+        if latest is None:
+            raise CheckpointError(f"no complete checkpoint under {path}; train one first (python -m nanochat.scripts.base_train)")
+        path = latest
+    state, meta = load_model_state(path, map_location=device)
+    model = GPT(GPTConfig(**meta["model_config"])).to(device)
+    model.load_state_dict(state)
+    return model.eval(), meta

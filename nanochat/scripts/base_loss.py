@@ -1,0 +1,69 @@
+"""Evaluate a base checkpoint: bits per byte on the train and validation shards, plus samples.
+
+    python -m nanochat.scripts.base_loss --run-dir ~/.cache/nanochat/runs/base_d12
+    python -m nanochat.scripts.base_loss --run-dir runs/demo --device-batch-size 4 --eval-tokens 16384   # CPU
+
+Bits per byte does not depend on the vocabulary, so runs with different tokenizers compare.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanochat.checkpoint import load_model
+from nanochat.common import base_dir, default_device, seed_everything
+from nanochat.config import CommonConfig, option, parse_config
+from nanochat.dataloader import DataLoader
+from nanochat.dataset import default_data_dir, list_shards, split_shards
+from nanochat.engine import sample_text
+from nanochat.eval.bpb import evaluate_bpb
+from nanochat.precision import apply_process_settings, resolve
+from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
+
+PROMPTS = ["In the beginning", "The meaning of life is", "He said to them,", "The king of"]
+
+
+@dataclass
+class BaseLossConfig(CommonConfig):
+    run_dir: str = option("", "run directory (its checkpoints/ holds the model); empty = runs/base_d12")
+    checkpoint: str = option("", "a specific step_* checkpoint directory instead of the run's latest")
+    device_batch_size: int = option(32, "rows per forward pass")
+    eval_tokens: int = option(20 * 524288, "tokens per split")
+    data_dir: str = option("", "parquet shards; empty = $NANOCHAT_DATA or $NANOCHAT_BASE_DIR/data")
+    tokenizer_dir: str = option("", "trained tokenizer; empty = $NANOCHAT_BASE_DIR/tokenizer")
+    max_new_tokens: int = option(32, "tokens per sample")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(BaseLossConfig, argv, description=__doc__.splitlines()[0])
+    device = torch.device(cfg.device or default_device())
+    plan = resolve(cfg.dtype, device)
+    apply_process_settings(plan, device)
+    seed_everything(cfg.seed)
+    source = Path(cfg.checkpoint or Path(cfg.run_dir or base_dir() / "runs" / "base_d12") / "checkpoints")
+    model, meta = load_model(source, device)
+    tokenizer = Tokenizer.load(cfg.tokenizer_dir or default_tokenizer_dir())
+    if tokenizer.fingerprint() != meta["tokenizer"]:
+        raise SystemExit(f"the tokenizer in {cfg.tokenizer_dir or default_tokenizer_dir()} is not the one {source} was trained with")
+    seq_len = model.config.sequence_len
+    steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * seq_len))
+    shards = list_shards(cfg.data_dir or default_data_dir())
+    result: dict = {"checkpoint": str(source), "dtype": plan.dtype}
+    for split in ("train", "val"):
+        loader = DataLoader(split_shards(shards, split), tokenizer, cfg.device_batch_size, seq_len, device)
+        result[f"{split}_bpb"] = evaluate_bpb(model, plan, iter(loader), steps, tokenizer.token_bytes())
+        print(f"{split} bpb: {result[f'{split}_bpb']:.4f}")
+    result["samples"] = {p: sample_text(model, tokenizer, plan, p, cfg.max_new_tokens) for p in PROMPTS}
+    for prompt, text in result["samples"].items():
+        print(f"{prompt!r} -> {text!r}")
+    print("result:", json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,60 @@
+"""A tiny end-to-end run on CPU: shards from the embedded corpus -> tokenizer -> base training ->
+evaluation and samples. Minutes on a laptop; every stage is the real script with small settings.
+
+    python -m nanochat.scripts.demo                 # writes under $NANOCHAT_BASE_DIR/demo
+    python -m nanochat.scripts.demo --steps 600     # a little longer, better samples
+
+Each stage prints the command line that runs it on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from nanochat import dataset
+from nanochat.common import base_dir
+from nanochat.scripts import base_loss, base_train, tok_train
+
+
+def stage(name: str, module: str, entry: Callable, argv: list[str]):
+    print(f"\n=== {name}: python -m {module} {shlex.join(argv)}", flush=True)
+    t0 = time.time()
+    result = entry(argv)
+    print(f"=== {name} done in {time.time() - t0:.0f}s", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="demo directory (default $NANOCHAT_BASE_DIR/demo); wiped first")
+    parser.add_argument("--steps", type=int, default=300, help="base training steps")
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=2048)
+    args = parser.parse_args(argv)
+    out = args.out or base_dir() / "demo"
+    shutil.rmtree(out, ignore_errors=True)
+    data, tok, run = out / "data", out / "tokenizer", out / "run"
+
+    stage("shards", "nanochat.dataset", dataset.main, ["build", "--source", "embedded", "--out", str(data)])
+    stage("tokenizer", "nanochat.scripts.tok_train", tok_train.main,
+          ["--vocab-size", str(args.vocab_size), "--data-dir", str(data), "--out", str(tok)])
+    common = ["--device", "cpu", "--data-dir", str(data), "--tokenizer-dir", str(tok), "--run-dir", str(run)]
+    summary = stage("base training", "nanochat.scripts.base_train", base_train.main, [
+        *common, "--depth", str(args.depth), "--head-dim", "64", "--max-seq-len", "128",
+        "--device-batch-size", "16", "--total-batch-size", "2048", "--num-iterations", str(args.steps),
+        "--eval-every", "100", "--eval-tokens", "16384", "--sample-every", "-1", "--save-every", "-1",
+    ])
+    evaluation = stage("evaluation", "nanochat.scripts.base_loss", base_loss.main, [
+        *common, "--device-batch-size", "16", "--eval-tokens", "16384",
+    ])
+    print(f"\ndemo finished: val bpb {evaluation['val_bpb']:.3f}, final train loss {summary['final_loss']:.3f}; files in {out}")
+    return {"train": summary, "eval": evaluation}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""base_train and base_loss end to end on CPU, through their real command lines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat.checkpoint import find_latest
+from nanochat.report import read_metrics
+from nanochat.scripts import base_loss, base_train
+
+
+def train_args(data_dir: Path, tokenizer_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--device", "cpu", "--data-dir", str(data_dir), "--tokenizer-dir", str(tokenizer_dir), "--run-dir", str(run_dir),
+        "--depth", "2", "--head-dim", "32", "--max-seq-len", "64", "--device-batch-size", "4",
+        "--total-batch-size", "512", "--eval-tokens", "1024", "--sample-every", "-1", *extra,
+    ]
+
+
+def test_training_learns_and_base_loss_reports_bpb(data_dir, tokenizer_dir, tmp_path):
+    run = tmp_path / "run"
+    summary = base_train.main(train_args(data_dir, tokenizer_dir, run, "--num-iterations", "60", "--eval-every", "30", "--save-every", "-1"))
+    losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
+    assert len(losses) == 60
+    start, end = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
+    assert end < 0.7 * start, f"loss did not fall: {start:.3f} -> {end:.3f}"
+    assert summary["skipped_steps"] == 0 and summary["val_bpb"] > 0
+
+    result = base_loss.main(["--device", "cpu", "--data-dir", str(data_dir), "--tokenizer-dir", str(tokenizer_dir),
+                             "--run-dir", str(run), "--device-batch-size", "4", "--eval-tokens", "1024", "--max-new-tokens", "4"])
+    assert 0 < result["val_bpb"] < 10 and 0 < result["train_bpb"] < 10
+    # base_loss evaluates the saved model on the same val tokens as training's final eval
+    assert abs(result["val_bpb"] - summary["val_bpb"]) < 1e-4
+    assert all(isinstance(text, str) for text in result["samples"].values())
+
+
+def test_killed_run_resumes_to_the_same_parameters(data_dir, tokenizer_dir, tmp_path):
+    schedule = ["--num-iterations", "40", "--save-every", "4", "--eval-every", "-1", "--keep-last", "20"]
+    reference = tmp_path / "reference"
+    base_train.main(train_args(data_dir, tokenizer_dir, reference, *schedule))
+
+    # the same run in a subprocess, SIGKILLed as soon as its step-8 checkpoint exists
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "nanochat.scripts.base_train", *train_args(data_dir, tokenizer_dir, killed, *schedule)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step_000008").exists():
+        assert proc.poll() is None and time.time() < deadline, "the training subprocess ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted_at = find_latest(killed / "checkpoints")
+    assert interrupted_at is not None and interrupted_at.name != "step_000040", "the kill came too late to test a resume"
+
+    summary = base_train.main(train_args(data_dir, tokenizer_dir, killed, *schedule, "--resume"))
+    assert summary["steps"] == 40
+    ref = torch.load(reference / "checkpoints" / "step_000040" / "model.pt")
+    got = torch.load(killed / "checkpoints" / "step_000040" / "model.pt")
+    assert ref.keys() == got.keys()
+    assert all(torch.equal(ref[k], got[k]) for k in ref), "the resumed run diverged from the uninterrupted one"
+    steps = [r["step"] for r in read_metrics(killed / "metrics.jsonl")]
+    assert steps == list(range(1, 41)), "the metrics log must be continuous, each step once"
+
+
+def test_total_batch_must_divide(data_dir, tokenizer_dir, tmp_path):
+    with pytest.raises(ValueError, match="not a multiple of device batch x seq len = 256"):
+        base_train.main(train_args(data_dir, tokenizer_dir, tmp_path, "--total-batch-size", "1000", "--num-iterations", "1"))
