@@ -308,8 +308,9 @@ def apply_process_settings(plan: PrecisionPlan, device: torch.device | str | Non
     torch.backends.cudnn.allow_tf32 = True
     if plan.memory_cap:
         device = torch.device(device or "cuda")
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, plan.memory_cap / total), device)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, plan.memory_cap / total), index)
 
 
 def add_dtype_argument(parser: argparse.ArgumentParser) -> None:

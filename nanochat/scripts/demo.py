@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     common = ["--device", "cpu", "--data-dir", str(data), "--tokenizer-dir", str(tok), "--run-dir", str(run)]
     summary = stage("base training", "nanochat.scripts.base_train", base_train.main, [
         *common, "--depth", str(args.depth), "--head-dim", "64", "--max-seq-len", "128",
-        "--device-batch-size", "16", "--total-batch-size", "2048", "--num-iterations", str(args.steps),
+        "--device-batch-size", "8", "--total-batch-size", "1024", "--num-iterations", str(args.steps),
         "--eval-every", "100", "--eval-tokens", "16384", "--sample-every", "-1", "--save-every", "-1",
     ])
     evaluation = stage("evaluation", "nanochat.scripts.base_loss", base_loss.main, [

@@ -1,0 +1,156 @@
+"""Time the real training step (model, Muon+AdamW, GradScaler where the plan has one, gradient
+accumulation) on random tokens, and find the largest micro-batch that fits in memory.
+
+    python -m nanochat.scripts.bench_train --depth 12                       # bf16 on A100/H100
+    NANOCHAT_EMULATE=p100 python -m nanochat.scripts.bench_train --depth 12 --device-batch-size 8
+    NANOCHAT_EMULATE=p100 python -m nanochat.scripts.bench_train --depth 12 --find-max-batch
+    python -m nanochat.scripts.bench_train --depth 2 --max-seq-len 128 --vocab-size 4096 \
+        --device-batch-size 4 --steps 3 --warmup 1                          # CPU smoke run
+
+Prints tokens/s, MFU against the plan's peak (FLOPs/token as upstream nanochat counts them),
+the forward+backward / optimizer split, peak memory; `--out FILE.json` writes the same.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nanochat.common import default_device, seed_everything
+from nanochat.config import CommonConfig, option, parse_config
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.precision import PrecisionPlan, apply_process_settings, resolve
+from nanochat.training import TrainStep, maybe_compile
+
+
+@dataclass
+class BenchConfig(CommonConfig):
+    depth: int = option(12, "transformer layers")
+    aspect_ratio: int = option(64, "model width per layer of depth")
+    head_dim: int = option(128, "attention head dimension")
+    max_seq_len: int = option(2048, "sequence length")
+    vocab_size: int = option(32768, "vocabulary size")
+    device_batch_size: int = option(32, "rows per micro-batch")
+    total_batch_size: int = option(-1, "tokens per optimizer step (gradient accumulation); -1 = one micro-batch")
+    steps: int = option(20, "timed optimizer steps")
+    warmup: int = option(5, "untimed steps first (compilation, allocator warm-up)")
+    compile: str = option("auto", "torch.compile: auto, on, off", choices=("auto", "on", "off"))
+    find_max_batch: bool = option(False, "instead of timing, report the largest micro-batch (power of two, then +50%) that fits")
+    out: str = option("", "write the result as JSON here")
+
+
+def build(cfg: BenchConfig, plan: PrecisionPlan, device: torch.device, batch_size: int):
+    seed_everything(cfg.seed)
+    config = GPTConfig.from_depth(cfg.depth, cfg.vocab_size, cfg.max_seq_len, cfg.aspect_ratio, cfg.head_dim)
+    model = GPT(config).to(device)
+    model.init_weights()
+    optimizer = model.setup_optimizer(ns_dtype=getattr(torch, plan.muon_dtype))
+    tokens_per_micro = batch_size * cfg.max_seq_len
+    grad_accum = 1 if cfg.total_batch_size == -1 else max(1, cfg.total_batch_size // tokens_per_micro)
+    step = TrainStep(maybe_compile(model, plan, cfg.compile), optimizer, plan, grad_accum, plan.make_grad_scaler())
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    data = [torch.randint(0, cfg.vocab_size, (batch_size, cfg.max_seq_len + 1), device=device, generator=g) for _ in range(4)]
+    batches = ((row[:, :-1], row[:, 1:]) for i in range(10**9) for row in [data[i % 4]])
+    return model, step, batches, grad_accum
+
+
+def fits(cfg: BenchConfig, plan: PrecisionPlan, device: torch.device, batch_size: int) -> bool:
+    """One full optimizer step at this micro-batch: does it run without running out of memory?"""
+    try:
+        _, step, batches, _ = build(cfg, plan, device, batch_size)
+        step(batches)
+        step(batches)  # the second step holds optimizer state too
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        torch.cuda.empty_cache()
+
+
+def find_max_batch(cfg: BenchConfig, plan: PrecisionPlan, device: torch.device) -> dict:
+    if device.type != "cuda":
+        raise SystemExit("--find-max-batch measures GPU memory; run it on a CUDA device")
+    best, size = 0, 1
+    while fits(cfg, plan, device, size):
+        best, size = size, size * 2
+    if best and fits(cfg, plan, device, best + best // 2) and best // 2:
+        best = best + best // 2
+    limit = plan.memory_cap or torch.cuda.get_device_properties(device).total_memory
+    result = {"depth": cfg.depth, "seq_len": cfg.max_seq_len, "dtype": plan.dtype, "max_device_batch_size": best,
+              "memory_limit_gib": limit / 2**30, "gpu": plan.name, "emulating": plan.emulating}
+    print(f"largest micro-batch that fits: {best} x {cfg.max_seq_len} tokens (depth {cfg.depth}, {plan.dtype}, "
+          f"{limit / 2**30:.0f} GiB)")
+    return result
+
+
+def timed_split(model: GPT, step: TrainStep, batches, device: torch.device) -> tuple[float, float]:
+    """(forward+backward ms, optimizer ms) of one step, from CUDA events (0, 0 on CPU)."""
+    if device.type != "cuda":
+        return 0.0, 0.0
+    start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+    step.optimizer.step = _timed(step.optimizer.step, mid)
+    start.record()
+    step(batches)
+    end.record()
+    torch.cuda.synchronize()
+    del step.optimizer.step  # back to the class method
+    return start.elapsed_time(mid), mid.elapsed_time(end)
+
+
+def _timed(fn, event):
+    def wrapper(*args, **kwargs):
+        event.record()
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def bench(cfg: BenchConfig, plan: PrecisionPlan, device: torch.device) -> dict:
+    model, step, batches, grad_accum = build(cfg, plan, device, cfg.device_batch_size)
+    for _ in range(cfg.warmup):
+        step(batches)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(cfg.steps):
+        step(batches)
+    sync()
+    seconds = (time.perf_counter() - t0) / cfg.steps
+    fwd_bwd_ms, optim_ms = timed_split(model, step, batches, device)
+    tokens = grad_accum * cfg.device_batch_size * cfg.max_seq_len
+    flops = model.estimate_flops()
+    result = {
+        "depth": cfg.depth, "dtype": plan.dtype, "gpu": plan.name, "emulating": plan.emulating, "compile": cfg.compile,
+        "device_batch_size": cfg.device_batch_size, "seq_len": cfg.max_seq_len, "grad_accum": grad_accum,
+        "ms_per_step": 1000 * seconds, "tok_per_s": tokens / seconds,
+        "mfu": flops * tokens / seconds / plan.peak_flops if plan.peak_flops else None,
+        "flops_per_token": flops, "fwd_bwd_ms": fwd_bwd_ms, "optimizer_ms": optim_ms,
+        "skipped_steps": step.skipped_total,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "torch": torch.__version__,
+    }
+    mfu = f", MFU {100 * result['mfu']:.1f}%" if result["mfu"] else ""
+    print(f"depth {cfg.depth} {plan.dtype} B={cfg.device_batch_size}x{cfg.max_seq_len} accum {grad_accum}: "
+          f"{result['tok_per_s']:,.0f} tok/s{mfu}, {result['ms_per_step']:.1f} ms/step "
+          f"(fwd+bwd {fwd_bwd_ms:.1f} / optimizer {optim_ms:.1f} ms), peak {result['peak_memory_gib'] or 0:.2f} GiB")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(BenchConfig, argv, description=__doc__.splitlines()[0])
+    device = torch.device(cfg.device or default_device())
+    plan = resolve(cfg.dtype, device)
+    apply_process_settings(plan, device)
+    print(f"precision plan:\n{plan.summary()}")
+    result = find_max_batch(cfg, plan, device) if cfg.find_max_batch else bench(cfg, plan, device)
+    if cfg.out:
+        with open(cfg.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
