@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
         metrics.log(record)
         bar.set_postfix_str(
             f"loss {result.loss:.3f} | {tok_per_s:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else "")
-            + (f" | scale {result.scale:g} skipped {train_step.skipped_total}" if scaler else "")
+            + (f" | scale {result.scale:g} skipped {train_step.skipped_total}" if scaler else ""),
+            refresh=False,  # the bar redraws at its own pace (mininterval)
         )
         if is_due(cfg.sample_every, done):
             for prompt in SAMPLE_PROMPTS:
