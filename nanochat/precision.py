@@ -19,6 +19,7 @@ Usage:
     python -m nanochat.precision --json
     python -m nanochat.precision --simulate "Tesla P100-PCIE-16GB:6.0"
     python -m nanochat.precision --simulate cpu --dtype bfloat16
+    python -m nanochat.precision --labels             # Ray node labels: what cluster/start_node.sh passes
     NANOCHAT_EMULATE=p100 python -m nanochat.precision   # behave as a 16 GB P100 on any GPU
 
 `plan_for()` is a pure function of a `DeviceInfo`, so the whole table is testable without hardware;
@@ -31,6 +32,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -313,6 +315,17 @@ def apply_process_settings(plan: PrecisionPlan, device: torch.device | str | Non
         torch.cuda.set_per_process_memory_fraction(min(1.0, plan.memory_cap / total), index)
 
 
+def node_labels(plan: PrecisionPlan) -> dict[str, str]:
+    """The Ray node labels that put this machine in its precision group (see ray_jobs/scheduler.py)."""
+    return {"nanochat/precision": plan.short, "nanochat/gpu": _label_value(plan.name)}
+
+
+def _label_value(text: str) -> str:
+    # Ray label values follow Kubernetes syntax: <= 63 chars of [A-Za-z0-9_.-], alphanumeric at both ends
+    value = re.sub(r"[^A-Za-z0-9_.-]+", "-", text)[:63]
+    return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", value) or "unknown"
+
+
 def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
     """The one `--dtype` flag every training, eval and chat script shares."""
     parser.add_argument(
@@ -330,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     add_dtype_argument(parser)
     parser.add_argument("--simulate", help="plan for another device: cpu, mps or 'GPU NAME:MAJOR.MINOR'")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--labels", action="store_true", help="print the Ray node labels for the plan, as `ray start --labels` takes them"
+    )
     args = parser.parse_args(argv)
     try:
         device = parse_simulated(args.simulate) if args.simulate else None
@@ -337,7 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     except PrecisionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(plan.to_dict()) if args.json else plan.summary())
+    if args.labels:
+        print(",".join(f"{key}={value}" for key, value in node_labels(plan).items()))
+    else:
+        print(json.dumps(plan.to_dict()) if args.json else plan.summary())
     return 0
 
 

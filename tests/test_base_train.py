@@ -71,5 +71,5 @@ def test_killed_run_resumes_to_the_same_parameters(data_dir, tokenizer_dir, tmp_
 
 
 def test_total_batch_must_divide(data_dir, tokenizer_dir, tmp_path):
-    with pytest.raises(ValueError, match="not a multiple of device batch x seq len = 256"):
+    with pytest.raises(ValueError, match="not a multiple of device batch x seq len x workers = 256"):
         base_train.main(train_args(data_dir, tokenizer_dir, tmp_path, "--total-batch-size", "1000", "--num-iterations", "1"))

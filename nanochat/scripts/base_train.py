@@ -11,6 +11,9 @@
 
 Needs shards (python -m nanochat.dataset build) and a tokenizer (python -m nanochat.scripts.tok_train).
 Writes checkpoints, metrics.jsonl and summary.json under --run-dir.
+
+`setup()` and `train()` below are the whole stage; `main()` feeds them the plain loader and local
+checkpoints, and ray_jobs/train.py feeds the same two functions Ray Data and Ray Train checkpoints.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +37,7 @@ from nanochat.dataset import default_data_dir, list_shards, split_shards
 from nanochat.engine import sample_text
 from nanochat.eval.bpb import evaluate_bpb
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.precision import apply_process_settings, resolve
+from nanochat.precision import PrecisionPlan, apply_process_settings, resolve
 from nanochat.report import MetricsLog
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
 from nanochat.training import TrainStep, lr_multiplier, maybe_compile, muon_momentum, set_schedule
@@ -82,29 +86,83 @@ def iterations_for(cfg: BaseTrainConfig, num_params: int, tokens_per_step: int) 
     return max(1, round(cfg.target_param_data_ratio * num_params / tokens_per_step))
 
 
-def grad_accum_steps(cfg: BaseTrainConfig) -> int:
-    tokens_per_micro = cfg.device_batch_size * cfg.max_seq_len
+def grad_accum_steps(cfg: BaseTrainConfig, world_size: int = 1) -> int:
+    tokens_per_micro = cfg.device_batch_size * cfg.max_seq_len * world_size
     total = tokens_per_micro if cfg.total_batch_size == -1 else cfg.total_batch_size
     if total % tokens_per_micro:
         raise ValueError(
-            f"--total-batch-size {total} is not a multiple of device batch x seq len = {tokens_per_micro}; "
-            "change one of --total-batch-size, --device-batch-size, --max-seq-len"
+            f"--total-batch-size {total} is not a multiple of device batch x seq len x workers = {tokens_per_micro}; "
+            "change one of --total-batch-size, --device-batch-size, --max-seq-len, --num-workers"
         )
     return total // tokens_per_micro
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(BaseTrainConfig, argv, description=__doc__.splitlines()[0])
-    device = torch.device(cfg.device or default_device())
+@dataclass
+class Run:
+    """Everything one training process holds; built the same way by the plain script and Ray workers."""
+
+    cfg: BaseTrainConfig
+    device: torch.device
+    plan: PrecisionPlan
+    tokenizer: Tokenizer
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    step_fn: TrainStep
+    grad_accum: int
+    tokens_per_step: int  # global, over all workers
+    num_iterations: int
+    meta: dict
+    world_size: int = 1
+    is_main: bool = True
+
+    @property
+    def flops_per_token(self) -> int:
+        return self.model.estimate_flops()
+
+    def describe(self) -> str:
+        c, m = self.cfg, self.model.config
+        tokens = self.num_iterations * self.tokens_per_step
+        return (
+            f"model: depth {c.depth}, width {m.n_embd}, {m.n_head} heads, {self.model.num_params():,} parameters, "
+            f"{self.flops_per_token:.3e} FLOPs/token\n"
+            f"batch: {c.device_batch_size} x {c.max_seq_len} tokens x {self.grad_accum} accumulation "
+            f"x {self.world_size} workers = {self.tokens_per_step:,} tokens/step\n"
+            f"horizon: {self.num_iterations} steps = {tokens:,} tokens ({tokens / self.model.num_params():.1f} tokens per parameter)"
+        )
+
+    def restore(self, path: Path) -> tuple[int, dict | None]:
+        """Load a checkpoint into this run; returns (step, data position)."""
+        state = checkpoint.load_checkpoint(
+            path, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
+            expect={"model_config": self.meta["model_config"], "tokenizer": self.meta["tokenizer"]},
+        )
+        self.step_fn.skipped_total = state["meta"].get("skipped_steps", 0)
+        return state["step"], state["loader_state"]
+
+    def save(self, root: Path, step: int, data_position: dict | None) -> Path:
+        self.meta["skipped_steps"] = self.step_fn.skipped_total
+        return checkpoint.save_checkpoint(
+            root, step, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
+            loader_state=data_position, meta=self.meta, keep_last=self.cfg.keep_last,
+        )
+
+    def val_loader(self) -> DataLoader:
+        shards = split_shards(list_shards(self.cfg.data_dir or default_data_dir()), "val")
+        return DataLoader(shards, self.tokenizer, self.cfg.device_batch_size, self.cfg.max_seq_len, self.device)
+
+    def val_bpb(self) -> float:
+        steps = max(1, self.cfg.eval_tokens // (self.cfg.device_batch_size * self.cfg.max_seq_len))
+        return evaluate_bpb(self.model, self.plan, iter(self.val_loader()), steps, self.tokenizer.token_bytes())
+
+
+def setup(cfg: BaseTrainConfig, device: torch.device, world_size: int = 1, rank: int = 0,
+          sync_grads: Callable | None = None) -> Run:
+    """Precision plan, tokenizer, model, optimizer, GradScaler and step function for one process."""
     plan = resolve(cfg.dtype, device)
     apply_process_settings(plan, device)
-    run_dir = Path(cfg.run_dir or base_dir() / "runs" / f"base_d{cfg.depth}")
-    ckpt_dir = run_dir / "checkpoints"
-    print(f"precision plan:\n{plan.summary()}")
-
-    # -- tokenizer, model, optimizer ---------------------------------------------------------
     tokenizer = Tokenizer.load(cfg.tokenizer_dir or default_tokenizer_dir())
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # same seed on every worker: identical initial weights, no broadcast needed
     model_config = GPTConfig.from_depth(cfg.depth, tokenizer.vocab_size, cfg.max_seq_len, cfg.aspect_ratio, cfg.head_dim)
     model = GPT(model_config).to(device)
     model.init_weights()
@@ -113,106 +171,94 @@ def main(argv: list[str] | None = None) -> dict:
         weight_decay=cfg.weight_decay, ns_dtype=getattr(torch, plan.muon_dtype),
     )
     scaler = plan.make_grad_scaler()
-    grad_accum = grad_accum_steps(cfg)
-    tokens_per_step = grad_accum * cfg.device_batch_size * cfg.max_seq_len
+    grad_accum = grad_accum_steps(cfg, world_size)
+    tokens_per_step = grad_accum * cfg.device_batch_size * cfg.max_seq_len * world_size
+    step_fn = TrainStep(maybe_compile(model, plan, cfg.compile), optimizer, plan, grad_accum, scaler,
+                        cfg.max_bad_steps, sync_grads)
+    meta = {"stage": "base", "model_config": dataclasses.asdict(model_config), "tokenizer": tokenizer.fingerprint(),
+            "plan": plan.to_dict(), "train_config": dataclasses.asdict(cfg)}
     num_iterations = iterations_for(cfg, model.num_params(), tokens_per_step)
-    flops_per_token = model.estimate_flops()
-    meta = {
-        "stage": "base",
-        "model_config": dataclasses.asdict(model_config),
-        "tokenizer": tokenizer.fingerprint(),
-        "plan": plan.to_dict(),
-        "train_config": dataclasses.asdict(cfg),
-    }
-    print(
-        f"model: depth {cfg.depth}, width {model_config.n_embd}, {model_config.n_head} heads, "
-        f"{model.num_params():,} parameters, {flops_per_token:.3e} FLOPs/token\n"
-        f"batch: {cfg.device_batch_size} x {cfg.max_seq_len} tokens x {grad_accum} accumulation = {tokens_per_step:,} tokens/step\n"
-        f"horizon: {num_iterations} steps = {num_iterations * tokens_per_step:,} tokens "
-        f"({num_iterations * tokens_per_step / model.num_params():.1f} tokens per parameter)"
-    )
+    return Run(cfg, device, plan, tokenizer, model, optimizer, scaler, step_fn, grad_accum, tokens_per_step,
+               num_iterations, meta, world_size, is_main=rank == 0)
 
-    # -- resume --------------------------------------------------------------------------------
-    start_step, loader_state, skipped_before = 0, None, 0
+
+def train(run: Run, batches: Iterator, start_step: int, log: Callable[[dict], None],
+          save: Callable[[int], None]) -> dict:
+    """The loop: schedule, step, and at their intervals evaluation, samples and checkpoints.
+
+    `batches` yields (x, y); `log` receives one record per step; `save(step)` checkpoints. Only the
+    main process evaluates, samples and shows progress."""
+    cfg, plan, n = run.cfg, run.plan, run.num_iterations
+    timed_tokens, timed_seconds, val, result = 0, 0.0, None, None
+
+    def is_due(every: int, done: int) -> bool:
+        return done == n or (every > 0 and done % every == 0)
+
+    # in logs (not a terminal) a bar redraw is a new line: redraw every 10 s instead of 10 times a second
+    bar = tqdm(range(start_step, n), initial=start_step, total=n, desc=run.meta["stage"], dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 10, disable=not run.is_main)
+    for step in bar:
+        lrm = lr_multiplier(step, n, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
+        set_schedule(run.optimizer, lrm, muon_momentum(step))
+        t0 = time.perf_counter()
+        result = run.step_fn(batches)
+        dt = time.perf_counter() - t0
+        if step - start_step >= 3:  # leave compile/warm-up steps out of the throughput average
+            timed_tokens, timed_seconds = timed_tokens + run.tokens_per_step, timed_seconds + dt
+        done = step + 1
+        record = {"step": done, "loss": result.loss, "tok_per_s": run.tokens_per_step / dt, "lr_mult": lrm,
+                  "mfu": run.flops_per_token * run.tokens_per_step / dt / plan.peak_flops if plan.peak_flops else None,
+                  "loss_scale": result.scale, "skipped": result.skipped}
+        if run.is_main and is_due(cfg.eval_every, done):
+            val = record["val_bpb"] = run.val_bpb()
+            tqdm.write(f"step {done}: val bpb {val:.4f}")
+        log(record)
+        bar.set_postfix_str(
+            f"loss {result.loss:.3f} | {record['tok_per_s']:,.0f} tok/s"
+            + (f" | mfu {100 * record['mfu']:.1f}%" if record["mfu"] else "")
+            + (f" | scale {result.scale:g} skipped {run.step_fn.skipped_total}" if run.scaler else ""),
+            refresh=False,  # the bar redraws at its own pace (mininterval)
+        )
+        if run.is_main and is_due(cfg.sample_every, done):
+            for prompt in SAMPLE_PROMPTS:
+                tqdm.write(f"  {prompt!r} -> {sample_text(run.model, run.tokenizer, plan, prompt, max_new_tokens=24)!r}")
+        if is_due(cfg.save_every, done):
+            save(done)
+    bar.close()
+    tok_per_s = timed_tokens / timed_seconds if timed_seconds else None
+    return {
+        "steps": n,
+        "final_loss": result.loss if result else None,
+        "val_bpb": val,
+        "tok_per_s": tok_per_s,
+        "mfu": run.flops_per_token * tok_per_s / plan.peak_flops if tok_per_s and plan.peak_flops else None,
+        "skipped_steps": run.step_fn.skipped_total,
+        "loss_scale": run.scaler.get_scale() if run.scaler else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None,
+        "params": run.model.num_params(),
+        "plan": plan.to_dict(),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(BaseTrainConfig, argv, description=__doc__.splitlines()[0])
+    run = setup(cfg, torch.device(cfg.device or default_device()))
+    run_dir = Path(cfg.run_dir or base_dir() / "runs" / f"base_d{cfg.depth}")
+    ckpt_dir = run_dir / "checkpoints"
+    print(f"precision plan:\n{run.plan.summary()}\n{run.describe()}")
+
+    start_step, position = 0, None
     latest = checkpoint.find_latest(ckpt_dir) if cfg.resume else None
     if latest is not None:
-        state = checkpoint.load_checkpoint(
-            latest, model=model, optimizer=optimizer, scaler=scaler,
-            expect={"model_config": meta["model_config"], "tokenizer": meta["tokenizer"]},
-        )
-        start_step, loader_state = state["step"], state["loader_state"]
-        skipped_before = state["meta"].get("skipped_steps", 0)
+        start_step, position = run.restore(latest)
         print(f"resumed from {latest} at step {start_step}")
     elif cfg.resume:
         print(f"--resume: no complete checkpoint in {ckpt_dir}, starting from scratch")
 
-    # -- data ----------------------------------------------------------------------------------
-    shards = list_shards(cfg.data_dir or default_data_dir())
-    train_loader = DataLoader(split_shards(shards, "train"), tokenizer, cfg.device_batch_size, cfg.max_seq_len, device, state=loader_state)
-    token_bytes = tokenizer.token_bytes()
-    eval_steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len))
-
-    def val_bpb() -> float:
-        val_loader = DataLoader(split_shards(shards, "val"), tokenizer, cfg.device_batch_size, cfg.max_seq_len, device)
-        return evaluate_bpb(model, plan, iter(val_loader), eval_steps, token_bytes)
-
-    def is_due(every: int, step: int) -> bool:
-        return step == num_iterations or (every > 0 and step % every == 0)
-
-    # -- loop ----------------------------------------------------------------------------------
-    compiled = maybe_compile(model, plan, cfg.compile)
-    train_step = TrainStep(compiled, optimizer, plan, grad_accum, scaler, cfg.max_bad_steps)
-    train_step.skipped_total = skipped_before
+    shards = split_shards(list_shards(cfg.data_dir or default_data_dir()), "train")
+    loader = DataLoader(shards, run.tokenizer, cfg.device_batch_size, cfg.max_seq_len, run.device, state=position)
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if latest else None)
-    batches = iter(train_loader)
-    timed_tokens, timed_seconds, val = 0, 0.0, None
-    # in logs (not a terminal) a bar redraw is a new line: redraw every 10 s instead of 10 times a second
-    bar = tqdm(range(start_step, num_iterations), initial=start_step, total=num_iterations, desc="base",
-               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 10)
-    for step in bar:
-        set_schedule(optimizer, lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac), muon_momentum(step))
-        t0 = time.perf_counter()
-        result = train_step(batches)
-        dt = time.perf_counter() - t0
-        if step - start_step >= 3:  # leave compile/warm-up steps out of the throughput average
-            timed_tokens, timed_seconds = timed_tokens + tokens_per_step, timed_seconds + dt
-        tok_per_s = tokens_per_step / dt
-        mfu = flops_per_token * tok_per_s / plan.peak_flops if plan.peak_flops else None
-        record = {"step": step + 1, "loss": result.loss, "tok_per_s": tok_per_s, "mfu": mfu,
-                  "loss_scale": result.scale, "skipped": result.skipped, "lr_mult": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["initial_lr"]}
-        done = step + 1
-        if is_due(cfg.eval_every, done):
-            val = record["val_bpb"] = val_bpb()
-            tqdm.write(f"step {done}: val bpb {val:.4f}")
-        metrics.log(record)
-        bar.set_postfix_str(
-            f"loss {result.loss:.3f} | {tok_per_s:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else "")
-            + (f" | scale {result.scale:g} skipped {train_step.skipped_total}" if scaler else ""),
-            refresh=False,  # the bar redraws at its own pace (mininterval)
-        )
-        if is_due(cfg.sample_every, done):
-            for prompt in SAMPLE_PROMPTS:
-                tqdm.write(f"  {prompt!r} -> {sample_text(model, tokenizer, plan, prompt, max_new_tokens=24)!r}")
-        if is_due(cfg.save_every, done):
-            meta["skipped_steps"] = train_step.skipped_total
-            checkpoint.save_checkpoint(
-                ckpt_dir, done, model=model, optimizer=optimizer, scaler=scaler,
-                loader_state=train_loader.state_dict(), meta=meta, keep_last=cfg.keep_last,
-            )
-    bar.close()
-
-    summary = {
-        "steps": num_iterations,
-        "final_loss": result.loss if num_iterations > start_step else None,
-        "val_bpb": val,
-        "tok_per_s": timed_tokens / timed_seconds if timed_seconds else None,
-        "mfu": flops_per_token * timed_tokens / timed_seconds / plan.peak_flops if timed_seconds and plan.peak_flops else None,
-        "skipped_steps": train_step.skipped_total,
-        "loss_scale": scaler.get_scale() if scaler else None,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "params": model.num_params(),
-        "plan": plan.to_dict(),
-    }
+    summary = train(run, loader, start_step, metrics.log, lambda step: run.save(ckpt_dir, step, loader.state_dict()))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print("summary:", json.dumps(summary))
     return summary
