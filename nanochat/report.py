@@ -30,8 +30,8 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_loss_curves(runs: dict[str, str | Path], out: str | Path, keys: Sequence[str] = ("loss", "val_bpb")) -> Path:
-    """One panel per metric in `keys`, one line per run ({label: metrics.jsonl}); saved as a PNG."""
+def plot_curves(runs: dict[str, list[dict]], out: str | Path, keys: Sequence[str] = ("loss", "val_bpb")) -> Path:
+    """One panel per metric in `keys`, one line per run ({label: per-step records}); saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,8 +39,8 @@ def plot_loss_curves(runs: dict[str, str | Path], out: str | Path, keys: Sequenc
 
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
-        for label, path in runs.items():
-            points = [(r["step"], r[key]) for r in read_metrics(path) if r.get(key) is not None]
+        for label, records in runs.items():
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
             if points:
                 ax.plot(*zip(*points, strict=True), label=label)
         ax.set_xlabel("step")

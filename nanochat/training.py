@@ -9,10 +9,12 @@ per step is the price of the divergence guard and the log line.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from nanochat.precision import PrecisionPlan
@@ -67,13 +69,13 @@ class TrainStep:
         grad_accum: int,
         scaler: torch.amp.GradScaler | None = None,
         max_bad_steps: int = 20,
-        sync_grads: Callable[[], None] | None = None,
+        sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.model, self.optimizer, self.plan = model, optimizer, plan
         self.grad_accum = grad_accum
         self.scaler = scaler
         self.max_bad_steps = max_bad_steps
-        self.sync_grads = sync_grads  # e.g. an all-reduce across data-parallel workers
+        self.sync = sync  # data parallel: averages gradients and the loss over workers (AllReduceGradients)
         self.bad_in_a_row = 0
         self.skipped_total = 0
 
@@ -86,9 +88,12 @@ class TrainStep:
             total = loss.detach() if total is None else total + loss.detach()
             loss = loss / self.grad_accum
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-        if self.sync_grads is not None:
-            self.sync_grads()
-        mean_loss = (total / self.grad_accum).item()
+        mean = total / self.grad_accum
+        if self.sync is not None:
+            # once per step, after accumulation; every worker then sees the same loss and gradients,
+            # so all of them take (or skip) the same optimizer step
+            mean = self.sync(mean)
+        mean_loss = mean.item()
         skipped = self._optimizer_step(math.isfinite(mean_loss))
         self.optimizer.zero_grad(set_to_none=True)
         self._guard(skipped, mean_loss)
@@ -132,3 +137,40 @@ def maybe_compile(model: nn.Module, plan: PrecisionPlan, setting: str = "auto") 
     if setting == "on" or (setting == "auto" and plan.compile):
         return torch.compile(model, dynamic=False)
     return model
+
+
+class AllReduceGradients:
+    """Average gradients and the loss over all data-parallel workers with ONE all-reduce per step.
+
+    The gradients are packed into one flat buffer (plus the loss as its last element), reduced,
+    and handed back to the parameters as views of that buffer: no per-parameter collectives and no
+    copy back. Works on gloo (CPU) and NCCL alike, with GradScaler-scaled gradients too."""
+
+    def __init__(self, model: nn.Module):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def __call__(self, loss: torch.Tensor) -> torch.Tensor:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
+        dist.all_reduce(flat)  # SUM: gloo has no AVG
+        flat /= dist.get_world_size()
+        for p, g in zip(self.params, flat[:-1].split([p.numel() for p in self.params]), strict=True):
+            p.grad = g.view_as(p)
+        return flat[-1]
+
+
+class TimedIterator:
+    """Wraps a batch iterator and adds up the seconds spent waiting for the next batch."""
+
+    def __init__(self, batches: Iterator):
+        self.batches = batches
+        self.waited = 0.0
+
+    def __iter__(self) -> TimedIterator:
+        return self
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        batch = next(self.batches)
+        self.waited += time.perf_counter() - t0
+        return batch

@@ -40,7 +40,14 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.precision import PrecisionPlan, apply_process_settings, resolve
 from nanochat.report import MetricsLog
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
-from nanochat.training import TrainStep, lr_multiplier, maybe_compile, muon_momentum, set_schedule
+from nanochat.training import (
+    TimedIterator,
+    TrainStep,
+    lr_multiplier,
+    maybe_compile,
+    muon_momentum,
+    set_schedule,
+)
 
 SAMPLE_PROMPTS = ["In the beginning", "The meaning of life is", "He said to them,"]
 
@@ -78,6 +85,9 @@ class BaseTrainConfig(CommonConfig):
     tokenizer_dir: str = option("", "trained tokenizer; empty = $NANOCHAT_BASE_DIR/tokenizer")
     compile: str = option("auto", "torch.compile: auto (where the precision plan allows), on, off", choices=("auto", "on", "off"))
     max_bad_steps: int = option(20, "abort after this many skipped (non-finite) steps in a row")
+
+
+Config = BaseTrainConfig  # the name ray_jobs/train.py looks up in every stage module
 
 
 def iterations_for(cfg: BaseTrainConfig, num_params: int, tokens_per_step: int) -> int:
@@ -157,7 +167,7 @@ class Run:
 
 
 def setup(cfg: BaseTrainConfig, device: torch.device, world_size: int = 1, rank: int = 0,
-          sync_grads: Callable | None = None) -> Run:
+          sync: Callable | None = None) -> Run:
     """Precision plan, tokenizer, model, optimizer, GradScaler and step function for one process."""
     plan = resolve(cfg.dtype, device)
     apply_process_settings(plan, device)
@@ -174,7 +184,7 @@ def setup(cfg: BaseTrainConfig, device: torch.device, world_size: int = 1, rank:
     grad_accum = grad_accum_steps(cfg, world_size)
     tokens_per_step = grad_accum * cfg.device_batch_size * cfg.max_seq_len * world_size
     step_fn = TrainStep(maybe_compile(model, plan, cfg.compile), optimizer, plan, grad_accum, scaler,
-                        cfg.max_bad_steps, sync_grads)
+                        cfg.max_bad_steps, sync)
     meta = {"stage": "base", "model_config": dataclasses.asdict(model_config), "tokenizer": tokenizer.fingerprint(),
             "plan": plan.to_dict(), "train_config": dataclasses.asdict(cfg)}
     num_iterations = iterations_for(cfg, model.num_params(), tokens_per_step)
@@ -189,7 +199,8 @@ def train(run: Run, batches: Iterator, start_step: int, log: Callable[[dict], No
     `batches` yields (x, y); `log` receives one record per step; `save(step)` checkpoints. Only the
     main process evaluates, samples and shows progress."""
     cfg, plan, n = run.cfg, run.plan, run.num_iterations
-    timed_tokens, timed_seconds, val, result = 0, 0.0, None, None
+    timed_tokens, timed_seconds, timed_wait, val, result = 0, 0.0, 0.0, None, None
+    batches = TimedIterator(batches)
 
     def is_due(every: int, done: int) -> bool:
         return done == n or (every > 0 and done % every == 0)
@@ -200,11 +211,12 @@ def train(run: Run, batches: Iterator, start_step: int, log: Callable[[dict], No
     for step in bar:
         lrm = lr_multiplier(step, n, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
         set_schedule(run.optimizer, lrm, muon_momentum(step))
-        t0 = time.perf_counter()
+        t0, waited = time.perf_counter(), batches.waited
         result = run.step_fn(batches)
         dt = time.perf_counter() - t0
         if step - start_step >= 3:  # leave compile/warm-up steps out of the throughput average
             timed_tokens, timed_seconds = timed_tokens + run.tokens_per_step, timed_seconds + dt
+            timed_wait += batches.waited - waited
         done = step + 1
         record = {"step": done, "loss": result.loss, "tok_per_s": run.tokens_per_step / dt, "lr_mult": lrm,
                   "mfu": run.flops_per_token * run.tokens_per_step / dt / plan.peak_flops if plan.peak_flops else None,
@@ -232,6 +244,7 @@ def train(run: Run, batches: Iterator, start_step: int, log: Callable[[dict], No
         "val_bpb": val,
         "tok_per_s": tok_per_s,
         "mfu": run.flops_per_token * tok_per_s / plan.peak_flops if tok_per_s and plan.peak_flops else None,
+        "data_wait_frac": timed_wait / timed_seconds if timed_seconds else None,
         "skipped_steps": run.step_fn.skipped_total,
         "loss_scale": run.scaler.get_scale() if run.scaler else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None,

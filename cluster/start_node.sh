@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Start a Ray node that advertises its precision group as node labels.
+#
+#   cluster/start_node.sh head   [extra ray start args]                  # e.g. on the A100 box
+#   cluster/start_node.sh worker HEAD_ADDRESS [extra ray start args]     # e.g. on the P100 box
+#   NANOCHAT_DRY_RUN=1 cluster/start_node.sh worker 10.0.0.1:6379        # print the command only
+#
+# The labels come from this machine's own precision probe (`python -m nanochat.precision --labels`),
+# e.g. nanochat/precision=fp16,nanochat/gpu=Tesla-P100-PCIE-16GB, so ray_jobs/scheduler.py can keep
+# the workers of one model inside one dtype. NANOCHAT_DTYPE and NANOCHAT_EMULATE are honoured like
+# everywhere else; PYTHON picks the interpreter (default python3).
+set -euo pipefail
+
+usage() {
+    echo "usage:" >&2
+    sed -n '4,6p' "$0" | sed 's/^#//' >&2
+    echo "(see docs/cluster.md)" >&2
+}
+
+role="${1:-}"
+[[ $# -gt 0 ]] && shift
+case "$role" in
+    head)
+        start=(ray start --head)
+        ;;
+    worker)
+        if [[ $# -lt 1 || "$1" == -* ]]; then
+            echo "error: 'worker' needs the head's address (HOST:PORT, as printed by the head's ray start)" >&2
+            usage
+            exit 2
+        fi
+        start=(ray start --address "$1")
+        shift
+        ;;
+    -h | --help)
+        usage
+        exit 0
+        ;;
+    *)
+        echo "error: the first argument must be 'head' or 'worker', not '${role}'" >&2
+        usage
+        exit 2
+        ;;
+esac
+
+# the probe must import this checkout even when the package is not installed
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+python="${PYTHON:-python3}"
+probe() { PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}" "$python" -m nanochat.precision "$@"; }
+
+if ! labels="$(probe --labels)"; then
+    echo "error: the precision probe failed (see above); fix NANOCHAT_DTYPE/NANOCHAT_EMULATE or the CUDA setup" >&2
+    exit 1
+fi
+probe
+echo "node labels : ${labels}"
+
+start+=(--labels "$labels" "$@")
+echo "+ ${start[*]}"
+if [[ -n "${NANOCHAT_DRY_RUN:-}" ]]; then
+    exit 0
+fi
+exec "${start[@]}"

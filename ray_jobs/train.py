@@ -1,0 +1,287 @@
+"""Train a stage on a Ray cluster: TorchTrainer workers in one precision group, Ray Data streaming the
+shards, checkpoints through Ray Train, MLflow tracking from rank 0.
+
+    # any cluster (or none: a local Ray starts); the strongest precision group is picked
+    python -m ray_jobs.train --stage base --depth 12 --num-workers 8
+    # pin the run to the fp16 (P100/V100/T4) group of a mixed cluster
+    python -m ray_jobs.train --depth 12 --num-workers 4 --precision fp16 --device-batch-size 4
+    # tiny CPU run: two gloo workers
+    python -m ray_jobs.train --depth 2 --head-dim 64 --max-seq-len 128 --device-batch-size 8 \
+        --total-batch-size 2048 --num-iterations 50 --num-workers 2
+    # submitted to a running cluster (see docs/cluster.md)
+    ray job submit --working-dir . -- python -m ray_jobs.train --depth 12 --num-workers 8
+
+Takes every flag of the stage's own script (e.g. nanochat/scripts/base_train.py) plus the Ray flags
+below. The workers run the stage's own `setup()` and `train()`; this file adds scheduling, gradient
+all-reduce, Ray Data, Ray Train checkpoints and MLflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
+from ray.train.torch import TorchTrainer
+
+from nanochat import checkpoint
+from nanochat.common import base_dir
+from nanochat.config import option, parse_config
+from nanochat.dataset import default_data_dir, list_shards, split_shards
+from nanochat.scripts import base_train
+from nanochat.tokenizer import default_tokenizer_dir
+from nanochat.tracking import Tracker, default_uri
+from nanochat.training import AllReduceGradients
+from ray_jobs.data import build_dataset, data_config, iter_train_batches, resume_position
+from ray_jobs.scheduler import check_worker_precisions, format_groups, groups, nodes_from_ray, plan_cluster
+
+# stage name -> the module that defines its Config dataclass, setup() and train()
+STAGES = {"base": base_train}
+# Fault injection for tests: "RANK:STEP" SIGKILLs that worker right after that step, in a run that
+# did not start from a checkpoint (so the restarted run goes through).
+FAULT_ENV = "NANOCHAT_FAULT_INJECT"
+
+
+@dataclass
+class RayOptions:
+    stage: str = option("base", "training stage", choices=tuple(STAGES))
+    num_workers: int = option(1, "data-parallel workers (one GPU each, or CPU workers without GPUs)")
+    precision: str = option("auto", "precision group: auto picks the strongest", choices=("auto", "bf16", "fp16", "fp32"))
+    cpus_per_worker: float = option(1.0, "CPUs reserved per training worker")
+    tokenize_workers: int = option(2, "Ray Data tokenizer actors")
+    storage_path: str = option("", "where Ray Train keeps checkpoints; empty = $NANOCHAT_BASE_DIR/ray_results")
+    name: str = option("", "run name (a folder in --storage-path); empty = <stage>_d<depth>")
+    max_failures: int = option(0, "worker-group restarts from the latest checkpoint before giving up")
+    address: str = option("", "Ray cluster address; empty = $RAY_ADDRESS or a new local cluster")
+    mlflow_uri: str = option("", "MLflow tracking URI; empty = sqlite:///<storage>/mlflow.db")
+    mlflow_experiment: str = option("nanochat", "MLflow experiment")
+
+
+def config_class(stage: str) -> type:
+    """The stage's own Config dataclass extended with the Ray options: one set of flags."""
+    return dataclasses.make_dataclass(f"Ray{stage.title()}Config", [], bases=(STAGES[stage].Config, RayOptions))
+
+
+def stage_from_argv(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg == "--stage" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--stage="):
+            return arg.split("=", 1)[1]
+    return "base"
+
+
+# -----------------------------------------------------------------------------
+# inside each worker
+
+
+class RayBatches:
+    """(x, y) batches from this worker's Ray Data shard; `position` = where to resume after the last one."""
+
+    def __init__(self, device: torch.device, batch_size: int, expected_start: dict | None):
+        first_pass = ray.train.get_dataset_shard("train")
+        every_epoch = ray.train.get_dataset_shard("train_epochs")
+        epoch = expected_start["epoch"] if expected_start else 0
+        self.stream = iter_train_batches(first_pass, batch_size, device, epoch=epoch, next_epochs=every_epoch)
+        self.position = expected_start
+
+    def __iter__(self) -> RayBatches:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y, self.position = next(self.stream)
+        return x, y
+
+
+def gather(obj: object) -> list:
+    """Every worker's `obj`, in rank order (all workers must call it)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def check_group(run: base_train.Run, rank: int, expected: str) -> None:
+    """Defense in depth: every worker's own probe must agree with the group the scheduler chose."""
+    mine = {"rank": rank, "host": socket.gethostname(), "gpu": run.plan.name, "dtype": run.plan.short}
+    print(f"[worker {rank} on {mine['host']}] precision plan: {run.plan.name}, {run.plan.dtype}, "
+          f"GradScaler {'on' if run.plan.grad_scaler else 'off'}, compile {'on' if run.plan.compile else 'off'}, "
+          f"attention {run.plan.attention} ({run.plan.reason})", flush=True)
+    check_worker_precisions(gather(mine), expected)
+
+
+def fault_hook(rank: int, restored: bool):
+    """Returns a per-step callback that SIGKILLs this process at the step named in $NANOCHAT_FAULT_INJECT."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec or restored:
+        return lambda step: None
+    kill_rank, kill_step = (int(v) for v in spec.split(":"))
+
+    def maybe_kill(step: int) -> None:
+        if rank == kill_rank and step == kill_step:
+            print(f"[worker {rank}] {FAULT_ENV}: killing this worker after step {step}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return maybe_kill
+
+
+def train_loop_per_worker(config: dict) -> None:
+    stage = STAGES[config["stage"]]
+    cfg = stage.Config(**config["stage_config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    run = stage.setup(cfg, ray.train.torch.get_device(), world, rank)
+    if world > 1:
+        run.step_fn.sync = AllReduceGradients(run.model)
+    check_group(run, rank, config["precision"])
+
+    start_step, position = 0, None
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as directory:
+            start_step, position = run.restore(Path(directory))
+        if rank == 0:
+            print(f"resumed at step {start_step}, data position {position}", flush=True)
+    batches = RayBatches(run.device, cfg.device_batch_size, position)
+    tracker = Tracker(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else None
+    kill = fault_hook(rank, restored is not None)
+    last: dict = {}
+
+    def log(record: dict) -> None:
+        last.update(record)
+        if tracker:
+            tracker.log(record)
+        kill(record["step"])
+
+    def save(step: int) -> None:
+        data_position = resume_position(gather(batches.position))  # the earliest worker's
+        metrics = {k: v for k, v in last.items() if isinstance(v, (int, float))}
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        tracker.flush()  # metrics reach MLflow only with their checkpoint: no step is ever logged twice
+        with tempfile.TemporaryDirectory() as tmp:
+            path = run.save(Path(tmp), step, data_position)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(path), checkpoint_dir_name=path.name)
+
+    summary = stage.train(run, batches, start_step, log, save)
+    if rank == 0:
+        tracker.log_json("summary.json", summary)
+        Path(config["summary_path"]).write_text(json.dumps(summary, indent=2))
+        print("summary:", json.dumps(summary), flush=True)
+
+
+# -----------------------------------------------------------------------------
+# the driver
+
+
+class DatasetFromLatest:
+    """Builds the training dataset starting where the run's latest checkpoint left off.
+
+    Ray Train calls it each time it starts a worker group, so a restart after a failure streams
+    from the restored position instead of from the beginning."""
+
+    def __init__(self, shards: list[Path], tokenizer_dir: str, seq_len: int, run_dir: Path, concurrency: int):
+        self.shards, self.tokenizer_dir, self.seq_len = shards, tokenizer_dir, seq_len
+        self.run_dir, self.concurrency = run_dir, concurrency
+
+    def __call__(self) -> ray.data.Dataset:
+        latest = checkpoint.find_latest(self.run_dir) if self.run_dir.exists() else None
+        start = checkpoint.load_checkpoint(latest, restore_rng=False)["loader_state"] if latest else None
+        return build_dataset(self.shards, self.tokenizer_dir, self.seq_len, start=start, tokenize_concurrency=self.concurrency)
+
+
+def resolve_paths(cfg) -> None:
+    """Absolute paths, so workers on any node (and `ray job submit` working dirs) find the same files."""
+    cfg.data_dir = str(Path(cfg.data_dir or default_data_dir()).resolve())
+    cfg.tokenizer_dir = str(Path(cfg.tokenizer_dir or default_tokenizer_dir()).resolve())
+
+
+def connect(cfg) -> None:
+    """Join the cluster at --address / $RAY_ADDRESS, or start a local one big enough for this run.
+
+    A local Ray counts the machine's cores as its CPUs; on a laptop the training workers would take
+    them all and the tokenizer actors would wait forever, so ask for what the run needs (Ray's CPUs
+    are logical: a small machine is simply oversubscribed)."""
+    if cfg.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.address or None, ignore_reinit_error=True)
+        return
+    needed = cfg.num_workers * cfg.cpus_per_worker + cfg.tokenize_workers + 1  # + the packing actor
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), ignore_reinit_error=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    stage = stage_from_argv(argv)
+    if stage not in STAGES:
+        raise SystemExit(f"unknown --stage {stage!r}; choose one of {', '.join(STAGES)}")
+    cfg = parse_config(config_class(stage), argv, description=__doc__.splitlines()[0])
+    resolve_paths(cfg)
+    connect(cfg)
+
+    group, scaling = plan_cluster(cfg.precision, cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker)
+    print(f"cluster precision groups:\n{format_groups(groups(nodes_from_ray(ray.nodes())))}\n"
+          f"training on the {group.precision} group: {cfg.num_workers} worker(s) on {', '.join(sorted(group.gpu_names))}")
+    storage = Path(cfg.storage_path or base_dir() / "ray_results").resolve()
+    name = cfg.name or f"{stage}_d{cfg.depth}"
+    latest = checkpoint.find_latest(storage / name) if (storage / name).exists() else None
+    if latest is not None and not cfg.resume:
+        raise SystemExit(f"{storage / name} already holds checkpoints (latest: {latest.name}); pass --resume to "
+                         "continue that run, or --name / --storage-path for a new one")
+    stage_fields = {f.name for f in dataclasses.fields(STAGES[stage].Config)}
+    stage_config = {k: v for k, v in dataclasses.asdict(cfg).items() if k in stage_fields}
+    uri = cfg.mlflow_uri or default_uri(storage)
+    tracker = Tracker.create(uri, cfg.mlflow_experiment, name, {**dataclasses.asdict(cfg), "precision_group": group.precision})
+    print(f"MLflow run {tracker.run_id} in {uri}  (mlflow ui --backend-store-uri {uri})")
+
+    shards = split_shards(list_shards(cfg.data_dir), "train")
+    # one line of training progress per worker is enough; Ray Data's own bars would bury it in logs
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    datasets = {
+        "train": DatasetFromLatest(shards, cfg.tokenizer_dir, cfg.max_seq_len, storage / name, cfg.tokenize_workers),
+        "train_epochs": lambda: build_dataset(shards, cfg.tokenizer_dir, cfg.max_seq_len, tokenize_concurrency=cfg.tokenize_workers),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "stage": stage, "stage_config": stage_config, "precision": group.precision,
+            "mlflow_uri": uri, "mlflow_run_id": tracker.run_id, "summary_path": str(storage / name / "summary.json"),
+        },
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=name, storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last),
+        ),
+        datasets=datasets,
+        dataset_config=data_config(),
+        resume_from_checkpoint=Checkpoint.from_directory(latest) if latest else None,
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracker.finish("FAILED")
+        raise
+    tracker.log_loss_plot()
+    tracker.finish()
+    summary = json.loads((storage / name / "summary.json").read_text())
+    summary.update(checkpoint=result.checkpoint.path if result.checkpoint else None, mlflow_run_id=tracker.run_id, mlflow_uri=uri)
+    print("summary:", json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
