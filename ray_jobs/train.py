@@ -220,7 +220,8 @@ def connect(cfg) -> None:
         ray.init(address=cfg.address or None, ignore_reinit_error=True)
         return
     needed = cfg.num_workers * cfg.cpus_per_worker + cfg.tokenize_workers + 1  # + the packing actor
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), ignore_reinit_error=True)
+    # address="local": never join some other cluster that happens to run on this host
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), ignore_reinit_error=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     storage = Path(cfg.storage_path or base_dir() / "ray_results").resolve()
     name = cfg.name or f"{stage}_d{cfg.depth}"
     latest = checkpoint.find_latest(storage / name) if (storage / name).exists() else None
+    # Ray Train resumes a run from its storage folder by itself (same --name and --storage-path);
+    # make that an explicit choice rather than a surprise
     if latest is not None and not cfg.resume:
         raise SystemExit(f"{storage / name} already holds checkpoints (latest: {latest.name}); pass --resume to "
                          "continue that run, or --name / --storage-path for a new one")
@@ -268,7 +271,6 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         datasets=datasets,
         dataset_config=data_config(),
-        resume_from_checkpoint=Checkpoint.from_directory(latest) if latest else None,
     )
     try:
         result = trainer.fit()

@@ -13,6 +13,7 @@ Markers: `@pytest.mark.slow` runs only with --runslow; `@pytest.mark.gpu` is ski
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,12 @@ from nanochat.dataset import build_shards, list_shards, num_row_groups, read_row
 from nanochat.tokenizer import Tokenizer
 
 TEST_VOCAB_SIZE = 512
+REPO = Path(__file__).resolve().parent.parent
+
+# Ray worker processes (and `ray job submit` entrypoints) import this checkout, whatever copy of
+# the package pip may have installed elsewhere.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 
 
 def pytest_addoption(parser):

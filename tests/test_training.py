@@ -90,3 +90,30 @@ def test_fp32_nan_loss_is_skipped_without_touching_parameters():
     assert all(torch.equal(v, snapshot(model)[k]) for k, v in before.items())
     handle.remove()
     assert not step(fixed_batches()).skipped and step.bad_in_a_row == 0
+
+
+def _all_reduce_worker(rank: int, init_file: str, rows: torch.Tensor, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from nanochat.training import AllReduceGradients
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    model = tiny_model()
+    half = rows[rank * 2 : (rank + 1) * 2]  # each worker: its half of the global batch
+    step = TrainStep(model, model.setup_optimizer(), plan_for(CPU), grad_accum=1, sync=AllReduceGradients(model))
+    result = step(iter([(half[:, :-1], half[:, 1:])]))
+    torch.save({"loss": result.loss, "state": model.state_dict()}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_all_reduce_over_two_workers_equals_one_process_on_the_whole_batch(tmp_path):
+    rows = torch.randint(0, 128, (4, 33), generator=torch.Generator().manual_seed(3))
+    torch.multiprocessing.spawn(_all_reduce_worker, args=(str(tmp_path / "init"), rows, str(tmp_path)), nprocs=2)
+    model = tiny_model()
+    step = TrainStep(model, model.setup_optimizer(), plan_for(CPU), grad_accum=1)
+    single = step(iter([(rows[:, :-1], rows[:, 1:])]))
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["loss"] == pytest.approx(single.loss, abs=1e-5), "every worker sees the global mean loss"
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(got["state"][key], value, atol=2e-5, rtol=1e-4)

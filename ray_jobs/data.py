@@ -1,0 +1,330 @@
+"""Ray Data pipeline for pretraining: parquet row groups -> tokenizer actor pool -> one packer -> Train workers.
+
+    ds = build_dataset(split_shards(list_shards(data_dir), "train"), tokenizer_dir, seq_len=2048)
+    trainer = TorchTrainer(loop, datasets={"train": ds}, dataset_config=data_config(), ...)
+    # inside the loop:
+    for x, y, position in iter_train_batches(ray.train.get_dataset_shard("train"), B, device): ...
+
+Pipeline (one pass over the dataset = one epoch):
+  1. work items: one row per row group, `{"shard": i, "row_group": j}`, in shard order, one block
+     each. Row groups rather than `read_parquet` files, so that a position names an exact place to
+     restart from and the reading goes through `nanochat.dataset.read_row_group`, whose errors
+     name the file.
+  2. `TokenizeRowGroups`, an actor pool (the tokenizer is loaded once per actor): each row group
+     becomes its BOS-prefixed, concatenated token stream (column "tokens", list<int32>).
+  3. `PackRows`, ONE ordered stateful actor: concatenates the streams, carries the remainder from
+     one row group into the next and cuts rows of T+1 tokens with `pack_rows`, the function the
+     plain `DataLoader` uses. Each row: "tokens" int64[T+1] and "shard", "row_group", "offset",
+     the source position of the row's first token (offset into that row group's token stream).
+  4. Order is kept end to end (`preserve_order=True`), so a single consumer sees exactly the rows
+     of `DataLoader(shards, tokenizer, B, T, rank=0, world_size=1)` during the first epoch. The
+     tokens left over at the end of a pass (< T+1, plus the rows of a last incomplete batch) are
+     dropped, whereas the plain loader carries them into its next epoch. Ray Train applies its own
+     execution options to dataset shards, so `ray_jobs/train.py` must pass
+     `dataset_config=data_config()` to `TorchTrainer`, or the order is lost.
+
+Resuming after a failure: every batch comes with the position right after its last row (the first
+token of the next row). The training loop stores it in each checkpoint, one per worker; the driver
+of the resumed run takes `resume_position(positions)` (the earliest of them) and reads one pass of
+`build_dataset(shards, ..., start=position)` (the rest of that epoch), then the full dataset for the
+later epochs (`iter_train_batches(..., epoch=position["epoch"], next_epochs=...)`). Ray Train's
+in-place restarts (`FailureConfig`) reuse the datasets given to the trainer, so this exact resume
+needs a new `fit()` with datasets built from the checkpoint's position.
+
+Tokens trained twice after a resume: none with one worker, and no token is ever skipped. With W
+workers, Ray Train splits the stream with `streaming_split(W, equal=True)`; under preserve_order
+that hands out whole packed blocks in stream order, each to the worker that has received the
+fewest rows so far, and each worker trains its rows in the order it received them. When the block
+holding the earliest worker's next row went out, every other worker had already received at least
+as many rows, all earlier in the stream; as all workers have trained the same number of rows at a
+checkpoint (they step together), each other worker has trained fewer rows past the resume point
+than that block holds. Prefetched rows are not trained, so the prefetch depth does not enter. A
+packed block is what `PackRows` makes of one row group: at most G + T tokens, G = tokens of the
+largest row group. At the very end of an epoch `equal=True` splits the last buffered blocks to
+even out the workers, which can cost up to three blocks per worker. Bound: at most
+(W - 1) x (G + T) tokens trained twice mid-epoch, and 3 x (W - 1) x (G + T) near an epoch's end
+(e.g. 1000-document row groups of ~1M tokens and 8 workers: under 7M, resp. 21M tokens).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.data
+import torch
+from ray.data import ExecutionOptions
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from nanochat.dataloader import pack_rows
+from nanochat.dataset import num_row_groups, read_row_group
+from nanochat.tokenizer import Tokenizer
+
+POSITION_KEYS = ("shard", "row_group", "offset")
+# Packing is array slicing: a fraction of a CPU, so it does not crowd out the tokenizers.
+PACK_NUM_CPUS = 0.5
+
+
+# -----------------------------------------------------------------------------
+# the two stages
+
+
+class TokenizeRowGroups:
+    """Row-group work items -> one BOS-prefixed token stream per row group (actor pool UDF)."""
+
+    def __init__(self, shards: list[str], tokenizer_dir: str):
+        self.shards = shards
+        self.tokenizer = Tokenizer.load(tokenizer_dir)
+        self.bos = self.tokenizer.bos_token_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        streams = []
+        for shard, row_group in zip(batch["shard"], batch["row_group"], strict=True):
+            # DataError names the file; Ray re-raises it to whoever iterates the dataset.
+            docs = read_row_group(self.shards[int(shard)], int(row_group))
+            ids = self.tokenizer.encode(docs, prepend=self.bos)
+            parts = [np.asarray(doc, dtype=np.int32) for doc in ids]
+            streams.append(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32))
+        return pa.table(
+            {
+                "shard": pa.array(batch["shard"], type=pa.int64()),
+                "row_group": pa.array(batch["row_group"], type=pa.int64()),
+                "tokens": pa.array(streams, type=pa.list_(pa.int32())),
+            }
+        )
+
+
+class PackRows:
+    """Token streams, in order -> rows of `row_len` tokens plus the position of each row's first token.
+
+    Stateful: the tokens after the last full row wait here for the next row group, so this stage
+    must run as exactly one actor that receives the row groups in stream order.
+    """
+
+    def __init__(self, row_len: int, skip: int = 0):
+        self.row_len = row_len
+        self.skip = skip  # tokens still to drop before the first row (resuming mid row group)
+        self.buffer = np.zeros(0, dtype=np.int64)
+        # pieces of the buffer: (index in buffer, shard, row_group, offset of that token in its row group)
+        self.pieces: list[tuple[int, int, int, int]] = []
+
+    def _append(self, shard: int, row_group: int, tokens: np.ndarray) -> None:
+        offset = min(self.skip, len(tokens))
+        self.skip -= offset
+        if offset < len(tokens):
+            self.pieces.append((len(self.buffer), shard, row_group, offset))
+            self.buffer = np.concatenate([self.buffer, tokens[offset:].astype(np.int64)])
+
+    def _source(self, index: int) -> tuple[int, int, int]:
+        """(shard, row_group, offset) of buffer[index]."""
+        start, shard, row_group, offset = next(p for p in reversed(self.pieces) if p[0] <= index)
+        return shard, row_group, offset + index - start
+
+    def _keep_from(self, cut: int) -> None:
+        """Drop buffer[:cut], keeping the positions of what remains."""
+        kept = []
+        for i, (start, shard, row_group, offset) in enumerate(self.pieces):
+            end = self.pieces[i + 1][0] if i + 1 < len(self.pieces) else len(self.buffer)
+            if end > cut:
+                first = max(start, cut)
+                kept.append((first - cut, shard, row_group, offset + first - start))
+        self.pieces = kept
+        self.buffer = self.buffer[cut:].copy()
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        if batch.num_rows:
+            # flatten + lengths rather than to_pylist(): a row group holds up to millions of tokens
+            lengths = pc.list_value_length(batch.column("tokens")).to_numpy()
+            flat = pc.list_flatten(batch.column("tokens")).to_numpy()
+            streams = np.split(flat, np.cumsum(lengths)[:-1])
+            locations = zip(
+                batch.column("shard").to_pylist(), batch.column("row_group").to_pylist(), strict=True
+            )
+            for (shard, row_group), stream in zip(locations, streams, strict=True):
+                self._append(shard, row_group, stream)
+        rows, rest = pack_rows(self.buffer, self.row_len)
+        sources = np.array([self._source(i * self.row_len) for i in range(len(rows))], dtype=np.int64)
+        sources = sources.reshape(len(rows), len(POSITION_KEYS))
+        out = {"tokens": rows.copy()}
+        out.update({key: sources[:, k] for k, key in enumerate(POSITION_KEYS)})
+        self._keep_from(len(self.buffer) - len(rest))
+        return out
+
+
+# -----------------------------------------------------------------------------
+# building the dataset
+
+
+def _work_items(shards: list[Path], start: dict | None) -> list[dict[str, int]]:
+    # Opening every shard here checks them all (readable parquet, a 'text' column) before any
+    # worker starts; damage inside a row group surfaces later, from the tokenizer actors.
+    items = [
+        {"shard": s, "row_group": g} for s, path in enumerate(shards) for g in range(num_row_groups(path))
+    ]
+    if start is None:
+        return items
+    first = {"shard": int(start["shard"]), "row_group": int(start["row_group"])}
+    if first not in items:
+        raise ValueError(
+            f"start position {start} names no row group of the {len(shards)} shards given: resume with "
+            "the same shards (same order) as the run that saved it."
+        )
+    return items[items.index(first) :]
+
+
+def build_dataset(
+    shards: list[Path],
+    tokenizer_dir: str | Path,
+    seq_len: int,
+    start: dict | None = None,
+    tokenize_concurrency: int = 2,
+    tokenize_num_cpus: float = 1.0,
+) -> ray.data.Dataset:
+    """One epoch of packed rows {"tokens": int64[seq_len + 1], "shard", "row_group", "offset"}.
+
+    `start` = {"shard": s, "row_group": g, "offset": k} (a position from `iter_train_batches`):
+    begin at row group g of shards[s] and drop the first k tokens of the stream from there; k may
+    run past that row group, into the following ones. Any "epoch" key is ignored here.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if tokenize_concurrency < 1:
+        raise ValueError(f"tokenize_concurrency must be >= 1, got {tokenize_concurrency}")
+    shards = [Path(s) for s in shards]
+    items = _work_items(shards, start)
+    skip = 0 if start is None else int(start["offset"])
+    if skip < 0:
+        raise ValueError(f"start offset must be >= 0, got {skip}")
+    # One block per row group: a block is the unit the actors receive and the split hands out.
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        TokenizeRowGroups,
+        fn_constructor_kwargs={"shards": [str(s) for s in shards], "tokenizer_dir": str(tokenizer_dir)},
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=tokenize_concurrency),
+        num_cpus=tokenize_num_cpus,
+    )
+    with warnings.catch_warnings():
+        # max_restarts goes in as a plain remote arg, which Ray 2.60 marks deprecated (removal in
+        # 2.64) but offers no other way to pass
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(
+            PackRows,
+            fn_constructor_kwargs={"row_len": seq_len + 1, "skip": skip},
+            batch_size=None,
+            batch_format="pyarrow",
+            # One task at a time: Ray Data lets actor tasks run out of order (it only keeps the
+            # order of their outputs), and the packer must see the row groups in stream order.
+            compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1),
+            num_cpus=PACK_NUM_CPUS,
+            # A restarted packer would have lost its carried tokens and skip count and would emit
+            # wrong rows: fail instead.
+            max_restarts=0,
+        )
+    # The dataset's own context governs ds.iterator()/streaming_split; Ray Train uses data_config().
+    ds.context.execution_options.preserve_order = True
+    # Hand the consumer the DataError itself (it names the file), not a UserCodeException wrapper
+    # that keeps it only as traceback text.
+    ds.context.raise_original_map_exception = True
+    return ds
+
+
+def data_config() -> ray.train.DataConfig:
+    """The DataConfig `TorchTrainer(dataset_config=...)` needs: Train's ingest options plus preserve_order."""
+    import ray.train  # here, not at the top: the data actors import this module and never need Train
+
+    defaults = ray.train.DataConfig.default_ingest_options()
+    options = ExecutionOptions(
+        resource_limits=defaults.resource_limits,
+        exclude_resources=defaults.exclude_resources,
+        preserve_order=True,
+        verbose_progress=defaults.verbose_progress,
+    )
+    return ray.train.DataConfig(execution_options=options)
+
+
+# -----------------------------------------------------------------------------
+# consuming it
+
+
+class _RowsToBatch(NumpyBatchCollateFn):
+    """numpy rows -> (x, y, position) on the host; runs in Ray's prefetch threads."""
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        rows = batch["tokens"]
+        x = torch.from_numpy(np.ascontiguousarray(rows[:, :-1], dtype=np.int64))
+        y = torch.from_numpy(np.ascontiguousarray(rows[:, 1:], dtype=np.int64))
+        if self.pin:  # pinned host memory lets the copy overlap with queued GPU work
+            x, y = x.pin_memory(), y.pin_memory()
+        last = {key: int(batch[key][-1]) for key in POSITION_KEYS}
+        last["offset"] += rows.shape[1]  # the next row's first token
+        return x, y, last
+
+
+def iter_train_batches(
+    data_iterator: ray.data.DataIterator,
+    batch_size: int,
+    device: torch.device | str,
+    prefetch_batches: int = 2,
+    epoch: int = 0,
+    next_epochs: ray.data.DataIterator | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+    """Endless (x, y, position): x, y int64 (batch_size, T) on `device`; position = where to resume after it.
+
+    position = {"epoch", "shard", "row_group", "offset"}: the first token of the row after this
+    batch's last row (offset may run past the end of its row group; `build_dataset` accepts that).
+    Each pass over the iterator is one epoch, counted from `epoch`. After a resume, pass the
+    iterator of `build_dataset(start=position)` as `data_iterator` (read once: the rest of the
+    epoch) and the full dataset's iterator as `next_epochs` (read for every later epoch).
+
+    The positions stay on the host (x and y alone go to the device), so reading them never waits
+    for the GPU.
+    """
+    device = torch.device(device)
+    # Returning a non-tensor tuple from the collate fn means Ray leaves device placement to us.
+    collate = _RowsToBatch(pin=device.type == "cuda")
+    iterator = data_iterator
+    while True:
+        batches = 0
+        for x, y, position in iterator.iter_torch_batches(
+            batch_size=batch_size,
+            drop_last=True,
+            prefetch_batches=prefetch_batches,
+            device=device,
+            collate_fn=collate,
+        ):
+            batches += 1
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            yield x, y, {"epoch": epoch, **position}
+        # A resumed pass may be empty (resumed right at the end of an epoch); a full one may not.
+        if batches == 0 and (next_epochs is None or iterator is next_epochs):
+            raise ValueError(
+                f"the dataset yields no full batch of {batch_size} rows per worker: use a smaller "
+                "batch size or sequence length, fewer workers, or more data."
+            )
+        iterator = next_epochs if next_epochs is not None else data_iterator
+        epoch += 1
+
+
+def resume_position(positions: list[dict]) -> dict:
+    """The earliest, in stream order, of the workers' positions: where a resumed run starts.
+
+    Comparing (epoch, shard, row_group, offset) as tuples is exact even for offsets that run past
+    their row group: positions handed out by one run are all row boundaries, T+1 tokens apart,
+    and an offset runs at most T tokens past its row group. Rows the other workers trained past
+    this point are trained again: at most (world_size - 1) x (G + T) tokens, G = tokens of the
+    largest row group, or three times that near the end of an epoch (the module docstring says why).
+    """
+    if not positions:
+        raise ValueError("resume_position needs the position of at least one worker, got none")
+    keys = ("epoch", *POSITION_KEYS)
+    return dict(min(positions, key=lambda p: tuple(int(p.get(k, 0)) for k in keys)))

@@ -1,0 +1,220 @@
+"""The Ray Data pipeline against the plain DataLoader and an independent reconstruction of the stream.
+
+One local Ray instance for the module (or the one already running in this process).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shutil
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from nanochat.dataloader import DataLoader, pack_rows
+from nanochat.dataset import DataError, list_shards, split_shards
+from ray_jobs.data import build_dataset, iter_train_batches, resume_position
+
+SEQ_LEN, BATCH = 64, 4
+ROW_LEN = SEQ_LEN + 1
+# half a CPU per tokenizer: two of them plus the packer fit the 2-CPU test instance
+TOKENIZER_CPUS = 0.5
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    if ray.is_initialized():
+        yield
+        return
+    # address="local": a fresh instance even if another Ray runs on this host
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def train_shards(data_dir):
+    return split_shards(list_shards(data_dir), "train")
+
+
+@pytest.fixture(scope="module")
+def row_group_streams(train_shards, tokenizer) -> dict[tuple[int, int], np.ndarray]:
+    """(shard, row_group) -> its BOS-prefixed token stream, read with pyarrow, one document at a time."""
+    streams = {}
+    for s, path in enumerate(train_shards):
+        shard = pq.ParquetFile(path)
+        for g in range(shard.num_row_groups):
+            tokens = []
+            for doc in shard.read_row_group(g).column("text").to_pylist():
+                tokens += [tokenizer.bos_token_id] + tokenizer.encode(doc)
+            streams[(s, g)] = np.array(tokens, dtype=np.int64)
+    return streams
+
+
+def stream_index(position: dict, streams: dict) -> int:
+    """Index in the one-epoch stream of a position (its offset may run past its row group)."""
+    before = 0
+    for location, tokens in streams.items():
+        if location == (position["shard"], position["row_group"]):
+            return before + position["offset"]
+        before += len(tokens)
+    raise AssertionError(f"no row group {position}")
+
+
+def take(batches, count: int) -> list:
+    """The first `count` items of an endless batch generator, which is then closed (stops its executor)."""
+    got = list(itertools.islice(batches, count))
+    batches.close()
+    return got
+
+
+@pytest.fixture(scope="module")
+def epoch(local_ray, train_shards, tokenizer_dir, row_group_streams):
+    """All full batches of one streamed epoch, tokenized by two actors: [(x, y, position)]."""
+    total = sum(len(t) for t in row_group_streams.values())
+    num_batches = total // ROW_LEN // BATCH
+    ds = build_dataset(train_shards, tokenizer_dir, SEQ_LEN, tokenize_num_cpus=TOKENIZER_CPUS)
+    return take(iter_train_batches(ds.iterator(), BATCH, "cpu"), num_batches)
+
+
+# -----------------------------------------------------------------------------
+
+
+def test_streamed_batches_equal_the_plain_loader(epoch, train_shards, tokenizer, row_group_streams):
+    plain = DataLoader(train_shards, tokenizer, BATCH, SEQ_LEN)
+    for i, (x, y, position) in enumerate(epoch):
+        px, py = next(plain)
+        assert torch.equal(x, px) and torch.equal(y, py), f"batch {i} differs"
+        assert x.dtype == torch.int64 and x.shape == (BATCH, SEQ_LEN)
+        # two routes to the same place in the stream: our position and the plain loader's state
+        assert position["epoch"] == 0
+        assert stream_index(position, row_group_streams) == stream_index(
+            plain.state_dict(), row_group_streams
+        )
+    assert len({p["shard"] for _, _, p in epoch}) == len(train_shards) >= 3
+    assert len({(p["shard"], p["row_group"]) for _, _, p in epoch}) == len(row_group_streams) >= 12
+
+
+def test_resume_continues_exactly(epoch, train_shards, tokenizer_dir, row_group_streams):
+    def length(p: dict) -> int:
+        return len(row_group_streams[(p["shard"], p["row_group"])])
+
+    # A: a position whose offset runs past the end of shard 0's last row group, so resuming drops
+    # tokens from there into shard 1. B: a position inside its row group, near the end of the epoch.
+    last_of_shard0 = max(g for s, g in row_group_streams if s == 0)
+    a = next(
+        i
+        for i, (_, _, p) in enumerate(epoch)
+        if p["shard"] == 0 and p["row_group"] == last_of_shard0 and p["offset"] > length(p)
+    )
+    b = next(i for i in range(len(epoch) - 4, 0, -1) if epoch[i][2]["offset"] < length(epoch[i][2]))
+    from_a = build_dataset(train_shards, tokenizer_dir, SEQ_LEN, start=epoch[a][2], tokenize_concurrency=1)
+    from_b = build_dataset(train_shards, tokenizer_dir, SEQ_LEN, start=epoch[b][2], tokenize_concurrency=1)
+    # One pass from A (the rest of the epoch), then every later epoch from B: B stands in for the
+    # full dataset here, so that one run checks both starts and the epoch count.
+    batches = iter_train_batches(from_a.iterator(), BATCH, "cpu", epoch=5, next_epochs=from_b.iterator())
+    expected = epoch[a + 1 :] + epoch[b + 1 :]
+    got = take(batches, len(expected))
+    assert got[0][2]["shard"] == 1, "resuming from A starts in shard 1"
+    for i, ((x, y, position), (ex, ey, expected_position)) in enumerate(zip(got, expected, strict=True)):
+        assert torch.equal(x, ex) and torch.equal(y, ey), f"resumed batch {i} differs"
+        assert {**position, "epoch": 0} == expected_position
+    assert [p["epoch"] for _, _, p in got] == [5] * (len(epoch) - a - 1) + [6] * (len(epoch) - b - 1)
+
+
+def test_resume_position_is_the_earliest():
+    positions = [
+        {"epoch": 1, "shard": 0, "row_group": 0, "offset": 10},
+        {"epoch": 0, "shard": 2, "row_group": 1, "offset": 5},
+        {"epoch": 0, "shard": 2, "row_group": 0, "offset": 900},  # runs past its row group: still earlier
+        {"epoch": 0, "shard": 2, "row_group": 1, "offset": 0},
+    ]
+    assert resume_position(positions) == positions[2]
+    assert resume_position(positions[:1]) == positions[0]
+    with pytest.raises(ValueError, match="at least one"):
+        resume_position([])
+
+
+# -----------------------------------------------------------------------------
+# bad shards: the error names the file, whichever stage finds the damage
+
+
+def copy_shards(data_dir, tmp_path):
+    for shard in list_shards(data_dir):
+        shutil.copy(shard, tmp_path / shard.name)
+    return split_shards(list_shards(tmp_path), "train")
+
+
+def test_garbage_shard_is_named(local_ray, data_dir, tokenizer_dir, tmp_path):
+    shards = copy_shards(data_dir, tmp_path)
+    shards[1].write_bytes(b"this is not parquet" * 100)
+    with pytest.raises(DataError, match=shards[1].name):
+        build_dataset(shards, tokenizer_dir, SEQ_LEN)
+
+
+def test_shard_without_text_column_is_named(local_ray, data_dir, tokenizer_dir, tmp_path):
+    shards = copy_shards(data_dir, tmp_path)
+    pq.write_table(pa.table({"body": ["a document"] * 8}), shards[2])
+    with pytest.raises(DataError, match=shards[2].name):
+        build_dataset(shards, tokenizer_dir, SEQ_LEN)
+
+
+# -----------------------------------------------------------------------------
+
+
+def test_two_consumers_get_disjoint_rows(local_ray, train_shards, tokenizer_dir, row_group_streams):
+    stream = np.concatenate(list(row_group_streams.values()))
+    all_rows, _ = pack_rows(stream, ROW_LEN)
+    ds = build_dataset(train_shards, tokenizer_dir, SEQ_LEN, tokenize_concurrency=1)
+    splits = ds.streaming_split(2, equal=True)
+    received: list[list[tuple[int, np.ndarray]]] = [[], []]
+    errors: list[BaseException] = []
+
+    def consume(i: int) -> None:
+        try:
+            read(i)
+        except BaseException as err:  # surfaced below: a thread's exception would be lost
+            errors.append(err)
+
+    def read(i: int) -> None:
+        for batch in splits[i].iter_batches(batch_size=None, batch_format="numpy"):
+            columns = (batch["tokens"], batch["shard"], batch["row_group"], batch["offset"])
+            for row, *place in zip(*columns, strict=True):
+                position = dict(zip(("shard", "row_group", "offset"), map(int, place), strict=True))
+                received[i].append((stream_index(position, row_group_streams), row))
+
+    # the consumers of a streaming split must read at the same time
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert len(received[0]) == len(received[1]) > 0
+    starts = [start for part in received for start, _ in part]
+    assert len(set(starts)) == len(starts), "a row went to both consumers"
+    for start, row in received[0] + received[1]:
+        assert start % ROW_LEN == 0
+        np.testing.assert_array_equal(row, all_rows[start // ROW_LEN])
+
+
+# Last in the file: after a failed execution Ray frees its actors' CPUs only ~20 s later, and a
+# test after it would wait for them.
+def test_damaged_row_group_fails_iteration_with_the_file_name(local_ray, data_dir, tokenizer_dir, tmp_path):
+    # the footer is fine (so building succeeds); the second row group holds a null text, which
+    # only the tokenizer actor finds: its error must reach the consumer
+    shards = copy_shards(data_dir, tmp_path)
+    with pq.ParquetWriter(shards[1], pa.schema([("text", pa.string())])) as writer:
+        writer.write_table(pa.table({"text": ["fine"] * 4}))
+        writer.write_table(pa.table({"text": ["fine", None, "fine"]}))
+    ds = build_dataset(shards, tokenizer_dir, SEQ_LEN, tokenize_concurrency=1)
+    # the consumer gets the DataError itself (wrapped by Ray, still an instance of it)
+    with pytest.raises(DataError, match=re.escape(f"{shards[1].name}: row group 1 has 1 null texts")):
+        take(iter_train_batches(ds.iterator(), BATCH, "cpu"), 10_000)
