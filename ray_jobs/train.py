@@ -40,6 +40,7 @@ from nanochat import checkpoint
 from nanochat.common import base_dir
 from nanochat.config import option, parse_config
 from nanochat.dataset import default_data_dir, list_shards, split_shards
+from nanochat.precision import node_labels, resolve
 from nanochat.scripts import base_train
 from nanochat.tokenizer import default_tokenizer_dir
 from nanochat.tracking import Tracker, default_uri
@@ -220,8 +221,11 @@ def connect(cfg) -> None:
         ray.init(address=cfg.address or None, ignore_reinit_error=True)
         return
     needed = cfg.num_workers * cfg.cpus_per_worker + cfg.tokenize_workers + 1  # + the packing actor
+    # the local node joins the precision group this machine's own plan names (with --dtype and
+    # NANOCHAT_EMULATE applied), as cluster/start_node.sh does for real nodes
+    labels = node_labels(resolve(cfg.dtype, cfg.device or None))
     # address="local": never join some other cluster that happens to run on this host
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), labels=labels, ignore_reinit_error=True)
 
 
 def main(argv: list[str] | None = None) -> dict:

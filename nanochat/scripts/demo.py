@@ -29,29 +29,50 @@ def stage(name: str, module: str, entry: Callable, argv: list[str]):
     return result
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, default=None, help="demo directory (default $NANOCHAT_BASE_DIR/demo); wiped first")
     parser.add_argument("--steps", type=int, default=300, help="base training steps")
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=2048)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+    """Fresh demo directory, shards of the embedded corpus and a tokenizer: (out, data, tokenizer)."""
     out = args.out or base_dir() / "demo"
     shutil.rmtree(out, ignore_errors=True)
-    data, tok, run = out / "data", out / "tokenizer", out / "run"
-
+    data, tok = out / "data", out / "tokenizer"
     stage("shards", "nanochat.dataset", dataset.main, ["build", "--source", "embedded", "--out", str(data)])
     stage("tokenizer", "nanochat.scripts.tok_train", tok_train.main,
           ["--vocab-size", str(args.vocab_size), "--data-dir", str(data), "--out", str(tok)])
-    common = ["--device", "cpu", "--data-dir", str(data), "--tokenizer-dir", str(tok), "--run-dir", str(run)]
-    summary = stage("base training", "nanochat.scripts.base_train", base_train.main, [
-        *common, "--depth", str(args.depth), "--head-dim", "64", "--max-seq-len", "128",
+    return out, data, tok
+
+
+def train_args(args: argparse.Namespace, data: Path, tok: Path) -> list[str]:
+    """The base-training flags of the demo: a small model that learns visibly in a few minutes on CPU."""
+    return [
+        "--device", "cpu", "--data-dir", str(data), "--tokenizer-dir", str(tok),
+        "--depth", str(args.depth), "--head-dim", "64", "--max-seq-len", "128",
         "--device-batch-size", "8", "--total-batch-size", "1024", "--num-iterations", str(args.steps),
         "--eval-every", "100", "--eval-tokens", "16384", "--sample-every", "-1", "--save-every", "-1",
+    ]
+
+
+def evaluate(data: Path, tok: Path, checkpoints: Path) -> dict:
+    return stage("evaluation", "nanochat.scripts.base_loss", base_loss.main, [
+        "--device", "cpu", "--data-dir", str(data), "--tokenizer-dir", str(tok), "--checkpoint", str(checkpoints),
+        "--device-batch-size", "16", "--eval-tokens", "16384",
     ])
-    evaluation = stage("evaluation", "nanochat.scripts.base_loss", base_loss.main, [
-        *common, "--device-batch-size", "16", "--eval-tokens", "16384",
-    ])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv, __doc__.splitlines()[0])
+    out, data, tok = prepare(args)
+    run = out / "run"
+    summary = stage("base training", "nanochat.scripts.base_train", base_train.main,
+                    [*train_args(args, data, tok), "--run-dir", str(run)])
+    evaluation = evaluate(data, tok, run / "checkpoints")
     print(f"\ndemo finished: val bpb {evaluation['val_bpb']:.3f}, final train loss {summary['final_loss']:.3f}; files in {out}")
     return {"train": summary, "eval": evaluation}
 
