@@ -15,6 +15,8 @@ row_group, offset into that row group's token stream). It does not depend on the
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +66,7 @@ class DataLoader:
         world_size: int = 1,
         state: dict | None = None,
         num_threads: int = 8,
+        prefetch: int = 2,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
@@ -88,6 +91,11 @@ class DataLoader:
         self._pending: deque[_Chunk] = deque()
         if state is not None:
             self._restore(state)
+        self._state = self._position()
+        # batches are cut ahead of time on a background thread, `prefetch` at most
+        self.prefetch = prefetch
+        self._ready: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
+        self._thread: threading.Thread | None = None
 
     # --- reading -------------------------------------------------------------
 
@@ -117,25 +125,47 @@ class DataLoader:
                 self._pending.popleft()
         return np.concatenate(parts)
 
-    def __iter__(self) -> DataLoader:
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _host_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """The next (x, y) on the host and the stream position right after it."""
         row_len = self.seq_len + 1
         rows, _ = pack_rows(self._take(self.batch_size * row_len), row_len)
         x = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))
         y = torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))
-        if self.device.type == "cuda":
-            # pinned host memory lets the copy overlap with the GPU work already queued
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(
-                self.device, non_blocking=True
-            )
-        return x.to(self.device), y.to(self.device)
+        if self.device.type == "cuda":  # pinned host memory lets the copy overlap with queued GPU work
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y, self._position()
+
+    def _produce(self) -> None:
+        """Background thread: keeps `prefetch` batches ready (tokenizing releases the GIL)."""
+        try:
+            while True:
+                self._ready.put(self._host_batch())
+        except BaseException as error:  # handed to the consumer, e.g. a DataError naming the file
+            self._ready.put(error)
+
+    def __iter__(self) -> DataLoader:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.prefetch:
+            x, y, self._state = self._host_batch()
+        else:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._produce, daemon=True, name="nanochat-loader")
+                self._thread.start()
+            item = self._ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            x, y, self._state = item
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     # --- resuming ------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """JSON-serializable position of the first token not yet returned."""
+        """JSON-serializable position of the first token not yet returned (prefetched batches don't count)."""
+        return dict(self._state)
+
+    def _position(self) -> dict:
         if self._pending:
             chunk = self._pending[0]
             epoch, item, offset = chunk.epoch, chunk.item, chunk.offset
@@ -146,7 +176,7 @@ class DataLoader:
 
     @property
     def epoch(self) -> int:
-        return self.state_dict()["epoch"]
+        return self._state["epoch"]
 
     def _restore(self, state: dict) -> None:
         location = (int(state["shard"]), int(state["row_group"]))
