@@ -24,12 +24,13 @@ Pipeline (one pass over the dataset = one epoch):
      `dataset_config=data_config()` to `TorchTrainer`, or the order is lost.
 
 Resuming after a failure: every batch comes with the position right after its last row (the first
-token of the next row). The training loop stores it in each checkpoint, one per worker; the driver
-of the resumed run takes `resume_position(positions)` (the earliest of them) and reads one pass of
-`build_dataset(shards, ..., start=position)` (the rest of that epoch), then the full dataset for the
-later epochs (`iter_train_batches(..., epoch=position["epoch"], next_epochs=...)`). Ray Train's
-in-place restarts (`FailureConfig`) reuse the datasets given to the trainer, so this exact resume
-needs a new `fit()` with datasets built from the checkpoint's position.
+token of the next row). At each checkpoint the workers all-gather their positions and rank 0 stores
+`resume_position(positions)`, the earliest of them. `ray_jobs/train.py` hands Ray Train a dataset
+*factory* (`DatasetFromLatest`) that Ray Train calls each time it starts a worker group: it reads
+the latest checkpoint and builds `build_dataset(shards, ..., start=position)` (the rest of that
+epoch), with the full dataset for the later epochs (`iter_train_batches(..., epoch=position["epoch"],
+next_epochs=...)`). So a restart after a failure, or a `--resume`d run, streams on from the
+checkpoint instead of from the beginning, and nothing has to be re-tokenized to skip ahead.
 
 Tokens trained twice after a resume: none with one worker, and no token is ever skipped. With W
 workers, Ray Train splits the stream with `streaming_split(W, equal=True)`; under preserve_order
