@@ -72,3 +72,13 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str |
         parser.set_defaults(**values)
         args = parser.parse_args(argv)
     return cls(**{k: v for k, v in vars(args).items() if k != "config"})
+
+
+@dataclass
+class ModelShapeConfig(CommonConfig):
+    """The model's shape: one knob (--depth) and the ratios that derive the rest from it."""
+
+    depth: int = option(12, "transformer layers; width = depth * aspect_ratio rounded up to head_dim")
+    aspect_ratio: int = option(64, "model width per layer of depth")
+    head_dim: int = option(128, "attention head dimension")
+    max_seq_len: int = option(2048, "context length T")

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from nanochat import checkpoint
 from nanochat.common import base_dir, default_device, seed_everything
-from nanochat.config import CommonConfig, option, parse_config
+from nanochat.config import ModelShapeConfig, option, parse_config
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import default_data_dir, list_shards, split_shards
 from nanochat.engine import sample_text
@@ -53,12 +53,7 @@ SAMPLE_PROMPTS = ["In the beginning", "The meaning of life is", "He said to them
 
 
 @dataclass
-class BaseTrainConfig(CommonConfig):
-    # model: one knob
-    depth: int = option(12, "transformer layers; width = depth * aspect_ratio rounded up to head_dim")
-    aspect_ratio: int = option(64, "model width per layer of depth")
-    head_dim: int = option(128, "attention head dimension")
-    max_seq_len: int = option(2048, "context length T")
+class BaseTrainConfig(ModelShapeConfig):
     # batch
     device_batch_size: int = option(32, "rows of T tokens per forward/backward (lower it if out of memory)")
     total_batch_size: int = option(524288, "tokens per optimizer step; reached by gradient accumulation; -1 = one micro-batch")

@@ -21,18 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from nanochat.common import default_device, seed_everything
-from nanochat.config import CommonConfig, option, parse_config
+from nanochat.config import ModelShapeConfig, option, parse_config
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.precision import PrecisionPlan, apply_process_settings, resolve
 from nanochat.training import TrainStep, maybe_compile
 
 
 @dataclass
-class BenchConfig(CommonConfig):
-    depth: int = option(12, "transformer layers")
-    aspect_ratio: int = option(64, "model width per layer of depth")
-    head_dim: int = option(128, "attention head dimension")
-    max_seq_len: int = option(2048, "sequence length")
+class BenchConfig(ModelShapeConfig):
     vocab_size: int = option(32768, "vocabulary size")
     device_batch_size: int = option(32, "rows per micro-batch")
     total_batch_size: int = option(-1, "tokens per optimizer step (gradient accumulation); -1 = one micro-batch")

@@ -1,0 +1,29 @@
+"""bench_train through its command line, on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.scripts import bench_train
+
+TINY = ["--device", "cpu", "--depth", "2", "--head-dim", "32", "--max-seq-len", "64", "--vocab-size", "512",
+        "--device-batch-size", "2", "--steps", "2", "--warmup", "1"]
+
+
+def test_bench_reports_throughput_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = bench_train.main([*TINY, "--total-batch-size", "256", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert result["grad_accum"] == 2 and result["tok_per_s"] > 0 and result["ms_per_step"] > 0
+    model = GPT(GPTConfig.from_depth(2, 512, 64, head_dim=32))
+    assert result["flops_per_token"] == model.estimate_flops()
+    assert result["mfu"] is None and result["skipped_steps"] == 0  # CPU: no peak FLOP/s to compare with
+
+
+def test_find_max_batch_needs_a_gpu():
+    with pytest.raises(SystemExit, match="CUDA"):
+        bench_train.main([*TINY, "--find-max-batch"])
+
