@@ -46,7 +46,8 @@ def plot_curves(runs: dict[str, list[dict]], out: str | Path, keys: Sequence[str
         ax.set_xlabel("step")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:  # a metric no run recorded (e.g. no evaluation) gets an empty panel
+            ax.legend()
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=120)
