@@ -202,7 +202,13 @@ class DatasetFromLatest:
     def __call__(self) -> ray.data.Dataset:
         latest = checkpoint.find_latest(self.run_dir) if self.run_dir.exists() else None
         start = checkpoint.load_checkpoint(latest, restore_rng=False)["loader_state"] if latest else None
-        return build_dataset(self.shards, self.tokenizer_dir, self.seq_len, start=start, tokenize_concurrency=self.concurrency)
+        return quiet(build_dataset(self.shards, self.tokenizer_dir, self.seq_len, start=start, tokenize_concurrency=self.concurrency))
+
+
+def quiet(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """One line of training progress per worker is enough: Ray Data's own bars would bury it in logs."""
+    ds.context.enable_progress_bars = False
+    return ds
 
 
 def resolve_paths(cfg) -> None:
@@ -255,11 +261,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"MLflow run {tracker.run_id} in {uri}  (mlflow ui --backend-store-uri {uri})")
 
     shards = split_shards(list_shards(cfg.data_dir), "train")
-    # one line of training progress per worker is enough; Ray Data's own bars would bury it in logs
-    ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = {
         "train": DatasetFromLatest(shards, cfg.tokenizer_dir, cfg.max_seq_len, storage / name, cfg.tokenize_workers),
-        "train_epochs": lambda: build_dataset(shards, cfg.tokenizer_dir, cfg.max_seq_len, tokenize_concurrency=cfg.tokenize_workers),
+        "train_epochs": lambda: quiet(build_dataset(shards, cfg.tokenizer_dir, cfg.max_seq_len, tokenize_concurrency=cfg.tokenize_workers)),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
