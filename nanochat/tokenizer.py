@@ -252,9 +252,6 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids)
 
-    def decode_token_bytes(self, token_id: int) -> bytes:
-        return self._enc.decode_single_token_bytes(token_id)
-
     # --- derived tables ------------------------------------------------------
 
     def token_bytes(self) -> torch.Tensor:

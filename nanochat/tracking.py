@@ -68,10 +68,6 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=self.pending[start : start + 1000])
         self.pending.clear()
 
-    def set_tags(self, tags: dict) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
-
     def log_artifact(self, path: str | Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
