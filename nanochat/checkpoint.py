@@ -422,6 +422,25 @@ def load_checkpoint(
     }
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step_* dir as given, or the latest complete one under a checkpoint root or a run dir
+    (whose checkpoints live in <run dir>/checkpoints, as the plain training scripts write them)."""
+    path = Path(path)
+    if STEP_DIR_RE.match(path.name):
+        return path
+    latest = find_latest(path) or find_latest(path / "checkpoints")
+    if latest is None:
+        raise CheckpointError(f"no complete checkpoint under {path}; train one first (python -m nanochat.scripts.base_train)")
+    return latest
+
+
+def run_dir_of(step_dir: str | Path) -> Path:
+    """The run directory a checkpoint belongs to: <run>/checkpoints/step_N (plain scripts) or
+    <run>/step_N (Ray Train storage). Evaluation results and reports are written there."""
+    parent = Path(step_dir).resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
 def load_model_state(path: str | Path, map_location: Any = "cpu") -> tuple[dict, dict]:
     """(state_dict without compile prefixes, meta) of a verified checkpoint, for eval and inference."""
     path = Path(path)
@@ -439,13 +458,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     Returns (model in eval mode on `device`, meta)."""
     from nanochat.gpt import GPT, GPTConfig  # the model module stays free of checkpoint logic
 
-    path = Path(path)
-    if not STEP_DIR_RE.match(path.name):
-        latest = find_latest(path)
-        if latest is None:
-            raise CheckpointError(f"no complete checkpoint under {path}; train one first (python -m nanochat.scripts.base_train)")
-        path = latest
-    state, meta = load_model_state(path, map_location=device)
+    state, meta = load_model_state(resolve_checkpoint(path), map_location=device)
     model = GPT(GPTConfig(**meta["model_config"])).to(device)
     model.load_state_dict(state)
     return model.eval(), meta

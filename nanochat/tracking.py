@@ -26,6 +26,14 @@ def default_uri(directory: str | Path) -> str:
     return f"sqlite:///{directory / 'mlflow.db'}"
 
 
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store go next to its database file (MLflow's default is ./mlruns of
+    whatever directory the process runs in); other stores keep their server's own setting."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+
+
 def _flatten(params: dict, prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for key, value in params.items():
@@ -48,7 +56,7 @@ class Tracker:
     def create(cls, uri: str, experiment: str, run_name: str, params: dict) -> Tracker:
         client = MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_location(uri))
         run = client.create_run(experiment_id, run_name=run_name)
         tracker = cls(uri, run.info.run_id)
         flat = _flatten(params)
