@@ -1,17 +1,40 @@
-"""Text generation from a trained GPT.
+"""Inference: KV-cache decoding, batched sampling and the calculator tool.
 
-`generate` re-runs the model over the whole (cropped) context for every new token: simple and
-obviously correct, used for samples during training.
+`Engine.generate` prefills the prompt once, copies its KV cache into `num_samples` rows and then
+decodes one token per row per step, so the cost of a step is one forward of `num_samples` tokens
+over the cached context. Each row stops at <|assistant_end|> (or <|bos|>). When a row closes a
+<|python_end|> block, the calculator evaluates it and the result is forced into that row as
+<|output_start|> result <|output_end|>; forced tokens are marked 0 in the per-token mask (the
+model did not choose them), which the RL stage needs.
+
+`generate` (module level) is the cache-free reference: it re-runs the whole context for every
+token. Slow, obviously correct, and what the tests compare the engine against.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from nanochat.calculator import calculate
+from nanochat.gpt import KVCache
 from nanochat.precision import PrecisionPlan
+from nanochat.tokenizer import Tokenizer
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, rng: torch.Generator) -> torch.Tensor:
+    """(B, V) logits -> (B, 1) token ids; temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng)
 
 
 @torch.no_grad()
@@ -24,7 +47,7 @@ def generate(
     top_k: int | None = None,
     seed: int = 0,
 ) -> Iterator[int]:
-    """Yield up to `max_new_tokens` token ids continuing `ids`; temperature 0 = greedy."""
+    """Yield up to `max_new_tokens` token ids continuing `ids`, re-running the full context each time."""
     device = next(model.parameters()).device
     context_len = model.config.sequence_len
     tokens = torch.tensor([ids], dtype=torch.long, device=device)
@@ -34,20 +57,114 @@ def generate(
     for _ in range(max_new_tokens):
         with plan.compute_context():
             logits = model(tokens[:, -context_len:])[:, -1, :]
-        if temperature == 0:
-            next_id = logits.argmax(dim=-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_id = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng)
+        next_id = sample_next(logits, temperature, top_k, rng)
         tokens = torch.cat([tokens, next_id], dim=1)
         yield int(next_id)
     model.train(was_training)
 
 
-def sample_text(model: nn.Module, tokenizer, plan: PrecisionPlan, prompt: str, max_new_tokens: int = 32, **kwargs) -> str:
+def sample_text(model: nn.Module, tokenizer: Tokenizer, plan: PrecisionPlan, prompt: str, max_new_tokens: int = 32, **kwargs) -> str:
     """Decode a continuation of `prompt` (BOS-prefixed, as documents are during training)."""
     ids = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
     return tokenizer.decode(list(generate(model, plan, ids, max_new_tokens, **kwargs)))
+
+
+@dataclass
+class _Row:
+    """Decoding state of one sample: tokens to force next, and the tool call being written."""
+
+    forced: deque = field(default_factory=deque)
+    in_python: bool = False
+    python_tokens: list[int] = field(default_factory=list)
+    done: bool = False
+
+
+class Engine:
+    """Batched KV-cache sampling from a chat model, with the calculator tool."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, plan: PrecisionPlan):
+        self.model, self.tokenizer, self.plan = model, tokenizer, plan
+        special = tokenizer.encode_special
+        self.stop_ids = {special("<|assistant_end|>"), tokenizer.bos_token_id}
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+
+    def _forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        with self.plan.compute_context():
+            return self.model(ids, kv_cache=cache)[:, -1, :]
+
+    def _use_tool(self, row: _Row, token: int) -> None:
+        """Track <|python_start|> ... <|python_end|> and queue the calculator's answer."""
+        if token == self.python_start:
+            row.in_python, row.python_tokens = True, []
+        elif token == self.python_end and row.in_python:
+            row.in_python = False
+            result = calculate(self.tokenizer.decode(row.python_tokens))
+            if result is not None:
+                row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+        elif row.in_python:
+            row.python_tokens.append(token)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: list[int],
+        num_samples: int = 1,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int = 42,
+    ) -> Iterator[tuple[list[int], list[int]]]:
+        """Yield, per decoding step, (the next token of each row, mask: 1 sampled / 0 forced).
+
+        Rows that have stopped keep being fed (their tokens are ignored by callers) until every
+        row has stopped or `max_tokens` steps were taken."""
+        device = next(self.model.parameters()).device
+        limit = self.model.cos.size(2)  # positions the rotary tables cover
+        max_tokens = min(max_tokens, limit - len(prompt))
+        if max_tokens <= 0:
+            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room to generate (model limit {limit})")
+        rng = torch.Generator(device=device).manual_seed(seed)
+        prefill = KVCache(len(self.model.transformer.h), len(prompt) + max_tokens)
+        logits = self._forward(torch.tensor([prompt], dtype=torch.long, device=device), prefill)
+        cache = prefill.repeat(num_samples)
+        logits = logits.expand(num_samples, -1)
+        rows = [_Row() for _ in range(num_samples)]
+        for step in range(max_tokens):
+            sampled = sample_next(logits, temperature, top_k, rng).view(-1).tolist()
+            tokens, mask = [], []
+            for row, token in zip(rows, sampled, strict=True):
+                forced = bool(row.forced)
+                token = row.forced.popleft() if forced else token
+                tokens.append(token)
+                mask.append(0 if forced else 1)
+                if not row.done:
+                    self._use_tool(row, token)
+                    row.done = token in self.stop_ids
+            yield tokens, mask
+            if all(row.done for row in rows) or step == max_tokens - 1:
+                return
+            logits = self._forward(torch.tensor(tokens, dtype=torch.long, device=device).view(-1, 1), cache)
+
+    def generate_batch(self, prompt: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
+        """Whole samples: prompt + generated tokens of each row, up to and including its stop token,
+        and the matching masks (0 on the prompt and on forced tool outputs)."""
+        results = [list(prompt) for _ in range(num_samples)]
+        masks = [[0] * len(prompt) for _ in range(num_samples)]
+        done = [False] * num_samples
+        for tokens, mask in self.generate(prompt, num_samples, **kwargs):
+            for i, (token, m) in enumerate(zip(tokens, mask, strict=True)):
+                if done[i]:
+                    continue
+                results[i].append(token)
+                masks[i].append(m)
+                done[i] = token in self.stop_ids
+        return results, masks
+
+    def complete(self, prompt: list[int], **kwargs) -> str:
+        """The text of one sampled answer (stop token excluded, tool calls and outputs included)."""
+        results, _ = self.generate_batch(prompt, 1, **kwargs)
+        answer = results[0][len(prompt):]
+        if answer and answer[-1] in self.stop_ids:
+            answer = answer[:-1]
+        return self.tokenizer.decode(answer)

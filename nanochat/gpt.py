@@ -73,6 +73,45 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, for incremental decoding.
+
+    Allocated on the first insert (so it takes the autocast dtype of the keys) for `max_len`
+    positions; `pos` counts the cached tokens and advances once per forward, after the last layer."""
+
+    def __init__(self, num_layers: int, max_len: int):
+        self.num_layers, self.max_len = num_layers, max_len
+        self.k: torch.Tensor | None = None  # (layers, B, kv_heads, max_len, head_dim)
+        self.v: torch.Tensor | None = None
+        self.pos = 0
+
+    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new keys/values (B, kv_heads, T, head_dim); return all of them so far."""
+        B, H, T, D = k.shape
+        if self.k is None:
+            self.k = k.new_zeros(self.num_layers, B, H, self.max_len, D)
+            self.v = v.new_zeros(self.num_layers, B, H, self.max_len, D)
+        end = self.pos + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.pos += num_tokens
+
+    def repeat(self, num_rows: int) -> KVCache:
+        """A cache with this one-row cache copied into `num_rows` rows: prefill a prompt once, then
+        sample several continuations of it in one batch."""
+        out = KVCache(self.num_layers, self.max_len)
+        out.pos = self.pos
+        if self.k is not None:
+            out.k = self.k.expand(-1, num_rows, -1, -1, -1).contiguous()
+            out.v = self.v.expand(-1, num_rows, -1, -1, -1).contiguous()
+        return out
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -86,7 +125,9 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         B, T, C = x.size()
         # (B, T, C) -> (B, heads, T, head_dim), the layout scaled_dot_product_attention expects
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -94,6 +135,16 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)  # QK-norm keeps attention logits bounded, which helps in fp16
+        mask, causal = None, True
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.insert(layer, k, v)
+            causal = start == 0  # a prompt from scratch: plain causal attention
+            if start > 0 and T > 1:
+                # new tokens after cached ones: query i (at position start + i) sees keys 0..start + i
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            elif start > 0:
+                causal = False  # one new token attends to everything cached
         if self.n_kv_head != self.n_head:
             # Share each key/value head among n_head // n_kv_head query heads. An explicit repeat
             # rather than SDPA's enable_gqa flag: that flag needs torch >= 2.5 and is not taken
@@ -101,7 +152,7 @@ class CausalSelfAttention(nn.Module):
             rep = self.n_head // self.n_kv_head
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
@@ -122,8 +173,10 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(norm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        x = x + self.attn(norm(x), cos, sin, cache, layer)
         x = x + self.mlp(norm(x))
         return x
 
@@ -185,9 +238,16 @@ class GPT(nn.Module):
         self.cos, self.sin = self._rotary_tables()
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean"
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        loss_reduction: str = "mean",
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         """idx: (B, T) token ids with T <= 10 * sequence_len.
+
+        With a kv_cache (inference), idx holds the tokens after the kv_cache.pos cached ones: their
+        keys/values are appended to the cache and they attend to everything before them.
 
         Without targets: float32 soft-capped logits of shape (B, T, vocab_size).
         With targets (B, T): float32 cross-entropy; positions whose target is -1 are ignored.
@@ -195,12 +255,15 @@ class GPT(nn.Module):
         is -1), 'sum' a scalar, 'none' a (B, T) tensor with 0 at ignored positions.
         """
         B, T = idx.size()
-        assert T <= self.cos.size(2), f"sequence of {T} tokens exceeds the rotary tables ({self.cos.size(2)})"
-        cos, sin = self.cos[:, :, :T], self.sin[:, :, :T]
+        start = kv_cache.pos if kv_cache is not None else 0
+        assert start + T <= self.cos.size(2), f"position {start + T} exceeds the rotary tables ({self.cos.size(2)})"
+        cos, sin = self.cos[:, :, start : start + T], self.sin[:, :, start : start + T]
 
         x = norm(self.transformer.wte(idx))
-        for block in self.transformer.h:
-            x = block(x, cos, sin)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cos, sin, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.advance(T)
         x = norm(x)
 
         # Logits, softcap and loss in float32 whatever the autocast dtype: the softcap's tanh and

