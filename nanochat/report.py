@@ -443,14 +443,17 @@ def _training(p: Pipeline, images: dict[str, str]) -> list[str]:
         return ["## Training", "", "No stages found.", ""]
     rows = [[s, *(fmt(run.summary.get(k), kind) for k, _, kind in TRAINING_COLUMNS)] for s, run in p.stages.items()]
     lines = ["## Training", "", md_table(["Stage", *(t for _, t, _ in TRAINING_COLUMNS)], rows), ""]
-    for s, run in p.stages.items():
-        extra = {k: v for k, v in run.summary.items() if k not in _NOT_EXTRA and _number(v) is not None}
-        if extra:
-            lines.append(f"- {s} also recorded: " + ", ".join(f"{k} {fmt(v)}" for k, v in extra.items()))
-    lines.append("")
+    extras = [f"- {s} also recorded: " + ", ".join(f"{k} {fmt(v)}" for k, v in extra.items())
+              for s, extra in ((s, _extra_numbers(run.summary)) for s, run in p.stages.items()) if extra]
+    lines += [*extras, ""] if extras else []
     for s in p.stages:
         lines += _image(f"{s} loss", images.get(f"loss_{s}"))
     return lines
+
+
+def _extra_numbers(summary: dict) -> dict[str, float]:
+    """Numbers a stage recorded beyond the table's columns (RL rewards, data wait, ...): shown, not lost."""
+    return {k: v for k, v in summary.items() if k not in _NOT_EXTRA and _number(v) is not None}
 
 
 def _evaluation(p: Pipeline, images: dict[str, str]) -> list[str]:
@@ -518,10 +521,10 @@ def write_card(p: Pipeline, out_dir: str | Path, gpu_hourly_cost: float | None =
 
 def comparison_rows(pipelines: Sequence[Pipeline], stage: str) -> list[Row]:
     """One stage's metrics (rows) across pipelines (values keyed by label), rows in first-seen order."""
-    rows: dict[str, Row] = {}
+    rows: dict[str, Row] = {}  # a metric no pipeline recorded for this stage gets no row
     for p in pipelines:
         for r in summary_rows(p):
-            if stage in r.values:
+            if _number(r.values.get(stage)) is not None:
                 rows.setdefault(r.key, Row(r.key, r.title, r.kind, {})).values[p.label] = r.values[stage]
     return list(rows.values())
 
@@ -606,7 +609,7 @@ def log_to_mlflow(pipelines: Sequence[Pipeline], files: Sequence[Path], out_dir:
     try:
         for path in files:
             folder = path.parent.relative_to(out_dir).as_posix()
-            tracker.client.log_artifact(tracker.run_id, str(path), None if folder == "." else folder)
+            tracker.log_artifact(path, None if folder == "." else folder)
         tracker.log({"step": 0, **headline_metrics(pipelines, gpu_hourly_cost)})
     except Exception:
         tracker.finish("FAILED")
@@ -626,7 +629,7 @@ def parse_runs_dir(spec: str) -> tuple[str | None, Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs-dir", action="append", default=[], metavar="[LABEL=]DIR",
                         help="a runs root (repeat with labels to compare); default $NANOCHAT_BASE_DIR/runs")

@@ -76,8 +76,8 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=self.pending[start : start + 1000])
         self.pending.clear()
 
-    def log_artifact(self, path: str | Path) -> None:
-        self.client.log_artifact(self.run_id, str(path))
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
 
     def log_json(self, name: str, data: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -19,7 +19,8 @@ from torch import nn
 
 from nanochat.precision import PrecisionPlan
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor]  # inputs, targets (-1 = no loss)
+WeightedBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # + a weight per target token
 
 
 class TrainingDiverged(RuntimeError):
@@ -79,12 +80,11 @@ class TrainStep:
         self.bad_in_a_row = 0
         self.skipped_total = 0
 
-    def __call__(self, batches: Iterator[Batch]) -> StepResult:
+    def __call__(self, batches: Iterator[Batch | WeightedBatch]) -> StepResult:
         total = None
         for _ in range(self.grad_accum):
-            x, y = next(batches)
             with self.plan.compute_context():
-                loss = self.model(x, y)
+                loss = self._loss(next(batches))
             total = loss.detach() if total is None else total + loss.detach()
             loss = loss / self.grad_accum
             (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -98,6 +98,14 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         self._guard(skipped, mean_loss)
         return StepResult(mean_loss, skipped, self.scaler.get_scale() if self.scaler else None)
+
+    def _loss(self, batch: Batch | WeightedBatch) -> torch.Tensor:
+        """Mean cross-entropy of (x, y); for (x, y, w) the w-weighted sum of per-token losses
+        (policy gradient: w = -advantage / tokens, so minimizing it raises the reward)."""
+        if len(batch) == 2:
+            return self.model(*batch)
+        x, y, w = batch
+        return (self.model(x, y, loss_reduction="none") * w).sum()
 
     def _optimizer_step(self, loss_is_finite: bool) -> bool:
         """Step every optimizer group, or none. Returns True when the step was skipped."""

@@ -41,15 +41,17 @@ from nanochat.common import base_dir
 from nanochat.config import option, parse_config
 from nanochat.dataset import default_data_dir, list_shards, split_shards
 from nanochat.precision import node_labels, resolve
-from nanochat.scripts import base_train
+from nanochat.scripts import base_train, chat_rl, chat_sft, mid_train
 from nanochat.tokenizer import default_tokenizer_dir
 from nanochat.tracking import Tracker, default_uri
 from nanochat.training import AllReduceGradients
 from ray_jobs.data import build_dataset, data_config, iter_train_batches, resume_position
 from ray_jobs.scheduler import check_worker_precisions, format_groups, groups, nodes_from_ray, plan_cluster
 
-# stage name -> the module that defines its Config dataclass, setup() and train()
-STAGES = {"base": base_train}
+# stage name -> the module that defines its Config dataclass, setup() and train(). Base training
+# streams parquet shards through Ray Data; the other stages' data is small (conversations,
+# problems) and each worker reads its own share through the module's make_batches().
+STAGES = {"base": base_train, "mid": mid_train, "sft": chat_sft, "rl": chat_rl}
 # Fault injection for tests: "RANK:STEP" SIGKILLs that worker right after that step, in a run that
 # did not start from a checkpoint (so the restarted run goes through).
 FAULT_ENV = "NANOCHAT_FAULT_INJECT"
@@ -139,6 +141,26 @@ def fault_hook(rank: int, restored: bool):
     return maybe_kill
 
 
+def stage_batches(stage, run, rank: int, world: int, position: dict | None):
+    """Ray Data batches for base training; the stage's own per-worker loader for the others, whose
+    checkpointed position holds one entry per worker (their shares advance at different paces)."""
+    if not hasattr(stage, "make_batches"):
+        return RayBatches(run.device, run.cfg.device_batch_size, position)
+    mine = None
+    if position is not None and len(position["workers"]) == world:
+        mine = position["workers"][rank]
+    elif position is not None and rank == 0:
+        print(f"the checkpoint was written by {len(position['workers'])} workers, not {world}: this stage's data restarts", flush=True)
+    return stage.make_batches(run, rank, world, mine)
+
+
+def data_position_of(batches) -> dict:
+    """What a checkpoint records to resume the data (every worker must call it)."""
+    if isinstance(batches, RayBatches):
+        return resume_position(gather(batches.position))  # the earliest worker's
+    return {"workers": gather(batches.state_dict())}
+
+
 def train_loop_per_worker(config: dict) -> None:
     stage = STAGES[config["stage"]]
     cfg = stage.Config(**config["stage_config"])
@@ -156,7 +178,7 @@ def train_loop_per_worker(config: dict) -> None:
             start_step, position = run.restore(Path(directory))
         if rank == 0:
             print(f"resumed at step {start_step}, data position {position}", flush=True)
-    batches = RayBatches(run.device, cfg.device_batch_size, position)
+    batches = stage_batches(stage, run, rank, world, position)
     tracker = Tracker(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else None
     kill = fault_hook(rank, restored is not None)
     last: dict = {}
@@ -168,7 +190,7 @@ def train_loop_per_worker(config: dict) -> None:
         kill(record["step"])
 
     def save(step: int) -> None:
-        data_position = resume_position(gather(batches.position))  # the earliest worker's
+        data_position = data_position_of(batches)
         metrics = {k: v for k, v in last.items() if isinstance(v, (int, float))}
         if rank != 0:
             ray.train.report(metrics)
@@ -213,8 +235,24 @@ def quiet(ds: ray.data.Dataset) -> ray.data.Dataset:
 
 def resolve_paths(cfg) -> None:
     """Absolute paths, so workers on any node (and `ray job submit` working dirs) find the same files."""
-    cfg.data_dir = str(Path(cfg.data_dir or default_data_dir()).resolve())
+    if hasattr(cfg, "data_dir"):
+        cfg.data_dir = str(Path(cfg.data_dir or default_data_dir()).resolve())
+    if hasattr(cfg, "init_checkpoint"):
+        # by default the previous stage's run in this storage, else the plain scripts' one
+        in_storage = Path(cfg.storage_path or base_dir() / "ray_results") / f"{cfg.PREVIOUS}_d{cfg.depth}"
+        found = not cfg.init_from and checkpoint.find_latest(in_storage)
+        cfg.init_from = str((found or cfg.init_checkpoint()).resolve())
     cfg.tokenizer_dir = str(Path(cfg.tokenizer_dir or default_tokenizer_dir()).resolve())
+
+
+def ray_datasets(cfg, run_dir: Path) -> dict:
+    """TorchTrainer arguments that stream the training shards through Ray Data."""
+    shards = split_shards(list_shards(cfg.data_dir), "train")
+    datasets = {
+        "train": DatasetFromLatest(shards, cfg.tokenizer_dir, cfg.max_seq_len, run_dir, cfg.tokenize_workers),
+        "train_epochs": lambda: quiet(build_dataset(shards, cfg.tokenizer_dir, cfg.max_seq_len, tokenize_concurrency=cfg.tokenize_workers)),
+    }
+    return {"datasets": datasets, "dataset_config": data_config()}
 
 
 def connect(cfg) -> None:
@@ -260,11 +298,6 @@ def main(argv: list[str] | None = None) -> dict:
     tracker = Tracker.create(uri, cfg.mlflow_experiment, name, {**dataclasses.asdict(cfg), "precision_group": group.precision})
     print(f"MLflow run {tracker.run_id} in {uri}  (mlflow ui --backend-store-uri {uri})")
 
-    shards = split_shards(list_shards(cfg.data_dir), "train")
-    datasets = {
-        "train": DatasetFromLatest(shards, cfg.tokenizer_dir, cfg.max_seq_len, storage / name, cfg.tokenize_workers),
-        "train_epochs": lambda: quiet(build_dataset(shards, cfg.tokenizer_dir, cfg.max_seq_len, tokenize_concurrency=cfg.tokenize_workers)),
-    }
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -277,8 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last),
         ),
-        datasets=datasets,
-        dataset_config=data_config(),
+        **(ray_datasets(cfg, storage / name) if stage == "base" else {}),
     )
     try:
         result = trainer.fit()

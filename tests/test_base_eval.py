@@ -27,7 +27,17 @@ from nanochat.eval.offline import MissingDataError
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.scripts import base_eval, base_train
 
-CPU_PLAN = precision.resolve("float32", "cpu")
+CPU_PLAN = precision.plan_for(precision.DeviceInfo("cpu", "CPU"), "float32")  # whatever $NANOCHAT_DTYPE says
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # these models are tiny: extra intra-op threads only add synchronization, which on a busy
+    # 2-core machine made the file several times slower
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +81,15 @@ def test_loader_gives_wellformed_examples(tasks, name):
         assert example_format(ex) == fmt
         assert 0 <= ex.gold < ex.num_options
         assert all(isinstance(c, str) and c for pair in ex.options() for c in pair)
-        assert "[" not in ex.gold_text() or name != "hellaswag"  # WikiHow markers are cleaned off
+    if name == "hellaswag":  # most WikiHow rows carried "[header]"-style markers; none is left
+        texts = [text for ex in task.examples for pair in ex.options() for text in pair]
+        assert not any(m in t for t in texts for m in ("[header]", "[title]", "[step]", "[substeps]"))
     expected_baseline = {"language_modeling": 0.0, "schema": 0.5}.get(fmt)
     if expected_baseline is not None:
         assert task.random_baseline == expected_baseline
+    elif name == "boolq":  # the majority answer's rate, as in CORE
+        yes = sum(ex.gold for ex in task.examples) / len(task.examples)
+        assert task.random_baseline == max(yes, 1 - yes) and 0.6 < task.random_baseline < 0.65
     else:
         assert 0.2 <= task.random_baseline <= 0.5
 
@@ -145,8 +160,8 @@ def test_continuation_start_handles_merges_across_the_boundary(tokenizer):
         assert context.startswith(tokenizer.decode(full[:start]))
         assert tokenizer.decode(full[start:]).endswith(continuation)
     # the merge case really occurs with this vocabulary, so the branch is exercised
-    ctx, full = tokenizer.encode("The beginn"), tokenizer.encode("The beginning of it")
-    assert full[: len(ctx)] != ctx
+    ctx, full = tokenizer.encode("He sa"), tokenizer.encode("He said")
+    assert full[: len(ctx)] != ctx and continuation_start(ctx, full) < len(ctx)
 
 
 def test_scorer_picks_argmin_of_plain_forward_losses(tokenizer):
@@ -193,7 +208,7 @@ def test_language_modeling_agrees_with_greedy_generation(tokenizer):
     context, continuation = "Calculate 5 + 91 =", " 96"
     ids = torch.tensor([tokenizer.encode(context + continuation, prepend=tokenizer.bos_token_id)])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(60):
+    for _ in range(20):
         model(ids[:, :-1], ids[:, 1:]).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -243,3 +258,8 @@ def test_missing_data_is_reported(tmp_path, monkeypatch):
         load_task("arc_easy")
     with pytest.raises(SystemExit, match="data set split"):
         base_eval.main(["--checkpoint", str(tmp_path), "--tasks", "winogrande", "--device", "cpu"])
+
+
+def test_missing_checkpoint_is_reported(tmp_path, tasks):
+    with pytest.raises(SystemExit, match="no complete checkpoint"):
+        base_eval.main(["--checkpoint", str(tmp_path), "--tasks", "copa", "--device", "cpu"])

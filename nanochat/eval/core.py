@@ -194,7 +194,10 @@ def load_boolq() -> Task:
         Example([f"{row['passage'].strip()}\nQuestion: {row['question'].strip()}?\nAnswer:"], [" no", " yes"], int(row["answer"]))
         for row in read_hf_split("boolq/none/validation")
     ]
-    return Task("boolq", "multiple_choice", examples, num_fewshot=3)
+    # the baseline is the majority answer's rate (~62% "yes"), as CORE has it: a model that always
+    # says yes is not doing better than chance
+    yes = sum(ex.gold for ex in examples) / len(examples)
+    return Task("boolq", "multiple_choice", examples, random_baseline=max(yes, 1 - yes), num_fewshot=3)
 
 
 def load_winogrande() -> Task:
@@ -297,7 +300,7 @@ def continuation_start(context_ids: list[int], full_ids: list[int]) -> int:
     the continuation. At least one token is always left to the continuation.
     """
     n = 0
-    for a, b in zip(context_ids, full_ids):
+    for a, b in zip(context_ids, full_ids, strict=False):
         if a != b:
             break
         n += 1

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from nanochat.checkpoint import load_model, resolve_checkpoint, run_dir_of
+from nanochat.checkpoint import CheckpointError, load_model, resolve_checkpoint, run_dir_of
 from nanochat.common import base_dir, default_device, seed_everything
 from nanochat.config import CommonConfig, option, parse_config
 from nanochat.eval.core import TASKS, ModelScorer, evaluate_core, load_task
@@ -60,8 +60,11 @@ def main(argv: list[str] | None = None) -> dict:
     apply_process_settings(plan, device)
     print(plan.summary())
     seed_everything(cfg.seed)
-    step_dir = resolve_checkpoint(cfg.checkpoint or base_dir() / "runs" / f"base_d{cfg.depth}")
-    model, meta = load_model(step_dir, device)
+    try:
+        step_dir = resolve_checkpoint(cfg.checkpoint or base_dir() / "runs" / f"base_d{cfg.depth}")
+        model, meta = load_model(step_dir, device)
+    except CheckpointError as e:
+        raise SystemExit(f"base_eval: {e}") from None
     tokenizer_dir = cfg.tokenizer_dir or default_tokenizer_dir()
     tokenizer = Tokenizer.load(tokenizer_dir)
     if meta.get("tokenizer") not in (None, tokenizer.fingerprint()):

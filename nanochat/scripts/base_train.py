@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from nanochat import checkpoint
 from nanochat.common import base_dir, default_device, seed_everything
-from nanochat.config import ModelShapeConfig, option, parse_config
+from nanochat.config import CommonConfig, ModelShapeConfig, option, parse_config
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import default_data_dir, list_shards, split_shards
 from nanochat.engine import sample_text
@@ -53,13 +53,13 @@ SAMPLE_PROMPTS = ["In the beginning", "The meaning of life is", "He said to them
 
 
 @dataclass
-class BaseTrainConfig(ModelShapeConfig):
+class LoopConfig(CommonConfig):
+    """What the training loop (`train` below) reads: shared by base, mid-training and SFT."""
+
     # batch
     device_batch_size: int = option(32, "rows of T tokens per forward/backward (lower it if out of memory)")
     total_batch_size: int = option(524288, "tokens per optimizer step; reached by gradient accumulation; -1 = one micro-batch")
-    # horizon: the first of these that is set wins
-    num_iterations: int = option(-1, "optimizer steps; -1 = derive from --target-param-data-ratio")
-    target_param_data_ratio: float = option(20.0, "training tokens per parameter when --num-iterations is -1 (Chinchilla: 20)")
+    num_iterations: int = option(-1, "optimizer steps; -1 = derive them (see the stage's help)")
     # optimizer (upstream nanochat's values)
     matrix_lr: float = option(0.02, "Muon learning rate for the transformer's matrices")
     embedding_lr: float = option(0.2, "AdamW learning rate for the token embedding")
@@ -69,17 +69,22 @@ class BaseTrainConfig(ModelShapeConfig):
     warmdown_ratio: float = option(0.2, "fraction of steps of linear lr warmdown at the end")
     final_lr_frac: float = option(0.0, "lr at the end as a fraction of the peak")
     # evaluation, checkpoints, output
-    eval_every: int = option(250, "evaluate val bpb every N steps (and at the end); -1 = only at the end")
-    eval_tokens: int = option(20 * 524288, "validation tokens per evaluation")
+    eval_every: int = option(250, "evaluate every N steps (and at the end); -1 = only at the end")
     sample_every: int = option(2000, "print samples every N steps (and at the end); -1 = only at the end")
     save_every: int = option(1000, "checkpoint every N steps (and at the end); -1 = only at the end")
     keep_last: int = option(2, "complete checkpoints to keep")
     resume: bool = option(False, "continue from the latest complete checkpoint in --run-dir")
-    run_dir: str = option("", "output directory; empty = $NANOCHAT_BASE_DIR/runs/base_d<depth>")
-    data_dir: str = option("", "parquet shards; empty = $NANOCHAT_DATA or $NANOCHAT_BASE_DIR/data")
+    run_dir: str = option("", "output directory; empty = $NANOCHAT_BASE_DIR/runs/<stage>_d<depth>")
     tokenizer_dir: str = option("", "trained tokenizer; empty = $NANOCHAT_BASE_DIR/tokenizer")
     compile: str = option("auto", "torch.compile: auto (where the precision plan allows), on, off", choices=("auto", "on", "off"))
     max_bad_steps: int = option(20, "abort after this many skipped (non-finite) steps in a row")
+
+
+@dataclass
+class BaseTrainConfig(ModelShapeConfig, LoopConfig):
+    target_param_data_ratio: float = option(20.0, "training tokens per parameter when --num-iterations is -1 (Chinchilla: 20)")
+    eval_tokens: int = option(20 * 524288, "validation tokens per evaluation")
+    data_dir: str = option("", "parquet shards; empty = $NANOCHAT_DATA or $NANOCHAT_BASE_DIR/data")
 
 
 Config = BaseTrainConfig  # the name ray_jobs/train.py looks up in every stage module
@@ -91,8 +96,8 @@ def iterations_for(cfg: BaseTrainConfig, num_params: int, tokens_per_step: int) 
     return max(1, round(cfg.target_param_data_ratio * num_params / tokens_per_step))
 
 
-def grad_accum_steps(cfg: BaseTrainConfig, world_size: int = 1) -> int:
-    tokens_per_micro = cfg.device_batch_size * cfg.max_seq_len * world_size
+def grad_accum_steps(cfg: LoopConfig, seq_len: int, world_size: int = 1) -> int:
+    tokens_per_micro = cfg.device_batch_size * seq_len * world_size
     total = tokens_per_micro if cfg.total_batch_size == -1 else cfg.total_batch_size
     if total % tokens_per_micro:
         raise ValueError(
@@ -106,7 +111,7 @@ def grad_accum_steps(cfg: BaseTrainConfig, world_size: int = 1) -> int:
 class Run:
     """Everything one training process holds; built the same way by the plain script and Ray workers."""
 
-    cfg: BaseTrainConfig
+    cfg: LoopConfig
     device: torch.device
     plan: PrecisionPlan
     tokenizer: Tokenizer
@@ -125,13 +130,17 @@ class Run:
     def flops_per_token(self) -> int:
         return self.model.estimate_flops()
 
+    @property
+    def stage(self) -> str:
+        return self.meta["stage"]
+
     def describe(self) -> str:
         c, m = self.cfg, self.model.config
         tokens = self.num_iterations * self.tokens_per_step
         return (
-            f"model: depth {c.depth}, width {m.n_embd}, {m.n_head} heads, {self.model.num_params():,} parameters, "
+            f"model: depth {m.n_layer}, width {m.n_embd}, {m.n_head} heads, {self.model.num_params():,} parameters, "
             f"{self.flops_per_token:.3e} FLOPs/token\n"
-            f"batch: {c.device_batch_size} x {c.max_seq_len} tokens x {self.grad_accum} accumulation "
+            f"batch: {c.device_batch_size} x {m.sequence_len} tokens x {self.grad_accum} accumulation "
             f"x {self.world_size} workers = {self.tokens_per_step:,} tokens/step\n"
             f"horizon: {self.num_iterations} steps = {tokens:,} tokens ({tokens / self.model.num_params():.1f} tokens per parameter)"
         )
@@ -156,9 +165,14 @@ class Run:
         shards = split_shards(list_shards(self.cfg.data_dir or default_data_dir()), "val")
         return DataLoader(shards, self.tokenizer, self.cfg.device_batch_size, self.cfg.max_seq_len, self.device)
 
-    def val_bpb(self) -> float:
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics, logged at eval steps and in the summary: bits per byte for the base model."""
         steps = max(1, self.cfg.eval_tokens // (self.cfg.device_batch_size * self.cfg.max_seq_len))
-        return evaluate_bpb(self.model, self.plan, iter(self.val_loader()), steps, self.tokenizer.token_bytes())
+        return {"val_bpb": evaluate_bpb(self.model, self.plan, iter(self.val_loader()), steps, self.tokenizer.token_bytes())}
+
+    def samples(self) -> dict[str, str]:
+        """A few greedy continuations to eyeball during training."""
+        return {p: sample_text(self.model, self.tokenizer, self.plan, p, max_new_tokens=24) for p in SAMPLE_PROMPTS}
 
 
 def setup(cfg: BaseTrainConfig, device: torch.device, world_size: int = 1, rank: int = 0,
@@ -176,7 +190,7 @@ def setup(cfg: BaseTrainConfig, device: torch.device, world_size: int = 1, rank:
         weight_decay=cfg.weight_decay, ns_dtype=getattr(torch, plan.muon_dtype),
     )
     scaler = plan.make_grad_scaler()
-    grad_accum = grad_accum_steps(cfg, world_size)
+    grad_accum = grad_accum_steps(cfg, cfg.max_seq_len, world_size)
     tokens_per_step = grad_accum * cfg.device_batch_size * cfg.max_seq_len * world_size
     step_fn = TrainStep(maybe_compile(model, plan, cfg.compile), optimizer, plan, grad_accum, scaler,
                         cfg.max_bad_steps, sync)
@@ -194,14 +208,15 @@ def train(run: Run, batches: Iterator, start_step: int, log: Callable[[dict], No
     `batches` yields (x, y); `log` receives one record per step; `save(step)` checkpoints. Only the
     main process evaluates, samples and shows progress."""
     cfg, plan, n = run.cfg, run.plan, run.num_iterations
-    timed_tokens, timed_seconds, timed_wait, val, result = 0, 0.0, 0.0, None, None
+    timed_tokens, timed_seconds, timed_wait, evaluated, result = 0, 0.0, 0.0, {}, None
     batches = TimedIterator(batches)
+    started = time.perf_counter()
 
     def is_due(every: int, done: int) -> bool:
         return done == n or (every > 0 and done % every == 0)
 
     # in logs (not a terminal) a bar redraw is a new line: redraw every 10 s instead of 10 times a second
-    bar = tqdm(range(start_step, n), initial=start_step, total=n, desc=run.meta["stage"], dynamic_ncols=True,
+    bar = tqdm(range(start_step, n), initial=start_step, total=n, desc=run.stage, dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 10, disable=not run.is_main)
     for step in bar:
         lrm = lr_multiplier(step, n, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
@@ -217,8 +232,9 @@ def train(run: Run, batches: Iterator, start_step: int, log: Callable[[dict], No
                   "mfu": run.flops_per_token * run.tokens_per_step / dt / plan.peak_flops if plan.peak_flops else None,
                   "loss_scale": result.scale, "skipped": result.skipped}
         if run.is_main and is_due(cfg.eval_every, done):
-            val = record["val_bpb"] = run.val_bpb()
-            tqdm.write(f"step {done}: val bpb {val:.4f}")
+            evaluated = run.evaluate()
+            record.update(evaluated)
+            tqdm.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
         log(record)
         bar.set_postfix_str(
             f"loss {result.loss:.3f} | {record['tok_per_s']:,.0f} tok/s"
@@ -227,16 +243,18 @@ def train(run: Run, batches: Iterator, start_step: int, log: Callable[[dict], No
             refresh=False,  # the bar redraws at its own pace (mininterval)
         )
         if run.is_main and is_due(cfg.sample_every, done):
-            for prompt in SAMPLE_PROMPTS:
-                tqdm.write(f"  {prompt!r} -> {sample_text(run.model, run.tokenizer, plan, prompt, max_new_tokens=24)!r}")
+            for prompt, text in run.samples().items():
+                tqdm.write(f"  {prompt!r} -> {text!r}")
         if is_due(cfg.save_every, done):
             save(done)
     bar.close()
     tok_per_s = timed_tokens / timed_seconds if timed_seconds else None
     return {
+        "stage": run.stage,
         "steps": n,
         "final_loss": result.loss if result else None,
-        "val_bpb": val,
+        **evaluated,
+        "wall_time_s": time.perf_counter() - started,
         "tok_per_s": tok_per_s,
         "mfu": run.flops_per_token * tok_per_s / plan.peak_flops if tok_per_s and plan.peak_flops else None,
         "data_wait_frac": timed_wait / timed_seconds if timed_seconds else None,
@@ -244,6 +262,7 @@ def train(run: Run, batches: Iterator, start_step: int, log: Callable[[dict], No
         "loss_scale": run.scaler.get_scale() if run.scaler else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None,
         "params": run.model.num_params(),
+        "world_size": run.world_size,
         "plan": plan.to_dict(),
     }
 

@@ -1,0 +1,233 @@
+"""Reinforcement learning on problems with a checkable answer (GSM8K-style), as upstream nanochat does it.
+
+    python -m nanochat.scripts.chat_rl --depth 12                    # from runs/sft_d12, writes runs/rl_d12
+    NANOCHAT_EMULATE=p100 python -m nanochat.scripts.chat_rl --depth 12 --device-batch-size 4
+    python -m nanochat.scripts.chat_rl --depth 12 --task gsm8k_jsonl=/data/gsm8k_train.jsonl
+    # on a Ray cluster: python -m ray_jobs.train --stage rl --depth 12 --num-workers 8
+
+The method is plain on-policy policy gradient without a KL term or a critic (upstream nanochat's
+simplification of GRPO): for each problem sample --num-samples answers (calculator included),
+reward 1 for the right final number, advantage = reward - the mean of its group, and minimize
+-advantage x log-probability over the tokens the model chose (tool outputs are forced, not
+chosen, so they carry no gradient). The step is the same TrainStep as every other stage, so fp16
+devices get the GradScaler. Progress: mean reward per step, greedy pass@1 on held-out problems.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from tqdm import tqdm
+
+from nanochat import checkpoint
+from nanochat.chat import Conversation, render_for_completion
+from nanochat.common import default_device, seed_everything
+from nanochat.config import option, parse_config
+from nanochat.engine import Engine
+from nanochat.finetune import StartFromConfig
+from nanochat.precision import apply_process_settings, resolve
+from nanochat.report import MetricsLog
+from nanochat.scripts.base_train import Run
+from nanochat.tasks import Task, load_task
+from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
+from nanochat.training import TrainStep, lr_multiplier, set_schedule
+
+
+@dataclass
+class ChatRLConfig(StartFromConfig):
+    STAGE: ClassVar[str] = "rl"
+    PREVIOUS: ClassVar[str] = "sft"
+
+    task: str = option("arithmetic", "task with a checkable answer (see nanochat/tasks), e.g. arithmetic")
+    eval_problems: int = option(64, "problems held out (the task's first N) for greedy pass@1")
+    examples_per_step: int = option(8, "problems per optimizer step, per worker")
+    num_samples: int = option(8, "answers sampled per problem (the group the advantage is relative to)")
+    device_batch_size: int = option(8, "sampled answers per forward/backward")
+    max_new_tokens: int = option(128, "longest answer sampled")
+    temperature: float = option(1.0, "sampling temperature")
+    top_k: int = option(50, "sample among the k most likely tokens")
+    num_iterations: int = option(200, "optimizer steps")
+    matrix_lr: float = option(0.02, "Muon learning rate (times --init-lr-frac)")
+    embedding_lr: float = option(0.2, "AdamW learning rate of the embedding (times --init-lr-frac)")
+    unembedding_lr: float = option(0.004, "AdamW learning rate of the lm_head (times --init-lr-frac)")
+    init_lr_frac: float = option(0.05, "learning rates as a fraction of the base ones")
+    eval_every: int = option(50, "greedy pass@1 on the held-out problems every N steps (and at the end)")
+    save_every: int = option(100, "checkpoint every N steps (and at the end)")
+    keep_last: int = option(2, "complete checkpoints to keep")
+    resume: bool = option(False, "continue from the latest complete checkpoint in --run-dir")
+    run_dir: str = option("", "output directory; empty = $NANOCHAT_BASE_DIR/runs/rl_d<depth>")
+    tokenizer_dir: str = option("", "trained tokenizer; empty = $NANOCHAT_BASE_DIR/tokenizer")
+    max_bad_steps: int = option(20, "abort after this many skipped (non-finite) steps in a row")
+
+
+Config = ChatRLConfig  # the name ray_jobs/train.py looks up in every stage module
+
+
+@dataclass
+class RLRun(Run):
+    task: Task | None = None
+    engine: Engine | None = None
+
+    def problem(self, index: int) -> Conversation:
+        """Training problems come after the held-out ones and cycle through the task."""
+        held_out = self.cfg.eval_problems
+        return self.task[held_out + index % (len(self.task) - held_out)]
+
+    def answer(self, conversation: Conversation, tokens: list[int], prompt_len: int) -> str:
+        answer = tokens[prompt_len:]
+        if answer and answer[-1] in self.engine.stop_ids:
+            answer = answer[:-1]
+        return self.tokenizer.decode(answer)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy pass@1 on the held-out problems."""
+        self.model.eval()
+        solved = 0
+        for i in range(self.cfg.eval_problems):
+            conversation = self.task[i]
+            prompt = render_for_completion(self.tokenizer, conversation)
+            tokens, _ = self.engine.generate_batch(prompt, 1, max_tokens=self.cfg.max_new_tokens, temperature=0.0)
+            solved += self.task.evaluate(conversation, self.answer(conversation, tokens[0], len(prompt)))
+        self.model.train()
+        return {"pass_at_1": solved / max(self.cfg.eval_problems, 1)}
+
+    def rollouts(self, conversation: Conversation, seed: int) -> tuple[list, float]:
+        """Sample a group of answers to one problem and turn them into weighted (x, y, w) micro-batches."""
+        cfg = self.cfg
+        prompt = render_for_completion(self.tokenizer, conversation)
+        self.model.eval()
+        with torch.no_grad():
+            seqs, masks = self.engine.generate_batch(prompt, cfg.num_samples, max_tokens=cfg.max_new_tokens,
+                                                     temperature=cfg.temperature, top_k=cfg.top_k, seed=seed)
+        self.model.train()
+        rewards = torch.tensor([self.task.reward(conversation, self.answer(conversation, s, len(prompt))) for s in seqs])
+        advantages = rewards - rewards.mean()
+        width = max(len(s) for s in seqs) - 1
+        x = torch.full((len(seqs), width), self.tokenizer.bos_token_id, dtype=torch.long)
+        y = torch.full((len(seqs), width), -1, dtype=torch.long)
+        for r, (seq, mask) in enumerate(zip(seqs, masks, strict=True)):
+            x[r, : len(seq) - 1] = torch.tensor(seq[:-1])
+            y[r, : len(seq) - 1] = torch.tensor([t if m else -1 for t, m in zip(seq[1:], mask[1:], strict=True)])
+        chosen = (y != -1).float()
+        # mean over the group's chosen tokens of -advantage x log p, i.e. nll x advantage; TrainStep
+        # divides every micro-batch by grad_accum, which counts micro-batches, not problems: undo that
+        micro = math.ceil(len(seqs) / cfg.device_batch_size)
+        w = chosen * advantages[:, None] * micro / chosen.sum().clamp(min=1)
+        batches = [(x[i : i + cfg.device_batch_size].to(self.device), y[i : i + cfg.device_batch_size].to(self.device),
+                    w[i : i + cfg.device_batch_size].to(self.device)) for i in range(0, len(seqs), cfg.device_batch_size)]
+        return batches, rewards.mean().item()
+
+
+class Problems:
+    """This worker's stream of training problem indices; `position` resumes it."""
+
+    def __init__(self, rank: int, world: int, state: dict | None = None):
+        self.rank, self.world = rank, world
+        self.index = state["index"] if state else rank
+
+    def __iter__(self) -> Problems:
+        return self
+
+    def __next__(self) -> int:
+        index, self.index = self.index, self.index + self.world
+        return index
+
+    def state_dict(self) -> dict:
+        return {"index": self.index}
+
+
+def setup(cfg: ChatRLConfig, device: torch.device, world_size: int = 1, rank: int = 0, sync: Callable | None = None) -> RLRun:
+    plan = resolve(cfg.dtype, device)
+    apply_process_settings(plan, device)
+    tokenizer = Tokenizer.load(cfg.tokenizer_dir or default_tokenizer_dir())
+    seed_everything(cfg.seed)
+    start = cfg.init_checkpoint()
+    model, start_meta = checkpoint.load_model(start, device)
+    if start_meta["tokenizer"] != tokenizer.fingerprint():
+        raise checkpoint.CheckpointError(f"{start} was trained with another tokenizer than {cfg.tokenizer_dir or default_tokenizer_dir()}")
+    model.train()
+    f = cfg.init_lr_frac
+    optimizer = model.setup_optimizer(matrix_lr=cfg.matrix_lr * f, embedding_lr=cfg.embedding_lr * f,
+                                      unembedding_lr=cfg.unembedding_lr * f, ns_dtype=getattr(torch, plan.muon_dtype))
+    scaler = plan.make_grad_scaler()
+    grad_accum = cfg.examples_per_step * math.ceil(cfg.num_samples / cfg.device_batch_size)
+    step_fn = TrainStep(model, optimizer, plan, grad_accum, scaler, cfg.max_bad_steps, sync)  # eager: every rollout has its own length
+    task = load_task(cfg.task)
+    if len(task) <= cfg.eval_problems:
+        raise ValueError(f"task {cfg.task!r} has {len(task)} problems; --eval-problems {cfg.eval_problems} leaves none to train on")
+    meta = {"stage": "rl", "model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer.fingerprint(),
+            "plan": plan.to_dict(), "train_config": dataclasses.asdict(cfg), "init_from": str(start)}
+    return RLRun(cfg, device, plan, tokenizer, model, optimizer, scaler, step_fn, grad_accum, 0, cfg.num_iterations,
+                 meta, world_size, is_main=rank == 0, task=task, engine=Engine(model, tokenizer, plan))
+
+
+def make_batches(run: RLRun, rank: int = 0, world: int = 1, position: dict | None = None) -> Problems:
+    return Problems(rank, world, position)
+
+
+def train(run: RLRun, problems: Iterator[int], start_step: int, log: Callable[[dict], None], save: Callable[[int], None]) -> dict:
+    cfg, n = run.cfg, run.num_iterations
+    evaluated, started, record = {}, time.perf_counter(), {}
+    bar = tqdm(range(start_step, n), initial=start_step, total=n, desc="rl", dynamic_ncols=True, disable=not run.is_main)
+    for step in bar:
+        lrm = lr_multiplier(step, n, 0.0, 1.0, 0.0)  # linear decay to zero, as upstream's RL
+        set_schedule(run.optimizer, lrm, momentum=0.95)
+        t0 = time.perf_counter()
+        batches, rewards = [], []
+        for _ in range(cfg.examples_per_step):
+            index = next(problems)
+            micro, reward = run.rollouts(run.problem(index), seed=cfg.seed * 1_000_003 + index)
+            batches += micro
+            rewards.append(reward)
+        result = run.step_fn(iter(batches))
+        done = step + 1
+        record = {"step": done, "loss": result.loss, "reward": sum(rewards) / len(rewards), "lr_mult": lrm,
+                  "seconds": time.perf_counter() - t0, "loss_scale": result.scale, "skipped": result.skipped}
+        if run.is_main and (done == n or (cfg.eval_every > 0 and done % cfg.eval_every == 0)):
+            evaluated = run.evaluate()
+            record.update(evaluated)
+            tqdm.write(f"step {done}: pass@1 {evaluated['pass_at_1']:.3f}")
+        log(record)
+        bar.set_postfix_str(f"reward {record['reward']:.3f}", refresh=False)
+        if done == n or (cfg.save_every > 0 and done % cfg.save_every == 0):
+            save(done)
+    bar.close()
+    return {"stage": "rl", "steps": n, "final_loss": record.get("loss"), "final_reward": record.get("reward"), **evaluated,
+            "wall_time_s": time.perf_counter() - started, "skipped_steps": run.step_fn.skipped_total,
+            "loss_scale": run.scaler.get_scale() if run.scaler else None, "params": run.model.num_params(), "world_size": run.world_size,
+            "peak_memory_gib": torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None,
+            "plan": run.plan.to_dict()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(ChatRLConfig, argv, description=__doc__.splitlines()[0])
+    run = setup(cfg, torch.device(cfg.device or default_device()))
+    run_dir = Path(cfg.run_dir or cfg.default_run_dir())
+    ckpt_dir = run_dir / "checkpoints"
+    print(f"precision plan:\n{run.plan.summary()}\nstarting from {run.meta['init_from']}\n"
+          f"{cfg.examples_per_step} problems x {cfg.num_samples} samples per step, {cfg.num_iterations} steps, task {cfg.task}")
+    start_step, position = 0, None
+    latest = checkpoint.find_latest(ckpt_dir) if cfg.resume else None
+    if latest is not None:
+        start_step, position = run.restore(latest)
+        print(f"resumed from {latest} at step {start_step}")
+    problems = make_batches(run, position=position)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if latest else None)
+    summary = train(run, problems, start_step, metrics.log, lambda step: run.save(ckpt_dir, step, problems.state_dict()))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("summary:", json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
