@@ -7,22 +7,26 @@
 NOT A SECURITY BOUNDARY. The code runs as the current user, on this machine, with its network.
 What is here protects against accidents of a model that writes wrong code (an infinite loop, a
 runaway allocation, a fork loop, a stray `shutil.rmtree`, reading stdin), not against a model or
-a data set written to do harm; the same caveat as OpenAI's human-eval. Run untrusted code inside a
+a data set written to do harm: the same caveat as OpenAI's human-eval. Run untrusted code inside a
 container or VM with no credentials and no network.
 
 What each run gets:
   * a fresh `python -I` interpreter (isolated mode: no PYTHON* variables, no user site, the
-    script's folder not on sys.path), in its own process group, started in a new empty temporary
-    directory that is deleted afterwards, with a minimal environment (PATH, locale, HOME=that dir)
-  * stdin at end-of-file; stdout and stderr go to files and come back truncated to `max_output`
+    script's folder not on sys.path), in its own session and process group, started in a new
+    empty temporary directory that is deleted afterwards, with a minimal environment (PATH,
+    locale, HOME and TMPDIR = that directory)
+  * stdin at end-of-file; stdout and stderr go to files and come back cut to `max_output`
     characters each
-  * a wall-clock timeout after which the whole process group is killed, plus rlimits set in the
-    child before exec: address space (`max_memory`), CPU seconds, size of any file written
-    (stdout and stderr included), no core dumps and, with the guard on, the number of processes
-  * a prelude that replaces process-spawning and file-deleting functions (os.system, os.fork,
-    subprocess.Popen, os.remove, shutil.rmtree, ...) with ones that raise PermissionError; pass
-    guard=False for code that legitimately needs them. Tracebacks still show the program's own
-    file name (program.py) and line numbers.
+  * a wall-clock timeout after which the whole process group is killed
+  * rlimits, set by a prelude before the program starts: address space (`max_memory`), CPU
+    seconds, size of any file written (stdout and stderr included), no core dumps and, with the
+    guard on, the number of processes (RLIMIT_NPROC counts per user and root is exempt)
+  * with guard=True (the default) the prelude also replaces process-spawning and file-deleting
+    functions (os.system, os.fork, subprocess.Popen, os.remove, shutil.rmtree, ...) with ones that
+    raise PermissionError; pass guard=False for code that legitimately needs them.
+Tracebacks show the program's own file name (program.py) and line numbers, not the prelude's.
+The limits are set in the child rather than through `preexec_fn`, which can deadlock when the
+calling process has threads (a training loop with data-loading threads, Ray).
 """
 
 from __future__ import annotations
@@ -38,39 +42,62 @@ from pathlib import Path
 DEFAULT_MAX_MEMORY = 1024**3  # bytes of address space: plenty for test snippets, stops runaway allocations
 DEFAULT_MAX_OUTPUT = 16_384  # characters of stdout / stderr kept
 MAX_FILE_BYTES = 16 * 1024**2  # any one file the program writes, stdout/stderr included
-MAX_PROCESSES = 64  # RLIMIT_NPROC, counted per user: it stops fork loops (not enforced for root)
+MAX_PROCESSES = 64  # RLIMIT_NPROC, counted per user: it stops fork loops
 PROGRAM_FILE = "program.py"
 TRUNCATED = "\n... [output truncated]"
 
-# Runs first in the child, then hands over to program.py with runpy so tracebacks name program.py
-# and its own line numbers. Only destructive or spawning calls are replaced; reading, writing in the
-# temporary directory and the whole standard library otherwise work as usual.
-_GUARD = """
-import builtins, os, shutil, subprocess, sys, runpy
+# Runs first in the child, then hands over to program.py with runpy. `limits` is a list of
+# (resource name, value); `guard` says whether to disable the destructive functions.
+_PRELUDE = """
+import runpy, sys
 
-def _disabled(name):
-    def refuse(*args, **kwargs):
-        raise PermissionError(name + " is disabled in the nanochat code sandbox")
-    return refuse
+def _set_limits(limits):
+    try:
+        import resource
+    except ImportError:  # not a POSIX system: the wall-clock timeout still applies
+        return
+    for name, value in limits:
+        kind = getattr(resource, name, None)
+        if kind is None:
+            continue
+        try:
+            soft, hard = resource.getrlimit(kind)
+            if hard != resource.RLIM_INFINITY:
+                value = min(value, hard)
+            resource.setrlimit(kind, (value, value))
+        except (ValueError, OSError):  # a limit this platform does not enforce (e.g. RLIMIT_AS on macOS)
+            pass
 
-for _module, _names in (
-    (os, ("system", "popen", "fork", "forkpty", "kill", "killpg", "execv", "execve", "execvp", "execvpe",
-          "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnl", "spawnle", "posix_spawn",
-          "posix_spawnp", "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace",
-          "truncate", "chmod", "chown", "lchown", "chroot", "setuid", "setgid")),
-    (shutil, ("rmtree", "move", "chown")),
-    (subprocess, ("Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput")),
-):
-    for _name in _names:
-        if hasattr(_module, _name):
-            setattr(_module, _name, _disabled(_module.__name__ + "." + _name))
-del _module, _names, _name, _disabled
+def _disable_destructive_calls():
+    import os, shutil, subprocess
+
+    def disabled(name):
+        def refuse(*args, **kwargs):
+            raise PermissionError(name + " is disabled in the nanochat code sandbox")
+        return refuse
+
+    for module, names in (
+        (os, ("system", "popen", "fork", "forkpty", "kill", "killpg", "execv", "execve", "execvp", "execvpe",
+              "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnl", "spawnle", "posix_spawn",
+              "posix_spawnp", "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace",
+              "truncate", "chmod", "chown", "lchown", "chroot", "setuid", "setgid")),
+        (shutil, ("rmtree", "move", "chown")),
+        (subprocess, ("Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput")),
+    ):
+        for name in names:
+            if hasattr(module, name):
+                setattr(module, name, disabled(module.__name__ + "." + name))
+
+_set_limits(%(limits)r)
+if %(guard)r:
+    _disable_destructive_calls()
+del _set_limits, _disable_destructive_calls
 sys.argv = [%(program)r]
 try:
     runpy.run_path(%(program)r, run_name="__main__")
 except SystemExit:
     raise
-except BaseException:  # print the traceback from the program's first frame on, without this prelude's
+except BaseException:  # the traceback from the program's first frame on, without the prelude's
     import traceback
     _type, _value, _tb = sys.exc_info()
     while _tb is not None and _tb.tb_frame.f_code.co_filename != %(program)r:
@@ -86,31 +113,6 @@ class ExecutionResult:
     stdout: str
     stderr: str
     timed_out: bool
-
-
-def _limit_child(timeout: float, max_memory: int | None, limit_processes: bool) -> None:
-    """preexec_fn: rlimits of the child, set after fork and before exec."""
-    import resource
-
-    def cap(kind: str, value: int) -> None:
-        limit = getattr(resource, kind, None)
-        if limit is None:
-            return
-        try:
-            _, hard = resource.getrlimit(limit)
-            if hard != resource.RLIM_INFINITY:
-                value = min(value, hard)
-            resource.setrlimit(limit, (value, value if hard == resource.RLIM_INFINITY else hard))
-        except (ValueError, OSError):  # a limit this platform does not support (e.g. RLIMIT_AS on macOS)
-            pass
-
-    if max_memory is not None:
-        cap("RLIMIT_AS", max_memory)
-    cap("RLIMIT_CPU", int(timeout) + 1)
-    cap("RLIMIT_FSIZE", MAX_FILE_BYTES)
-    if limit_processes:
-        cap("RLIMIT_NPROC", MAX_PROCESSES)
-    cap("RLIMIT_CORE", 0)
 
 
 def _read_truncated(path: Path, max_chars: int) -> str:
@@ -134,29 +136,36 @@ def run_python(
     max_output: int = DEFAULT_MAX_OUTPUT,
     guard: bool = True,
 ) -> ExecutionResult:
-    """Run `code` as a program in a fresh limited interpreter (see the module docstring: this
-    protects against accidents, it is not a security boundary against malicious code)."""
+    """Run `code` as a program in a fresh limited interpreter and report how it went.
+
+    This guards against accidents, it is not a security boundary against malicious code (see the
+    module docstring). `max_memory=None` lifts the address-space limit (e.g. for numpy's threads)."""
+    limits = [("RLIMIT_CPU", int(timeout) + 1), ("RLIMIT_FSIZE", MAX_FILE_BYTES), ("RLIMIT_CORE", 0)]
+    if max_memory is not None:
+        limits.append(("RLIMIT_AS", int(max_memory)))
+    if guard:
+        limits.append(("RLIMIT_NPROC", MAX_PROCESSES))
+    prelude = _PRELUDE % {"limits": limits, "guard": guard, "program": PROGRAM_FILE}
+
     with tempfile.TemporaryDirectory(prefix="nanochat-exec-") as scratch:
         workdir = Path(scratch) / "work"
         workdir.mkdir()
         (workdir / PROGRAM_FILE).write_text(code, encoding="utf-8")
         out_path, err_path = Path(scratch) / "stdout", Path(scratch) / "stderr"
-        command = [sys.executable, "-I", "-B"]
-        command += ["-c", _GUARD % {"program": PROGRAM_FILE}] if guard else [PROGRAM_FILE]
         env = {"PATH": os.defpath, "HOME": str(workdir), "TMPDIR": str(workdir), "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         timed_out = False
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(
-                command, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                start_new_session=True,  # its own process group, so the kill reaches any children too
-                preexec_fn=lambda: _limit_child(timeout, max_memory, limit_processes=guard),
+                [sys.executable, "-I", "-B", "-c", prelude], cwd=workdir, env=env,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                start_new_session=True,  # its own process group, so the kill reaches its children too
             )
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:
-                _kill_group(proc.pid)  # also reaps what the program left running in the background
+                _kill_group(proc.pid)  # also ends whatever the program left running in the background
                 proc.wait()
         return ExecutionResult(
             passed=proc.returncode == 0 and not timed_out,

@@ -3,6 +3,8 @@
 import os
 import time
 
+import pytest
+
 from nanochat.execution import TRUNCATED, run_python
 
 
@@ -65,3 +67,24 @@ def test_destructive_calls_are_refused_and_can_be_allowed(tmp_path):
     result = run_python("import subprocess\nsubprocess.run(['true'])")
     assert not result.passed and "disabled" in result.stderr
     assert run_python("import subprocess\nsubprocess.run(['true'], check=True)", guard=False).passed
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_processes_left_behind_are_killed():
+    result = run_python("import subprocess, sys\np = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                        "print(p.pid)", guard=False)
+    assert result.passed
+    pid = int(result.stdout)
+    deadline = time.time() + 5
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid)

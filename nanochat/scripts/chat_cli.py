@@ -7,7 +7,8 @@
     # one prompt on a Ray cluster's GPU node (the interactive loop needs a terminal: run it on the node)
     ray job submit --working-dir . --entrypoint-num-gpus 1 -- python -m nanochat.scripts.chat_cli --checkpoint /shared/runs/sft_d12 -p "Hello"
 
-Interactive commands: 'clear' starts a new conversation, 'quit' or 'exit' (or Ctrl-D) leaves.
+Interactive commands: 'clear' starts a new conversation, 'quit' or 'exit' (or Ctrl-D) leaves;
+Ctrl-C stops the answer being written.
 `-p` (short for --prompt) answers one prompt, prints only the answer and exits.
 Calculator calls the model makes show inline as "[calculator: 3*4] [= 12]".
 """
@@ -191,6 +192,10 @@ def main(argv: list[str] | None = None) -> str:
         except ContextFull as e:
             messages.pop()
             print(f"({e}; type '{CLEAR_COMMAND}' to start over)")
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+            messages.pop()
+            print("\n(interrupted)")
             continue
         _write("\n")
         messages.append({"role": "assistant", "content": parts})

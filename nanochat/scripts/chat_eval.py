@@ -21,6 +21,7 @@ Writes chat_eval.json (see `main`) into the checkpoint's run directory unless --
 from __future__ import annotations
 
 import json
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -54,7 +55,7 @@ AnswerFn = Callable[[list[Conversation]], list[Response]]
 class ChatEvalConfig(CommonConfig):
     checkpoint: str = option("", "a step_* directory, or a run dir / checkpoint root (its latest complete checkpoint)")
     tasks: str = option(ALL_TASKS, "comma-separated task names (see nanochat.tasks)")
-    max_problems: int = option(0, "evaluate the first N problems of each task; 0 = all")
+    max_problems: int = option(0, "evaluate N problems of each task (a fixed, seeded sample: MMLU's first N would be one subject); 0 = all")
     batch_size: int = option(8, "prompts per forward pass for categorical tasks (memory grows with it)")
     num_samples: int = option(1, "answers sampled per generative problem; solved if any is right (pass@k)")
     max_new_tokens: int = option(256, "tokens per generated answer")
@@ -77,16 +78,18 @@ def _solved(task: Task, conversation: Conversation, response: Response) -> bool:
 
 def evaluate_task(task: Task, answer_fn: AnswerFn, max_problems: int | None = None, batch_size: int = 1,
                   progress: bool = True) -> dict:
-    """Accuracy of `answer_fn` on the first `max_problems` conversations of `task` (all if None or 0).
+    """Accuracy of `answer_fn` on `max_problems` conversations of `task` (all if None or 0), a sample
+    that is the same for every checkpoint (seed 0), in the task's order.
 
     Returns {"accuracy", "n", "correct", "too_long", "eval_type", "random_baseline"}."""
     n = len(task) if not max_problems else min(max_problems, len(task))
     if n == 0:
         raise ValueError(f"task {task.name!r} has no problems to evaluate")
+    indices = sorted(random.Random(0).sample(range(len(task)), n)) if n < len(task) else list(range(n))
     correct = too_long = 0
     bar = tqdm(total=n, desc=task.name, dynamic_ncols=True, disable=not progress)
     for start in range(0, n, batch_size):
-        batch = [task[i] for i in range(start, min(start + batch_size, n))]
+        batch = [task[i] for i in indices[start : start + batch_size]]
         responses = answer_fn(batch)
         if len(responses) != len(batch):
             raise ValueError(f"the answer function returned {len(responses)} responses for {len(batch)} conversations")
@@ -212,6 +215,9 @@ def print_table(results: dict[str, dict], score: float) -> None:
         centered = centered_accuracy(r["accuracy"], r["random_baseline"])
         print(f"{name:<16}{r['eval_type']:<13}{r['n']:>6}{r['accuracy']:>10.2%}{r['random_baseline']:>9.2%}{centered:>10.4f}")
     print(f"{'ChatCORE':<35}{score:>35.4f}")
+    for name, r in results.items():
+        if r["too_long"]:
+            print(f"note: {r['too_long']} {name} prompts did not fit the model's context and were scored wrong")
 
 
 def main(argv: list[str] | None = None) -> dict:
