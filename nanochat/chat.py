@@ -123,14 +123,19 @@ class ChatLoader:
         self.batch_size, self.seq_len, self.device, self.pack = batch_size, seq_len, torch.device(device), pack
         self.seed, self.rank, self.world = seed, rank, world
         self.epoch, self.index = (state["epoch"], state["index"]) if state else (0, 0)
+        self._order_cache: list[int] = []
+        self._order_epoch = -1
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
 
     def _order(self) -> list[int]:
-        order = list(range(len(self.conversations)))
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
-        return order[self.rank :: self.world]
+        """This worker's conversation indices for the current epoch (computed once per epoch)."""
+        if self._order_epoch != self.epoch:
+            order = list(range(len(self.conversations)))
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+            self._order_cache, self._order_epoch = order[self.rank :: self.world], self.epoch
+        return self._order_cache
 
     def _next_rendered(self) -> tuple[list[int], list[int]]:
         order = self._order()
