@@ -1,6 +1,6 @@
 """The tiny end-to-end demo through the Ray layer, on CPU: shards from the embedded corpus -> BPE
 tokenizer -> a local Ray cluster -> Ray Data streaming the shards into a TorchTrainer -> MLflow
-tracking -> evaluation and samples. A few minutes on a laptop.
+tracking -> evaluation and samples -> a short SFT on Ray -> one chat answer. A few minutes on a laptop.
 
     python -m ray_jobs.demo                    # writes under $NANOCHAT_BASE_DIR/demo
     python -m ray_jobs.demo --num-workers 2    # two data-parallel workers (gloo)
@@ -12,7 +12,16 @@ from __future__ import annotations
 
 import argparse
 
-from nanochat.scripts.demo import evaluate, parse_args, prepare, stage, train_args
+from nanochat.scripts.demo import (
+    DEMO_QUESTION,
+    chat,
+    evaluate,
+    parse_args,
+    prepare,
+    sft_args,
+    stage,
+    train_args,
+)
 from ray_jobs import train
 
 
@@ -29,9 +38,15 @@ def main(argv: list[str] | None = None) -> dict:
         "--total-batch-size", str(1024 * known.num_workers),
     ])
     evaluation = evaluate(data, tok, storage / "demo")
-    print(f"\ndemo finished: val bpb {evaluation['val_bpb']:.3f}, final train loss {summary['final_loss']:.3f}\n"
-          f"files in {out}; the run in MLflow: mlflow ui --backend-store-uri {summary['mlflow_uri']}")
-    return {"train": summary, "eval": evaluation}
+    sft = stage("chat fine-tuning (SFT) on Ray", "ray_jobs.train", train.main, [
+        "--stage", "sft", *sft_args(args, tok, storage / "demo", out / "sft"), "--num-workers", str(known.num_workers),
+        "--storage-path", str(storage), "--name", "demo_sft",
+    ])
+    answer = chat(tok, storage / "demo_sft")
+    print(f"\ndemo finished: val bpb {evaluation['val_bpb']:.3f}, final train loss {summary['final_loss']:.3f}, "
+          f"SFT val loss {sft['val_loss']:.3f}\n{DEMO_QUESTION!r} -> {answer!r}\n"
+          f"files in {out}; the runs in MLflow: mlflow ui --backend-store-uri {summary['mlflow_uri']}")
+    return {"train": summary, "eval": evaluation, "sft": sft, "answer": answer}
 
 
 if __name__ == "__main__":

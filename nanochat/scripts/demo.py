@@ -1,5 +1,6 @@
 """A tiny end-to-end run on CPU: shards from the embedded corpus -> tokenizer -> base training ->
-evaluation and samples. Minutes on a laptop; every stage is the real script with small settings.
+evaluation and samples -> a short SFT -> one chat answer. Minutes on a laptop; every stage is the real
+script with small settings.
 
     python -m nanochat.scripts.demo                 # writes under $NANOCHAT_BASE_DIR/demo
     python -m nanochat.scripts.demo --steps 600     # a little longer, better samples
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from nanochat import dataset
 from nanochat.common import base_dir
-from nanochat.scripts import base_loss, base_train, tok_train
+from nanochat.scripts import base_loss, base_train, chat_cli, chat_sft, tok_train
 
 
 def stage(name: str, module: str, entry: Callable, argv: list[str]):
@@ -66,6 +67,28 @@ def evaluate(data: Path, tok: Path, checkpoints: Path) -> dict:
     ])
 
 
+DEMO_MIXTURE = "identity:300,arithmetic:300,spelling:200"
+DEMO_QUESTION = "Who are you?"
+
+
+def sft_args(args: argparse.Namespace, tok: Path, start: Path, depth_dir: Path) -> list[str]:
+    """SFT flags of the demo: a short run on synthetic conversations, from the demo's base model."""
+    return [
+        "--device", "cpu", "--tokenizer-dir", str(tok), "--depth", str(args.depth), "--init-from", str(start),
+        "--run-dir", str(depth_dir), "--mixture", DEMO_MIXTURE, "--val-conversations", "40",
+        "--device-batch-size", "8", "--num-iterations", str(max(args.steps // 10, 10)), "--init-lr-frac", "0.2",
+        "--eval-every", "-1", "--sample-every", "-1", "--save-every", "-1",
+    ]
+
+
+def chat(tok: Path, checkpoint: Path) -> str:
+    """One question to the fine-tuned model, through the chat CLI."""
+    return stage("chat", "nanochat.scripts.chat_cli", chat_cli.main, [
+        "--device", "cpu", "--tokenizer-dir", str(tok), "--checkpoint", str(checkpoint),
+        "--temperature", "0", "--max-tokens", "48", "-p", DEMO_QUESTION,
+    ])
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv, __doc__.splitlines()[0])
     out, data, tok = prepare(args)
@@ -73,8 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
     summary = stage("base training", "nanochat.scripts.base_train", base_train.main,
                     [*train_args(args, data, tok), "--run-dir", str(run)])
     evaluation = evaluate(data, tok, run / "checkpoints")
-    print(f"\ndemo finished: val bpb {evaluation['val_bpb']:.3f}, final train loss {summary['final_loss']:.3f}; files in {out}")
-    return {"train": summary, "eval": evaluation}
+    sft = stage("chat fine-tuning (SFT)", "nanochat.scripts.chat_sft", chat_sft.main, sft_args(args, tok, run, out / "sft"))
+    answer = chat(tok, out / "sft")
+    print(f"\ndemo finished: val bpb {evaluation['val_bpb']:.3f}, final train loss {summary['final_loss']:.3f}, "
+          f"SFT val loss {sft['val_loss']:.3f}\n{DEMO_QUESTION!r} -> {answer!r}\nfiles in {out}")
+    return {"train": summary, "eval": evaluation, "sft": sft, "answer": answer}
 
 
 if __name__ == "__main__":
