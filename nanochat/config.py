@@ -49,7 +49,8 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         name = "--" + f.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata.get("help", ""), "dest": f.name}
+        # argparse %-formats help strings (for %(default)s): a literal % must be doubled
+        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata.get("help", "").replace("%", "%%"), "dest": f.name}
         if hints[f.name] is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, **kwargs)
             continue

@@ -1,4 +1,4 @@
-"""bench_train through its command line, on CPU."""
+"""bench_train and bench_infer through their command lines, on CPU."""
 
 from __future__ import annotations
 
@@ -27,3 +27,13 @@ def test_find_max_batch_needs_a_gpu():
     with pytest.raises(SystemExit, match="CUDA"):
         bench_train.main([*TINY, "--find-max-batch"])
 
+
+
+def test_bench_infer_times_prefill_and_decode():
+    from nanochat.scripts import bench_infer
+
+    out = bench_infer.main(["--device", "cpu", "--depth", "1", "--vocab-size", "512", "--prompt-len", "16",
+                            "--new-tokens", "6", "--num-samples", "1,3"])
+    assert [r["rows"] for r in out["results"]] == [1, 3]
+    for r in out["results"]:
+        assert r["time_to_first_token_ms"] > 0 and r["decode_tok_per_s"] > 0

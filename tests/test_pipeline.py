@@ -94,3 +94,11 @@ def test_report_card_has_every_stage(runs):
     assert report.fmt(stages["base"].evaluation["core"], "float") in card
     for stage in ("sft", "rl"):
         assert report.fmt(stages[stage].evaluation["tasks"]["spelling"]["accuracy"], "float") in card
+
+
+@pytest.mark.parametrize("module", [base_train, mid_train, chat_sft, chat_rl, base_eval, chat_eval])
+def test_every_stage_prints_its_help(module, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--dtype" in capsys.readouterr().out
