@@ -452,6 +452,26 @@ def load_model_state(path: str | Path, map_location: Any = "cpu") -> tuple[dict,
     return {_strip_compile_prefix(k): v for k, v in state.items()}, record["meta"]
 
 
+def load_for_inference(path: str | Path, device: str | torch.device, tokenizer_dir: str | Path | None = None) -> tuple:
+    """(model in eval mode, its tokenizer, the step dir, meta) for evaluation and chat.
+
+    Refuses a tokenizer other than the one the checkpoint was trained with: its ids would mean
+    other strings, and every answer would be garbage without any error."""
+    from nanochat.tokenizer import (  # this module stays free of tokenizer logic
+        Tokenizer,
+        default_tokenizer_dir,
+    )
+
+    step_dir = resolve_checkpoint(path)
+    model, meta = load_model(step_dir, device)
+    tokenizer_dir = tokenizer_dir or default_tokenizer_dir()
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    if meta.get("tokenizer") not in (None, tokenizer.fingerprint()):
+        raise CheckpointError(f"the tokenizer in {tokenizer_dir} is not the one {step_dir} was trained with; "
+                              "pass the right --tokenizer-dir")
+    return model, tokenizer, step_dir, meta
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the GPT saved at `path` (a step_* dir, or a root whose latest complete one is used).
 

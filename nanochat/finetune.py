@@ -11,7 +11,6 @@ conversations of the same mixture.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,8 +25,7 @@ from nanochat.common import base_dir, seed_everything
 from nanochat.config import CommonConfig, option
 from nanochat.engine import Engine
 from nanochat.precision import apply_process_settings, resolve
-from nanochat.report import MetricsLog
-from nanochat.scripts.base_train import LoopConfig, Run, grad_accum_steps, train
+from nanochat.scripts.base_train import LoopConfig, Run, grad_accum_steps, run_single_process
 from nanochat.tasks import load_mixture
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
 from nanochat.training import TrainStep, maybe_compile
@@ -163,18 +161,7 @@ def make_batches(run: FinetuneRun, rank: int = 0, world: int = 1, position: dict
 def main(cfg: FinetuneConfig, device: torch.device) -> dict:
     """The plain (single-process) run of a fine-tuning stage; ray_jobs/train.py runs the same setup/train."""
     run = setup(cfg, device)
-    run_dir = Path(cfg.run_dir or cfg.default_run_dir())
-    ckpt_dir = run_dir / "checkpoints"
     print(f"precision plan:\n{run.plan.summary()}\nstarting from {run.meta['init_from']}\n{run.describe()}\n"
           f"conversations: {len(run.train_conversations):,} train, {len(run.val_conversations):,} held out")
-    start_step, position = 0, None
-    latest = checkpoint.find_latest(ckpt_dir) if cfg.resume else None
-    if latest is not None:
-        start_step, position = run.restore(latest)
-        print(f"resumed from {latest} at step {start_step}")
-    loader = make_batches(run, position=position)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if latest else None)
-    summary = train(run, loader, start_step, metrics.log, lambda step: run.save(ckpt_dir, step, loader.state_dict()))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print("summary:", json.dumps(summary))
-    return summary
+    run_dir = Path(cfg.run_dir or cfg.default_run_dir())
+    return run_single_process(run, run_dir, cfg.resume, lambda position: make_batches(run, position=position))

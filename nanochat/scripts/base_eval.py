@@ -22,13 +22,12 @@ from pathlib import Path
 
 import torch
 
-from nanochat.checkpoint import CheckpointError, load_model, resolve_checkpoint, run_dir_of
+from nanochat.checkpoint import CheckpointError, load_for_inference, run_dir_of
 from nanochat.common import base_dir, default_device, seed_everything
 from nanochat.config import CommonConfig, option, parse_config
 from nanochat.eval.core import TASKS, ModelScorer, evaluate_core, load_task
 from nanochat.eval.offline import MissingDataError
 from nanochat.precision import apply_process_settings, resolve
-from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
 
 
 @dataclass
@@ -61,14 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(plan.summary())
     seed_everything(cfg.seed)
     try:
-        step_dir = resolve_checkpoint(cfg.checkpoint or base_dir() / "runs" / f"base_d{cfg.depth}")
-        model, meta = load_model(step_dir, device)
+        model, tokenizer, step_dir, _ = load_for_inference(cfg.checkpoint or base_dir() / "runs" / f"base_d{cfg.depth}",
+                                                           device, cfg.tokenizer_dir)
     except CheckpointError as e:
         raise SystemExit(f"base_eval: {e}") from None
-    tokenizer_dir = cfg.tokenizer_dir or default_tokenizer_dir()
-    tokenizer = Tokenizer.load(tokenizer_dir)
-    if meta.get("tokenizer") not in (None, tokenizer.fingerprint()):
-        raise SystemExit(f"base_eval: the tokenizer in {tokenizer_dir} is not the one {step_dir} was trained with")
     print(f"checkpoint  : {step_dir}")
 
     # ---------------------------------------------------------------- evaluate

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nanochat.checkpoint import load_model
+from nanochat.checkpoint import CheckpointError, load_for_inference
 from nanochat.common import base_dir, default_device, seed_everything
 from nanochat.config import CommonConfig, option, parse_config
 from nanochat.dataloader import DataLoader
@@ -23,7 +23,6 @@ from nanochat.dataset import default_data_dir, list_shards, split_shards
 from nanochat.engine import sample_text
 from nanochat.eval.bpb import evaluate_bpb
 from nanochat.precision import apply_process_settings, resolve
-from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
 
 PROMPTS = ["In the beginning", "The meaning of life is", "He said to them,", "The king of"]
 
@@ -46,10 +45,10 @@ def main(argv: list[str] | None = None) -> dict:
     apply_process_settings(plan, device)
     seed_everything(cfg.seed)
     source = Path(cfg.checkpoint or Path(cfg.run_dir or base_dir() / "runs" / "base_d12") / "checkpoints")
-    model, meta = load_model(source, device)
-    tokenizer = Tokenizer.load(cfg.tokenizer_dir or default_tokenizer_dir())
-    if tokenizer.fingerprint() != meta["tokenizer"]:
-        raise SystemExit(f"the tokenizer in {cfg.tokenizer_dir or default_tokenizer_dir()} is not the one {source} was trained with")
+    try:
+        model, tokenizer, source, _ = load_for_inference(source, device, cfg.tokenizer_dir)
+    except CheckpointError as e:
+        raise SystemExit(f"base_loss: {e}") from None
     seq_len = model.config.sequence_len
     steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * seq_len))
     shards = list_shards(cfg.data_dir or default_data_dir())

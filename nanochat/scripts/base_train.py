@@ -267,28 +267,39 @@ def train(run: Run, batches: Iterator, start_step: int, log: Callable[[dict], No
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(BaseTrainConfig, argv, description=__doc__.splitlines()[0])
-    run = setup(cfg, torch.device(cfg.device or default_device()))
-    run_dir = Path(cfg.run_dir or base_dir() / "runs" / f"base_d{cfg.depth}")
-    ckpt_dir = run_dir / "checkpoints"
-    print(f"precision plan:\n{run.plan.summary()}\n{run.describe()}")
+def run_single_process(run: Run, run_dir: Path, resume: bool, batches_from: Callable[[dict | None], Iterator],
+                       loop: Callable = train) -> dict:
+    """What every stage's plain main() does around its loop: resume from the run's latest checkpoint
+    (with --resume), open the metrics log, run `loop`, write summary.json.
 
+    `batches_from(position)` builds the stage's data iterator at a saved position (None = start);
+    it must have state_dict(), which every checkpoint records."""
+    ckpt_dir = run_dir / "checkpoints"
     start_step, position = 0, None
-    latest = checkpoint.find_latest(ckpt_dir) if cfg.resume else None
+    latest = checkpoint.find_latest(ckpt_dir) if resume else None
     if latest is not None:
         start_step, position = run.restore(latest)
         print(f"resumed from {latest} at step {start_step}")
-    elif cfg.resume:
+    elif resume:
         print(f"--resume: no complete checkpoint in {ckpt_dir}, starting from scratch")
-
-    shards = split_shards(list_shards(cfg.data_dir or default_data_dir()), "train")
-    loader = DataLoader(shards, run.tokenizer, cfg.device_batch_size, cfg.max_seq_len, run.device, state=position)
+    batches = batches_from(position)
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if latest else None)
-    summary = train(run, loader, start_step, metrics.log, lambda step: run.save(ckpt_dir, step, loader.state_dict()))
+    summary = loop(run, batches, start_step, metrics.log, lambda step: run.save(ckpt_dir, step, batches.state_dict()))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print("summary:", json.dumps(summary))
     return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(BaseTrainConfig, argv, description=__doc__.splitlines()[0])
+    run = setup(cfg, torch.device(cfg.device or default_device()))
+    print(f"precision plan:\n{run.plan.summary()}\n{run.describe()}")
+    shards = split_shards(list_shards(cfg.data_dir or default_data_dir()), "train")
+
+    def loader(position: dict | None) -> DataLoader:
+        return DataLoader(shards, run.tokenizer, cfg.device_batch_size, cfg.max_seq_len, run.device, state=position)
+
+    return run_single_process(run, Path(cfg.run_dir or base_dir() / "runs" / f"base_d{cfg.depth}"), cfg.resume, loader)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import torch
 
 from nanochat.chat import render_for_completion
-from nanochat.checkpoint import load_model, resolve_checkpoint
+from nanochat.checkpoint import CheckpointError, load_for_inference
 from nanochat.common import default_device, seed_everything
 from nanochat.config import CommonConfig, option, parse_config
 from nanochat.engine import Engine
 from nanochat.precision import apply_process_settings, resolve
-from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
+from nanochat.tokenizer import Tokenizer
 
 QUIT_COMMANDS = ("quit", "exit")
 CLEAR_COMMAND = "clear"
@@ -148,12 +148,10 @@ def main(argv: list[str] | None = None) -> str:
     plan = resolve(cfg.dtype, device)
     apply_process_settings(plan, device)
     seed_everything(cfg.seed)
-    step_dir = resolve_checkpoint(cfg.checkpoint)
-    model, meta = load_model(step_dir, device)
-    tokenizer_dir = cfg.tokenizer_dir or default_tokenizer_dir()
-    tokenizer = Tokenizer.load(tokenizer_dir)
-    if tokenizer.fingerprint() != meta["tokenizer"]:
-        raise SystemExit(f"the tokenizer in {tokenizer_dir} is not the one {step_dir} was trained with")
+    try:
+        model, tokenizer, step_dir, meta = load_for_inference(cfg.checkpoint, device, cfg.tokenizer_dir)
+    except CheckpointError as e:
+        raise SystemExit(f"chat_cli: {e}") from None
     engine = Engine(model, tokenizer, plan)
     sampling = dict(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
     print(f"{step_dir} ({meta.get('stage', '?')} model) on {plan.device}, {plan.dtype}", file=sys.stderr)

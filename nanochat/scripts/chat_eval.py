@@ -33,14 +33,14 @@ from torch import nn
 from tqdm import tqdm
 
 from nanochat.chat import Conversation, render_for_completion
-from nanochat.checkpoint import load_model, resolve_checkpoint, run_dir_of
+from nanochat.checkpoint import CheckpointError, load_for_inference, run_dir_of
 from nanochat.common import default_device, seed_everything
 from nanochat.config import CommonConfig, option, parse_config
 from nanochat.engine import Engine
 from nanochat.eval.offline import MissingDataError
 from nanochat.precision import PrecisionPlan, apply_process_settings, resolve
 from nanochat.tasks import Task, load_task
-from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
+from nanochat.tokenizer import Tokenizer
 
 ALL_TASKS = "arc_easy,arc_challenge,mmlu,gsm8k,humaneval,spelling"
 
@@ -246,12 +246,10 @@ def main(argv: list[str] | None = None) -> dict:
     plan = resolve(cfg.dtype, device)
     apply_process_settings(plan, device)
     seed_everything(cfg.seed)
-    step_dir = resolve_checkpoint(cfg.checkpoint)
-    model, meta = load_model(step_dir, device)
-    tokenizer_dir = cfg.tokenizer_dir or default_tokenizer_dir()
-    tokenizer = Tokenizer.load(tokenizer_dir)
-    if tokenizer.fingerprint() != meta["tokenizer"]:
-        raise SystemExit(f"the tokenizer in {tokenizer_dir} is not the one {step_dir} was trained with")
+    try:
+        model, tokenizer, step_dir, _ = load_for_inference(cfg.checkpoint, device, cfg.tokenizer_dir)
+    except CheckpointError as e:
+        raise SystemExit(f"chat_eval: {e}") from None
     print(f"precision plan:\n{plan.summary()}\ncheckpoint: {step_dir}")
 
     # ---- answer functions

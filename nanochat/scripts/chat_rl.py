@@ -16,7 +16,6 @@ devices get the GradScaler. Progress: mean reward per step, greedy pass@1 on hel
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -35,8 +34,7 @@ from nanochat.config import option, parse_config
 from nanochat.engine import Engine
 from nanochat.finetune import StartFromConfig
 from nanochat.precision import apply_process_settings, resolve
-from nanochat.report import MetricsLog
-from nanochat.scripts.base_train import Run
+from nanochat.scripts.base_train import Run, run_single_process
 from nanochat.tasks import Task, load_task
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
 from nanochat.training import TrainStep, lr_multiplier, set_schedule
@@ -212,21 +210,10 @@ def train(run: RLRun, problems: Iterator[int], start_step: int, log: Callable[[d
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(ChatRLConfig, argv, description=__doc__.splitlines()[0])
     run = setup(cfg, torch.device(cfg.device or default_device()))
-    run_dir = Path(cfg.run_dir or cfg.default_run_dir())
-    ckpt_dir = run_dir / "checkpoints"
     print(f"precision plan:\n{run.plan.summary()}\nstarting from {run.meta['init_from']}\n"
           f"{cfg.examples_per_step} problems x {cfg.num_samples} samples per step, {cfg.num_iterations} steps, task {cfg.task}")
-    start_step, position = 0, None
-    latest = checkpoint.find_latest(ckpt_dir) if cfg.resume else None
-    if latest is not None:
-        start_step, position = run.restore(latest)
-        print(f"resumed from {latest} at step {start_step}")
-    problems = make_batches(run, position=position)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if latest else None)
-    summary = train(run, problems, start_step, metrics.log, lambda step: run.save(ckpt_dir, step, problems.state_dict()))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print("summary:", json.dumps(summary))
-    return summary
+    run_dir = Path(cfg.run_dir or cfg.default_run_dir())
+    return run_single_process(run, run_dir, cfg.resume, lambda position: make_batches(run, position=position), loop=train)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ import torch
 
 from nanochat.common import default_device
 from nanochat.config import option, parse_config
-from nanochat.finetune import FinetuneConfig, make_batches, setup, train  # noqa: F401  (ray_jobs.train runs these)
+from nanochat.finetune import FinetuneConfig, make_batches, setup  # noqa: F401  (ray_jobs.train runs these)
 from nanochat.finetune import main as finetune_main
+from nanochat.scripts.base_train import train  # noqa: F401  (the loop every training stage shares)
 from nanochat.tasks import SFT_MIXTURE
 
 
