@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanochat.precision import resolve
+from nanochat.precision import PrecisionPlan, apply_process_settings, resolve
 
 
 def autodetect_dtype(device_type: str = "cuda") -> torch.dtype:
@@ -40,3 +40,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def init_process(cfg, device: torch.device | None = None) -> tuple[torch.device, PrecisionPlan]:
+    """Every script's first step: the device (cfg.device or the best available), its precision plan
+    for cfg.dtype applied to this process, and the seed. `cfg` is any CommonConfig."""
+    device = device or torch.device(cfg.device or default_device())
+    plan = resolve(cfg.dtype, device)
+    apply_process_settings(plan, device)
+    seed_everything(cfg.seed)
+    return device, plan

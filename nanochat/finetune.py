@@ -21,10 +21,9 @@ import torch
 
 from nanochat import checkpoint
 from nanochat.chat import ChatLoader, Conversation, render_conversation, render_for_completion
-from nanochat.common import base_dir, seed_everything
+from nanochat.common import base_dir, init_process
 from nanochat.config import CommonConfig, option
 from nanochat.engine import Engine
-from nanochat.precision import apply_process_settings, resolve
 from nanochat.scripts.base_train import LoopConfig, Run, grad_accum_steps, run_single_process
 from nanochat.tasks import load_mixture
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
@@ -125,10 +124,8 @@ def load_start(cfg: FinetuneConfig, device: torch.device) -> tuple[torch.nn.Modu
 
 def setup(cfg: FinetuneConfig, device: torch.device, world_size: int = 1, rank: int = 0, sync: Callable | None = None) -> FinetuneRun:
     """The previous stage's model with a fresh optimizer, the mixture split, and the step function."""
-    plan = resolve(cfg.dtype, device)
-    apply_process_settings(plan, device)
+    _, plan = init_process(cfg, device)
     tokenizer = Tokenizer.load(cfg.tokenizer_dir or default_tokenizer_dir())
-    seed_everything(cfg.seed)
     model, start_meta, start_path = load_start(cfg, device)
     if start_meta["tokenizer"] != tokenizer.fingerprint():
         raise checkpoint.CheckpointError(f"{start_path} was trained with another tokenizer than {cfg.tokenizer_dir or default_tokenizer_dir()}")

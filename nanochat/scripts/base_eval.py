@@ -20,14 +20,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from nanochat.checkpoint import CheckpointError, load_for_inference, run_dir_of
-from nanochat.common import base_dir, default_device, seed_everything
+from nanochat.common import base_dir, init_process
 from nanochat.config import CommonConfig, option, parse_config
 from nanochat.eval.core import TASKS, ModelScorer, evaluate_core, load_task
 from nanochat.eval.offline import MissingDataError
-from nanochat.precision import apply_process_settings, resolve
 
 
 @dataclass
@@ -54,11 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"base_eval: {e}") from None
 
     # ---------------------------------------------------------------- init and model
-    device = torch.device(cfg.device or default_device())
-    plan = resolve(cfg.dtype, device)
-    apply_process_settings(plan, device)
+    device, plan = init_process(cfg)
     print(plan.summary())
-    seed_everything(cfg.seed)
     try:
         model, tokenizer, step_dir, _ = load_for_inference(cfg.checkpoint or base_dir() / "runs" / f"base_d{cfg.depth}",
                                                            device, cfg.tokenizer_dir)

@@ -13,16 +13,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from nanochat.checkpoint import CheckpointError, load_for_inference
-from nanochat.common import base_dir, default_device, seed_everything
+from nanochat.common import base_dir, init_process
 from nanochat.config import CommonConfig, option, parse_config
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import default_data_dir, list_shards, split_shards
 from nanochat.engine import sample_text
 from nanochat.eval.bpb import evaluate_bpb
-from nanochat.precision import apply_process_settings, resolve
 
 PROMPTS = ["In the beginning", "The meaning of life is", "He said to them,", "The king of"]
 
@@ -40,10 +37,7 @@ class BaseLossConfig(CommonConfig):
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(BaseLossConfig, argv, description=__doc__.splitlines()[0])
-    device = torch.device(cfg.device or default_device())
-    plan = resolve(cfg.dtype, device)
-    apply_process_settings(plan, device)
-    seed_everything(cfg.seed)
+    device, plan = init_process(cfg)
     source = Path(cfg.checkpoint or Path(cfg.run_dir or base_dir() / "runs" / "base_d12") / "checkpoints")
     try:
         model, tokenizer, source, _ = load_for_inference(source, device, cfg.tokenizer_dir)

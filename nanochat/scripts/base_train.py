@@ -30,14 +30,14 @@ import torch
 from tqdm import tqdm
 
 from nanochat import checkpoint
-from nanochat.common import base_dir, default_device, seed_everything
+from nanochat.common import base_dir, default_device, init_process
 from nanochat.config import CommonConfig, ModelShapeConfig, option, parse_config
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import default_data_dir, list_shards, split_shards
 from nanochat.engine import sample_text
 from nanochat.eval.bpb import evaluate_bpb
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.precision import PrecisionPlan, apply_process_settings, resolve
+from nanochat.precision import PrecisionPlan
 from nanochat.report import MetricsLog
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
 from nanochat.training import (
@@ -178,10 +178,8 @@ class Run:
 def setup(cfg: BaseTrainConfig, device: torch.device, world_size: int = 1, rank: int = 0,
           sync: Callable | None = None) -> Run:
     """Precision plan, tokenizer, model, optimizer, GradScaler and step function for one process."""
-    plan = resolve(cfg.dtype, device)
-    apply_process_settings(plan, device)
+    _, plan = init_process(cfg, device)  # same seed on every worker: identical initial weights, no broadcast needed
     tokenizer = Tokenizer.load(cfg.tokenizer_dir or default_tokenizer_dir())
-    seed_everything(cfg.seed)  # same seed on every worker: identical initial weights, no broadcast needed
     model_config = GPTConfig.from_depth(cfg.depth, tokenizer.vocab_size, cfg.max_seq_len, cfg.aspect_ratio, cfg.head_dim)
     model = GPT(model_config).to(device)
     model.init_weights()

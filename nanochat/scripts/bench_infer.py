@@ -19,11 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from nanochat import checkpoint
-from nanochat.common import default_device, seed_everything
+from nanochat.common import init_process
 from nanochat.config import CommonConfig, option, parse_config
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.precision import apply_process_settings, resolve
 from nanochat.tokenizer import SPECIAL_TOKENS
 
 
@@ -95,10 +94,7 @@ def profile_step(engine: Engine, prompt: list[int]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(BenchInferConfig, argv, description=__doc__.splitlines()[0])
-    device = torch.device(cfg.device or default_device())
-    plan = resolve(cfg.dtype, device)
-    apply_process_settings(plan, device)
-    seed_everything(cfg.seed)
+    device, plan = init_process(cfg)
     model = load(cfg, device)
     engine = Engine(model, _NoStopTokenizer(model.config.vocab_size), plan)
     print(plan.summary())

@@ -19,14 +19,11 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from nanochat.chat import render_for_completion
 from nanochat.checkpoint import CheckpointError, load_for_inference
-from nanochat.common import default_device, seed_everything
+from nanochat.common import init_process
 from nanochat.config import CommonConfig, option, parse_config
 from nanochat.engine import Engine
-from nanochat.precision import apply_process_settings, resolve
 from nanochat.tokenizer import Tokenizer
 
 QUIT_COMMANDS = ("quit", "exit")
@@ -144,10 +141,7 @@ def main(argv: list[str] | None = None) -> str:
         raise SystemExit("chat_cli: pass --checkpoint (a step_* directory or a run directory)")
 
     # ---- init
-    device = torch.device(cfg.device or default_device())
-    plan = resolve(cfg.dtype, device)
-    apply_process_settings(plan, device)
-    seed_everything(cfg.seed)
+    device, plan = init_process(cfg)
     try:
         model, tokenizer, step_dir, meta = load_for_inference(cfg.checkpoint, device, cfg.tokenizer_dir)
     except CheckpointError as e:

@@ -34,11 +34,11 @@ from tqdm import tqdm
 
 from nanochat.chat import Conversation, render_for_completion
 from nanochat.checkpoint import CheckpointError, load_for_inference, run_dir_of
-from nanochat.common import default_device, seed_everything
+from nanochat.common import init_process
 from nanochat.config import CommonConfig, option, parse_config
 from nanochat.engine import Engine
 from nanochat.eval.offline import MissingDataError
-from nanochat.precision import PrecisionPlan, apply_process_settings, resolve
+from nanochat.precision import PrecisionPlan
 from nanochat.tasks import Task, load_task
 from nanochat.tokenizer import Tokenizer
 
@@ -242,10 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"chat_eval: {e.args[0]}") from e
 
     # ---- init: device, precision, model, tokenizer
-    device = torch.device(cfg.device or default_device())
-    plan = resolve(cfg.dtype, device)
-    apply_process_settings(plan, device)
-    seed_everything(cfg.seed)
+    device, plan = init_process(cfg)
     try:
         model, tokenizer, step_dir, _ = load_for_inference(cfg.checkpoint, device, cfg.tokenizer_dir)
     except CheckpointError as e:

@@ -29,11 +29,10 @@ from tqdm import tqdm
 
 from nanochat import checkpoint
 from nanochat.chat import Conversation, render_for_completion
-from nanochat.common import default_device, seed_everything
+from nanochat.common import default_device, init_process
 from nanochat.config import option, parse_config
 from nanochat.engine import Engine
 from nanochat.finetune import StartFromConfig
-from nanochat.precision import apply_process_settings, resolve
 from nanochat.scripts.base_train import Run, run_single_process
 from nanochat.tasks import Task, load_task
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
@@ -145,10 +144,8 @@ class Problems:
 
 
 def setup(cfg: ChatRLConfig, device: torch.device, world_size: int = 1, rank: int = 0, sync: Callable | None = None) -> RLRun:
-    plan = resolve(cfg.dtype, device)
-    apply_process_settings(plan, device)
+    _, plan = init_process(cfg, device)
     tokenizer = Tokenizer.load(cfg.tokenizer_dir or default_tokenizer_dir())
-    seed_everything(cfg.seed)
     start = cfg.init_checkpoint()
     model, start_meta = checkpoint.load_model(start, device)
     if start_meta["tokenizer"] != tokenizer.fingerprint():
