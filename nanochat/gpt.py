@@ -79,11 +79,32 @@ class KVCache:
     Allocated on the first insert (so it takes the autocast dtype of the keys) for `max_len`
     positions; `pos` counts the cached tokens and advances once per forward, after the last layer."""
 
-    def __init__(self, num_layers: int, max_len: int):
+    def __init__(self, num_layers: int, max_len: int, pad: torch.Tensor | None = None):
         self.num_layers, self.max_len = num_layers, max_len
         self.k: torch.Tensor | None = None  # (layers, B, kv_heads, max_len, head_dim)
         self.v: torch.Tensor | None = None
         self.pos = 0
+        # Prompts of different lengths decoded together are left-padded: row r starts with pad[r]
+        # filler tokens, which no query attends to and which do not count as positions.
+        self.pad = pad
+
+    def positions(self, num_tokens: int) -> torch.Tensor | None:
+        """(B, T) rotary position of each new token, or None when every row is unpadded."""
+        if self.pad is None:
+            return None
+        steps = torch.arange(self.pos, self.pos + num_tokens, device=self.pad.device)
+        return (steps[None, :] - self.pad[:, None]).clamp(min=0)
+
+    def attention_mask(self, num_tokens: int, device: torch.device) -> torch.Tensor | None:
+        """(B, 1, T, S) bool mask for left-padded rows (causal, padding hidden); None without padding.
+
+        A padding query sees itself only: a row of nothing but -inf would make softmax NaN."""
+        if self.pad is None:
+            return None
+        queries = torch.arange(self.pos, self.pos + num_tokens, device=device)[:, None]  # (T, 1)
+        keys = torch.arange(self.pos + num_tokens, device=device)[None, :]  # (1, S)
+        real = keys >= self.pad.to(device)[:, None, None]  # (B, 1, S)
+        return ((real | (keys == queries)) & (keys <= queries))[:, None]
 
     def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's new keys/values (B, kv_heads, T, head_dim); return all of them so far."""
@@ -104,6 +125,7 @@ class KVCache:
     def repeat(self, num_rows: int) -> KVCache:
         """A cache with this one-row cache copied into `num_rows` rows: prefill a prompt once, then
         sample several continuations of it in one batch."""
+        assert self.pad is None, "repeat() copies a single unpadded prompt"
         out = KVCache(self.num_layers, self.max_len)
         out.pos = self.pos
         if self.k is not None:
@@ -136,7 +158,10 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)  # QK-norm keeps attention logits bounded, which helps in fp16
         mask, causal = None, True
-        if cache is not None:
+        if cache is not None and cache.pad is not None:
+            mask = cache.attention_mask(T, x.device)
+            k, v = cache.insert(layer, k, v)
+        elif cache is not None:
             start = cache.pos
             k, v = cache.insert(layer, k, v)
             causal = start == 0  # a prompt from scratch: plain causal attention
@@ -257,7 +282,11 @@ class GPT(nn.Module):
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
         assert start + T <= self.cos.size(2), f"position {start + T} exceeds the rotary tables ({self.cos.size(2)})"
-        cos, sin = self.cos[:, :, start : start + T], self.sin[:, :, start : start + T]
+        positions = kv_cache.positions(T) if kv_cache is not None else None
+        if positions is None:
+            cos, sin = self.cos[:, :, start : start + T], self.sin[:, :, start : start + T]
+        else:  # each row at its own positions: (B, 1, T, head_dim / 2)
+            cos, sin = self.cos[0, 0][positions][:, None], self.sin[0, 0][positions][:, None]
 
         x = norm(self.transformer.wte(idx))
         for i, block in enumerate(self.transformer.h):
