@@ -1,0 +1,172 @@
+"""Load test of a running chat endpoint: concurrent streaming clients, a fixed number of requests.
+
+    python -m nanochat.scripts.bench_serve --url http://127.0.0.1:8000 --concurrency 32 --requests 128
+    # one stream at a time: time to first token and decode tokens/s of a single user
+    python -m nanochat.scripts.bench_serve --concurrency 1 --requests 8 --max-tokens 128
+    # tiny, against a CPU server of a tiny model (python -m ray_jobs.serve --checkpoint runs/demo --device cpu)
+    python -m nanochat.scripts.bench_serve --concurrency 4 --requests 8 --max-tokens 16
+    # from a Ray cluster's head (the Serve proxy listens on each node running a replica)
+    ray job submit -- python -m nanochat.scripts.bench_serve --url http://127.0.0.1:8000 --requests 256
+
+Each client sends POST /v1/chat/completions with stream=true (and stream_options.include_usage, so
+the server reports how many tokens each answer took) and reads the Server-Sent Events to the final
+`data: [DONE]`. Reported: latency (request sent -> [DONE]) and time to first token (request sent ->
+first content) as p50/p99, decode tokens/s of one stream, aggregate completion tokens/s over the
+whole run, and every failed request with its reason: a load test that loses requests must say so.
+Plain HTTP from the standard library (no extra dependency); $NANOCHAT_API_KEY is sent as the
+bearer key when set.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from nanochat.config import option, parse_config
+
+PROMPTS = (
+    "Why is the sky blue?",
+    "Write a short poem about the sea.",
+    "What is 12 times 7?",
+    "Tell me about the history of Rome.",
+    "How do plants make food?",
+)
+
+
+@dataclass
+class BenchServeConfig:
+    url: str = option("http://127.0.0.1:8000", "the server's base URL (the API is under /v1)")
+    concurrency: int = option(32, "clients streaming at the same time")
+    requests: int = option(64, "requests in all, shared by the clients")
+    max_tokens: int = option(64, "max_tokens of every request")
+    temperature: float = option(1.0, "sampling temperature (request i uses seed i)")
+    prompt: str = option("", "the user message of every request; empty = a few prompts in turn")
+    timeout: float = option(300.0, "seconds one request may take")
+    seed: int = option(0, "seed of the first request")
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    latency: float = 0.0  # request sent -> [DONE]
+    ttft: float | None = None  # request sent -> first content (None: the answer was empty)
+    tokens: int = 0  # completion tokens, as the server counted them
+    error: str = ""
+    finish_reason: str | None = None
+    text: str = field(default="", repr=False)
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def stream_one(cfg: BenchServeConfig, index: int, api_key: str | None) -> Outcome:
+    """One streamed chat completion, timed."""
+    parts = urlsplit(cfg.url)
+    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    prompt = cfg.prompt or PROMPTS[index % len(PROMPTS)]
+    body = json.dumps({
+        "messages": [{"role": "user", "content": prompt}], "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
+        "seed": cfg.seed + index, "stream": True, "stream_options": {"include_usage": True},
+    })
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    path = parts.path.rstrip("/") + "/v1/chat/completions"
+    connection = connection_class(parts.hostname, parts.port, timeout=cfg.timeout)
+    start = time.perf_counter()
+    outcome = Outcome(ok=False)
+    try:
+        connection.request("POST", path, body=body, headers=headers)
+        response = connection.getresponse()
+        if response.status != 200:
+            return Outcome(ok=False, error=f"HTTP {response.status}: {response.read()[:300].decode(errors='replace')}")
+        done = False
+        for raw in response:  # http.client undoes the chunked encoding; SSE events are lines
+            line = raw.decode("utf-8").strip()
+            if not line.startswith("data: "):
+                continue
+            payload = line[len("data: "):]
+            if payload == "[DONE]":
+                done = True
+                break
+            event = json.loads(payload)
+            if "error" in event:
+                return Outcome(ok=False, error=f"error event: {event['error'].get('message')}")
+            if event.get("usage"):
+                outcome.tokens = event["usage"]["completion_tokens"]
+            for choice in event.get("choices", []):
+                content = choice.get("delta", {}).get("content")
+                if content and outcome.ttft is None:
+                    outcome.ttft = time.perf_counter() - start
+                outcome.text += content or ""
+                outcome.finish_reason = choice.get("finish_reason") or outcome.finish_reason
+        if not done:
+            return Outcome(ok=False, error="the stream ended without [DONE]")
+        outcome.latency, outcome.ok = time.perf_counter() - start, True
+        return outcome
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        return Outcome(ok=False, error=f"{type(e).__name__}: {e}")
+    finally:
+        connection.close()
+
+
+def run(cfg: BenchServeConfig) -> dict:
+    """Send cfg.requests requests from cfg.concurrency clients; the summary dict."""
+    api_key = os.environ.get("NANOCHAT_API_KEY")
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=cfg.concurrency) as clients:
+        outcomes = list(clients.map(lambda i: stream_one(cfg, i, api_key), range(cfg.requests)))
+    wall = time.perf_counter() - start
+    ok = [o for o in outcomes if o.ok]
+    latencies = [o.latency for o in ok]
+    ttfts = [o.ttft for o in ok if o.ttft is not None]
+    # one stream's decode speed: the tokens after the first, over the time after the first
+    decode = [(o.tokens - 1) / (o.latency - o.ttft) for o in ok if o.ttft is not None and o.tokens > 1 and o.latency > o.ttft]
+    tokens = sum(o.tokens for o in ok)
+    return {
+        "url": cfg.url, "concurrency": cfg.concurrency, "requests": cfg.requests, "max_tokens": cfg.max_tokens,
+        "completed": len(ok), "failed": len(outcomes) - len(ok),
+        "errors": sorted({o.error for o in outcomes if not o.ok}),
+        "wall_s": wall,
+        "latency_p50_s": _percentile(latencies, 50), "latency_p99_s": _percentile(latencies, 99),
+        "ttft_p50_s": _percentile(ttfts, 50), "ttft_p99_s": _percentile(ttfts, 99),
+        "completion_tokens": tokens,
+        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+        "stream_decode_tokens_per_s_p50": _percentile(decode, 50),
+        "finish_reasons": {reason: sum(o.finish_reason == reason for o in ok) for reason in ("stop", "length")},
+    }
+
+
+def _fmt(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(BenchServeConfig, sys.argv[1:] if argv is None else argv, description=__doc__.splitlines()[0])
+    if cfg.concurrency < 1 or cfg.requests < 1:
+        raise SystemExit("bench_serve: --concurrency and --requests must be at least 1")
+    print(f"{cfg.requests} requests, {cfg.concurrency} concurrent streaming clients, max_tokens {cfg.max_tokens} -> {cfg.url}")
+    result = run(cfg)
+    decode = result["stream_decode_tokens_per_s_p50"]
+    print(f"completed {result['completed']}/{result['requests']}, failed {result['failed']} in {result['wall_s']:.2f} s\n"
+          f"latency        p50 {_fmt(result['latency_p50_s'])}   p99 {_fmt(result['latency_p99_s'])}\n"
+          f"first token    p50 {_fmt(result['ttft_p50_s'])}   p99 {_fmt(result['ttft_p99_s'])}\n"
+          f"decode, 1 stream    {'-' if decode is None else f'{decode:.1f}'} tokens/s (p50)\n"
+          f"aggregate           {result['tokens_per_s']:.1f} tokens/s ({result['completion_tokens']} completion tokens)")
+    for error in result["errors"]:
+        print(f"error: {error}")
+    print("result:", json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main()["failed"] else 0)
