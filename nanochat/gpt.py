@@ -95,16 +95,23 @@ class KVCache:
         steps = torch.arange(self.pos, self.pos + num_tokens, device=self.pad.device)
         return (steps[None, :] - self.pad[:, None]).clamp(min=0)
 
-    def attention_mask(self, num_tokens: int, device: torch.device) -> torch.Tensor | None:
-        """(B, 1, T, S) bool mask for left-padded rows (causal, padding hidden); None without padding.
+    def attention_mask(self, num_tokens: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+        """(mask, is_causal) for SDPA when `num_tokens` new tokens follow the `pos` cached ones;
+        the same for every layer, so the model computes it once per forward.
 
-        A padding query sees itself only: a row of nothing but -inf would make softmax NaN."""
-        if self.pad is None:
-            return None
-        queries = torch.arange(self.pos, self.pos + num_tokens, device=device)[:, None]  # (T, 1)
-        keys = torch.arange(self.pos + num_tokens, device=device)[None, :]  # (1, S)
-        real = keys >= self.pad.to(device)[:, None, None]  # (B, 1, S)
-        return ((real | (keys == queries)) & (keys <= queries))[:, None]
+        Left-padded rows get a (B, 1, T, S) mask: causal, padding hidden (a padding query sees itself
+        only: a row of nothing but -inf would make softmax NaN)."""
+        if self.pad is not None:
+            queries = torch.arange(self.pos, self.pos + num_tokens, device=device)[:, None]  # (T, 1)
+            keys = torch.arange(self.pos + num_tokens, device=device)[None, :]  # (1, S)
+            real = keys >= self.pad.to(device)[:, None, None]  # (B, 1, S)
+            return ((real | (keys == queries)) & (keys <= queries))[:, None], False
+        if self.pos == 0:
+            return None, True  # a prompt from scratch: plain causal attention
+        if num_tokens == 1:
+            return None, False  # one new token attends to everything cached
+        # new tokens after cached ones: query i (at position pos + i) sees keys 0..pos + i
+        return torch.ones(num_tokens, self.pos + num_tokens, dtype=torch.bool, device=device).tril(diagonal=self.pos), False
 
     def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's new keys/values (B, kv_heads, T, head_dim); return all of them so far."""
@@ -148,7 +155,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+        mask: torch.Tensor | None = None, causal: bool = True,
     ) -> torch.Tensor:
         B, T, C = x.size()
         # (B, T, C) -> (B, heads, T, head_dim), the layout scaled_dot_product_attention expects
@@ -157,19 +165,8 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)  # QK-norm keeps attention logits bounded, which helps in fp16
-        mask, causal = None, True
-        if cache is not None and cache.pad is not None:
-            mask = cache.attention_mask(T, x.device)
+        if cache is not None:
             k, v = cache.insert(layer, k, v)
-        elif cache is not None:
-            start = cache.pos
-            k, v = cache.insert(layer, k, v)
-            causal = start == 0  # a prompt from scratch: plain causal attention
-            if start > 0 and T > 1:
-                # new tokens after cached ones: query i (at position start + i) sees keys 0..start + i
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            elif start > 0:
-                causal = False  # one new token attends to everything cached
         if self.n_kv_head != self.n_head:
             # Share each key/value head among n_head // n_kv_head query heads. An explicit repeat
             # rather than SDPA's enable_gqa flag: that flag needs torch >= 2.5 and is not taken
@@ -199,9 +196,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+        mask: torch.Tensor | None = None, causal: bool = True,
     ) -> torch.Tensor:
-        x = x + self.attn(norm(x), cos, sin, cache, layer)
+        x = x + self.attn(norm(x), cos, sin, cache, layer, mask, causal)
         x = x + self.mlp(norm(x))
         return x
 
@@ -288,9 +286,10 @@ class GPT(nn.Module):
         else:  # each row at its own positions: (B, 1, T, head_dim / 2)
             cos, sin = self.cos[0, 0][positions][:, None], self.sin[0, 0][positions][:, None]
 
+        mask, causal = kv_cache.attention_mask(T, idx.device) if kv_cache is not None else (None, True)
         x = norm(self.transformer.wte(idx))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cos, sin, kv_cache, i)
+            x = block(x, cos, sin, kv_cache, i, mask, causal)
         if kv_cache is not None:
             kv_cache.advance(T)
         x = norm(x)
