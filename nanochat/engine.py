@@ -146,7 +146,6 @@ class Engine:
                 return
             logits = self._forward(torch.tensor(tokens, dtype=torch.long, device=device).view(-1, 1), cache)
 
-    @torch.no_grad()
     def generate_many(
         self,
         prompts: list[list[int]],
@@ -155,37 +154,16 @@ class Engine:
         top_k: list[int | None],
         seed: list[int],
     ) -> Iterator[list[int | None]]:
-        """Decode different prompts together (e.g. concurrent chat requests), each with its own
+        """Decode different prompts together (e.g. a batch of eval questions), each with its own
         sampling settings. Yields per step the next token of each row, None once that row has
-        stopped (after its stop token or its max_tokens). Prompts are left-padded to one length;
-        the cache keeps padding out of attention and positions (see KVCache)."""
-        device = next(self.model.parameters()).device
-        width = max(len(p) for p in prompts)
-        limit = self.model.cos.size(2)
-        if width + max(max_tokens) > limit:
-            raise ValueError(f"prompt of {width} tokens + {max(max_tokens)} new ones exceeds the model limit {limit}")
-        pad = torch.tensor([width - len(p) for p in prompts], device=device)
-        ids = torch.tensor([[self.tokenizer.bos_token_id] * (width - len(p)) + p for p in prompts], device=device)
-        cache = KVCache(len(self.model.transformer.h), width + max(max_tokens), pad=pad)
-        logits = self._forward(ids, cache)
-        rngs = [torch.Generator(device=device).manual_seed(s) for s in seed]
-        rows = [_Row() for _ in prompts]
-        for step in range(max(max_tokens)):
-            tokens: list[int | None] = []
-            for r, row in enumerate(rows):
-                if row.done or step >= max_tokens[r]:
-                    row.done = True
-                    tokens.append(None)
-                    continue
-                token = row.forced.popleft() if row.forced else int(sample_next(logits[r : r + 1], temperature[r], top_k[r], rngs[r]))
-                self._use_tool(row, token)
-                row.done = token in self.stop_ids
-                tokens.append(token)
-            yield tokens
-            if all(row.done for row in rows):
-                return
-            feed = [t if t is not None else self.tokenizer.bos_token_id for t in tokens]  # finished rows idle along
-            logits = self._forward(torch.tensor(feed, device=device).view(-1, 1), cache)
+        stopped (after its stop token or its max_tokens). See nanochat.batching.DecodeBatch."""
+        from nanochat.batching import DecodeBatch, Request  # batching builds on this module
+
+        batch = DecodeBatch(self, slots=len(prompts), capacity=max(len(p) for p in prompts) + max(max_tokens))
+        ids = [batch.add(Request(*settings)) for settings in zip(prompts, max_tokens, temperature, top_k, seed, strict=True)]
+        while batch.busy:
+            tokens = batch.step()
+            yield [tokens.get(rid) for rid in ids]
 
     def generate_batch(self, prompt: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
         """Whole samples: prompt + generated tokens of each row, up to and including its stop token,

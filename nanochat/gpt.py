@@ -88,14 +88,15 @@ class KVCache:
         # filler tokens, which no query attends to and which do not count as positions.
         self.pad = pad
 
-    def positions(self, num_tokens: int) -> torch.Tensor | None:
-        """(B, T) rotary position of each new token, or None when every row is unpadded."""
+    def positions(self, num_tokens: int, rows: int | None = None) -> torch.Tensor | None:
+        """(B, T) rotary position of each new token, or None when every row is unpadded. A forward
+        of fewer rows than the cache holds uses its first `rows` rows (a batch with free slots)."""
         if self.pad is None:
             return None
         steps = torch.arange(self.pos, self.pos + num_tokens, device=self.pad.device)
-        return (steps[None, :] - self.pad[:, None]).clamp(min=0)
+        return (steps[None, :] - self.pad[:rows, None]).clamp(min=0)
 
-    def attention_mask(self, num_tokens: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    def attention_mask(self, num_tokens: int, device: torch.device, rows: int | None = None) -> tuple[torch.Tensor | None, bool]:
         """(mask, is_causal) for SDPA when `num_tokens` new tokens follow the `pos` cached ones;
         the same for every layer, so the model computes it once per forward.
 
@@ -104,7 +105,7 @@ class KVCache:
         if self.pad is not None:
             queries = torch.arange(self.pos, self.pos + num_tokens, device=device)[:, None]  # (T, 1)
             keys = torch.arange(self.pos + num_tokens, device=device)[None, :]  # (1, S)
-            real = keys >= self.pad.to(device)[:, None, None]  # (B, 1, S)
+            real = keys >= self.pad[:rows].to(device)[:, None, None]  # (B, 1, S)
             return ((real | (keys == queries)) & (keys <= queries))[:, None], False
         if self.pos == 0:
             return None, True  # a prompt from scratch: plain causal attention
@@ -122,12 +123,39 @@ class KVCache:
         end = self.pos + T
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer, :B, :, self.pos : end] = k
+        self.v[layer, :B, :, self.pos : end] = v
+        return self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]
 
     def advance(self, num_tokens: int) -> None:
         self.pos += num_tokens
+
+    def place(self, rows: torch.Tensor, other: KVCache) -> None:
+        """Copy the padded cache `other` (one row per entry of `rows`) into those rows of this one so
+        that its tokens end at this cache's `pos`: a prefilled request joining a running batch."""
+        start = self.pos - other.pos
+        if start < 0:
+            raise ValueError(f"{other.pos} prefilled positions do not fit before position {self.pos}")
+        if self.k is None:
+            _, _, heads, _, dim = other.k.shape
+            self.k = other.k.new_zeros(self.num_layers, self.pad.numel(), heads, self.max_len, dim)
+            self.v = torch.zeros_like(self.k)
+        self.k[:, rows, :, start : self.pos] = other.k[:, :, :, : other.pos]
+        self.v[:, rows, :, start : self.pos] = other.v[:, :, :, : other.pos]
+        self.pad[rows] = start + other.pad
+
+    def shift(self, delta: int, start: int = 0) -> None:
+        """Move the cached columns [start, pos) by `delta` (left when negative), and every row's
+        padding and the write position with them: frees columns no row needs any more, or makes
+        room in front for a longer prompt to join."""
+        end = self.pos
+        if not (0 <= start + delta and end + delta <= self.max_len):
+            raise ValueError(f"cannot shift columns [{start}, {end}) by {delta} in a cache of {self.max_len}")
+        if self.k is not None and end > start:
+            for t in (self.k, self.v):
+                t[:, :, :, start + delta : end + delta] = t[:, :, :, start:end].clone()  # clone: ranges overlap
+        self.pad += delta
+        self.pos += delta
 
     def repeat(self, num_rows: int) -> KVCache:
         """A cache with this one-row cache copied into `num_rows` rows: prefill a prompt once, then
@@ -280,13 +308,13 @@ class GPT(nn.Module):
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
         assert start + T <= self.cos.size(2), f"position {start + T} exceeds the rotary tables ({self.cos.size(2)})"
-        positions = kv_cache.positions(T) if kv_cache is not None else None
+        positions = kv_cache.positions(T, B) if kv_cache is not None else None
         if positions is None:
             cos, sin = self.cos[:, :, start : start + T], self.sin[:, :, start : start + T]
         else:  # each row at its own positions: (B, 1, T, head_dim / 2)
             cos, sin = self.cos[0, 0][positions][:, None], self.sin[0, 0][positions][:, None]
 
-        mask, causal = kv_cache.attention_mask(T, idx.device) if kv_cache is not None else (None, True)
+        mask, causal = kv_cache.attention_mask(T, idx.device, B) if kv_cache is not None else (None, True)
         x = norm(self.transformer.wte(idx))
         for i, block in enumerate(self.transformer.h):
             x = block(x, cos, sin, kv_cache, i, mask, causal)

@@ -31,7 +31,8 @@ or not. Limits: 500 messages, 8000 characters per message, 32000 in all, a 1 MiB
 
 Each replica picks its own device and precision plan (--dtype auto: bf16 on an H100, fp16 on a
 P100), so replicas on different GPU generations serve together. Concurrent requests of a replica
-are decoded together in one batch (Serve's @serve.batch), up to --max-concurrency of them; up to
+are decoded together with continuous batching (nanochat/batching.py: a request joins the running
+batch at the next decoding step and leaves when it ends), up to --max-concurrency of them; up to
 --max-queue more wait, and further requests get 429. Binds 127.0.0.1 unless --host says otherwise.
 With $NANOCHAT_API_KEY set (in the process that builds the app), every endpoint but / and /health
 needs `Authorization: Bearer <key>`.
@@ -49,9 +50,9 @@ import os
 import secrets
 import signal
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -66,6 +67,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException
 
+from nanochat import batching
 from nanochat.chat import ConversationError, render_for_completion
 from nanochat.checkpoint import load_for_inference, run_dir_of
 from nanochat.common import init_process
@@ -101,7 +103,6 @@ class ServeConfig(CommonConfig):
     port: int = option(8000, "HTTP port")
     max_concurrency: int = option(32, "requests a replica decodes together in one batch")
     max_queue: int = option(64, "requests a replica keeps waiting beyond those; more get 429")
-    batch_wait_ms: float = option(10.0, "how long a new batch waits for more requests to join it")
     precision: str = option("any", "pin replicas to nodes of this precision group (node label nanochat/precision)",
                             choices=("any", "bf16", "fp16", "fp32"))
     num_gpus: float = option(-1.0, "GPUs per replica; -1 = 1 when this machine has CUDA, --device is cuda or "
@@ -207,34 +208,90 @@ class Job:
     temperature: float
     top_k: int | None
     seed: int
-    cancelled: bool = False  # its reader is gone: stop decoding it
     completion_tokens: int = 0
     finish_reason: str = "length"
 
 
-class BatchDecoder:
-    """Decodes a batch of jobs together: `steps(jobs)` yields, per decoding step, the next token of
-    every job (None once that job stopped, hit its max_tokens or was cancelled), until all stopped.
-    A job's stop token (<|assistant_end|>) is yielded before its Nones. One forward per step for
-    the whole batch (Engine.generate_many); a cancelled job's row idles along until the batch ends
-    or every other job is done."""
+class DecodeLoop:
+    """The replica's decoding thread: one continuous batch (nanochat.batching.DecodeBatch) of
+    `slots` rows. Requests join at the next decoding step and leave as soon as they finish or
+    their reader goes away, so a late request never waits for a whole batch to end. Tokens travel
+    back to each request's asyncio queue, ending with None (or the exception that stopped it)."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine: Engine, slots: int, capacity: int):
+        self.engine, self.slots, self.capacity = engine, slots, capacity
+        self.batch = batching.DecodeBatch(engine, slots, capacity)
+        self._inbox: list[tuple[str, Job, asyncio.Queue | None]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._queues: dict[int, asyncio.Queue] = {}  # request id in the batch -> its reader
+        self._ids: dict[int, int] = {}  # id(job) -> request id
+        self._loop: asyncio.AbstractEventLoop | None = None
+        threading.Thread(target=self._run, name="decode", daemon=True).start()
 
-    def steps(self, jobs: list[Job]) -> Iterator[list[int | None]]:
-        rows = self.engine.generate_many(
-            [job.prompt for job in jobs], [job.max_tokens for job in jobs], [job.temperature for job in jobs],
-            [job.top_k for job in jobs], [job.seed for job in jobs],
-        )
+    # ---- called on the event loop
+
+    def submit(self, job: Job) -> asyncio.Queue:
+        self._loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._post("add", job, queue)
+        return queue
+
+    def cancel(self, job: Job) -> None:
+        self._post("cancel", job, None)
+
+    def _post(self, what: str, job: Job, queue: asyncio.Queue | None) -> None:
+        with self._lock:
+            self._inbox.append((what, job, queue))
+        self._wake.set()
+
+    # ---- the decoding thread
+
+    def _run(self) -> None:
+        while True:
+            if not self.batch.busy:
+                self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                inbox, self._inbox = self._inbox, []
+            for what, job, queue in inbox:
+                if what == "add":
+                    rid = self.batch.add(batching.Request(job.prompt, job.max_tokens, job.temperature, job.top_k, job.seed))
+                    self._ids[id(job)], self._queues[rid] = rid, queue
+                elif (rid := self._ids.pop(id(job), None)) is not None:
+                    self.batch.cancel(rid)
+                    self._queues.pop(rid, None)
+            if self.batch.busy:
+                self._step()
+
+    def _step(self) -> None:
         try:
-            for tokens in rows:
-                tokens = [None if job.cancelled else token for job, token in zip(jobs, tokens, strict=True)]
-                if all(token is None for token in tokens):
-                    return
-                yield tokens
-        finally:
-            rows.close()
+            tokens = self.batch.step()
+        except Exception as e:  # e.g. out of memory: fail the requests in flight, keep the replica serving
+            self._deliver({rid: e for rid in self._queues}, set(self._queues))
+            self.batch = batching.DecodeBatch(self.engine, self.slots, self.capacity)
+            self._queues, self._ids = {}, {}
+            return
+        active = self.batch.active()
+        ended = {rid for rid in tokens if rid not in active}
+        self._deliver(tokens, ended)
+        for rid in ended:
+            self._queues.pop(rid, None)
+        if ended:
+            self._ids = {key: rid for key, rid in self._ids.items() if rid not in ended}
+
+    def _deliver(self, tokens: dict, ended: set[int]) -> None:
+        """Hand this step's tokens to their readers: one call into the event loop per step."""
+        items = [(self._queues[rid], token, rid in ended) for rid, token in tokens.items() if rid in self._queues]
+        if items and self._loop is not None:
+            self._loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object, bool]]) -> None:
+    for queue, token, ended in items:
+        queue.put_nowait(token)
+        if ended and not isinstance(token, Exception):
+            queue.put_nowait(None)
 
 
 # -----------------------------------------------------------------------------
@@ -318,15 +375,14 @@ class ChatServer:
                                f"({self.plan.name}) plans {self.plan.short}: check the node's {LABEL_PRECISION} label")
         model, tokenizer, step_dir, meta = load_for_inference(cfg.checkpoint, self.device, cfg.tokenizer_dir or None)
         self.engine = Engine(model, tokenizer, self.plan)
-        self.decoder = BatchDecoder(self.engine)
         self.context = model.config.sequence_len  # the context it was trained on: prompt + answer must fit
+        # a quarter more cache columns than one request can use, so the shared cache is compacted
+        # at most every context/4 steps (see nanochat/batching.py)
+        self.decoder = DecodeLoop(self.engine, cfg.max_concurrency, self.context + self.context // 4)
         self.model_id = cfg.model_name or run_dir_of(step_dir).name
         self.created = int(time.time())
         self.active = 0  # admitted requests: decoding or waiting for a batch
         self.limit = cfg.max_concurrency + cfg.max_queue
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")  # model calls off the event loop
-        self._decode_together.set_max_batch_size(cfg.max_concurrency)
-        self._decode_together.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)
         print(f"[replica] {step_dir} ({meta.get('stage', '?')} model) on {self.plan.name}, {self.plan.dtype}; "
               f"context {self.context}, batches of up to {cfg.max_concurrency}", flush=True)
 
@@ -377,18 +433,6 @@ class ChatServer:
         temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
         return Job(prompt, asked or min(DEFAULT_MAX_TOKENS, room), temperature, top_k or None, seed)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _decode_together(self, jobs: list[Job]) -> AsyncIterator[list]:
-        """Serve gathers concurrent jobs into `jobs`; each yield hands every job its next token
-        (StopIteration ends that job's stream)."""
-        loop = asyncio.get_running_loop()
-        steps = self.decoder.steps(jobs)
-        try:
-            while (tokens := await loop.run_in_executor(self._pool, next, steps, None)) is not None:
-                yield [StopIteration if token is None else token for token in tokens]
-        finally:
-            self._pool.submit(steps.close)  # after a step still running; never from this thread
-
     async def _pieces(self, job: Job) -> AsyncIterator[str]:
         """The answer's text, piece by piece. Admission happens before the first (empty) piece: 429
         when this replica's batch and queue are full. Closing the iterator frees the slot."""
@@ -399,7 +443,10 @@ class ChatServer:
         try:
             yield ""
             stream = AnswerStream(self.engine.tokenizer)
-            async for token in self._decode_together(job):
+            queue = self.decoder.submit(job)
+            while (token := await queue.get()) is not None:
+                if isinstance(token, Exception):
+                    raise token
                 job.completion_tokens += 1
                 if token in self.engine.stop_ids:
                     job.finish_reason = "stop"
@@ -411,7 +458,7 @@ class ChatServer:
             if tail:
                 yield tail
         finally:
-            job.cancelled = True
+            self.decoder.cancel(job)  # a no-op when it finished; frees the slot when the reader left early
             self.active -= 1
 
     def _usage(self, job: Job) -> dict:

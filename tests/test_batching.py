@@ -1,0 +1,95 @@
+"""Continuous batching (nanochat/batching.py): requests that join a running batch at different steps,
+in a cache small enough to be compacted, decode exactly as they would alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from nanochat.batching import DecodeBatch, Request
+from nanochat.engine import Engine
+from nanochat.gpt import KVCache
+from tests.test_engine import PLAN, random_model
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer):
+    return Engine(random_model(tokenizer.vocab_size), tokenizer, PLAN)
+
+
+def prompt(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, prepend=tokenizer.bos_token_id)
+
+
+def alone(engine: Engine, request: Request) -> list[int]:
+    batch = DecodeBatch(engine, slots=1, capacity=len(request.prompt) + request.max_tokens)
+    rid = batch.add(request)
+    tokens = []
+    while batch.busy:
+        tokens += [t for r, t in batch.step().items() if r == rid]
+    return tokens
+
+
+def run_schedule(engine: Engine, schedule: dict[int, list[Request]], slots: int, capacity: int):
+    """Add schedule[step] before that step; return every request's tokens and the batch."""
+    batch = DecodeBatch(engine, slots=slots, capacity=capacity)
+    tokens: dict[int, list[int]] = {}
+    step = 0
+    while batch.busy or step <= max(schedule):
+        for request in schedule.get(step, []):
+            tokens[batch.add(request)] = []
+        for rid, token in batch.step().items():
+            tokens[rid].append(token)
+        step += 1
+    return [tokens[rid] for rid in sorted(tokens)], batch
+
+
+def test_requests_joining_at_different_steps_decode_as_alone(engine, tokenizer, monkeypatch):
+    shifts = []
+    original = KVCache.shift
+    monkeypatch.setattr(KVCache, "shift", lambda self, delta, start=0: (shifts.append(delta), original(self, delta, start)))
+    short = Request(prompt(tokenizer, "In"), 6)
+    medium = Request(prompt(tokenizer, "And God said, Let there be light"), 20)
+    long = Request(prompt(tokenizer, "In the beginning God created the heaven and the earth. And the earth was"), 12)
+    # `long` joins when fewer columns are cached than its prompt has: the running rows move right;
+    # the 48-column cache fills up and is compacted while `medium` is still running
+    schedule = {0: [short], 2: [medium], 4: [long], 9: [Request(prompt(tokenizer, "He"), 25)]}
+    got, batch = run_schedule(engine, schedule, slots=3, capacity=48)
+    expected = [alone(engine, r) for requests in schedule.values() for r in requests]
+    assert got == expected
+    assert any(d > 0 for d in shifts) and any(d < 0 for d in shifts)  # both moves were exercised
+    assert not batch.busy and batch.cache.pos == 0
+
+
+def test_a_full_batch_queues_and_admits_as_slots_free(engine, tokenizer):
+    requests = [Request(prompt(tokenizer, text), n) for text, n in (("And", 3), ("He said", 9), ("Then", 5), ("So", 4))]
+    got, _ = run_schedule(engine, {0: requests}, slots=2, capacity=32)
+    assert got == [alone(engine, r) for r in requests]
+
+
+def test_sampling_follows_each_requests_seed_whatever_shares_the_batch(engine, tokenizer):
+    sampled = Request(prompt(tokenizer, "And God"), 10, temperature=1.0, top_k=20, seed=7)
+    others = [Request(prompt(tokenizer, "In the"), 8, temperature=0.8, seed=1), Request(prompt(tokenizer, "He"), 12)]
+    got, _ = run_schedule(engine, {0: others, 3: [sampled]}, slots=3, capacity=40)
+    assert got[2] == alone(engine, sampled)
+
+
+def test_cancel_frees_the_slot_for_a_waiting_request(engine, tokenizer):
+    batch = DecodeBatch(engine, slots=1, capacity=40)
+    first = batch.add(Request(prompt(tokenizer, "And"), 30))
+    batch.add(Request(prompt(tokenizer, "He said"), 4))
+    assert set(batch.step()) == {first}  # the second waits for the only slot
+    batch.cancel(first)
+    tokens = []
+    while batch.busy:
+        step = batch.step()
+        assert first not in step
+        tokens += step.values()
+    assert tokens == alone(engine, Request(prompt(tokenizer, "He said"), 4))
+
+
+def test_requests_that_cannot_fit_are_refused(engine, tokenizer):
+    batch = DecodeBatch(engine, slots=2, capacity=16)
+    with pytest.raises(ValueError, match="exceeds the 16 positions"):
+        batch.add(Request(prompt(tokenizer, "And God said"), 15))
+    with pytest.raises(ValueError, match="rotary tables"):
+        DecodeBatch(engine, slots=1, capacity=10**6)
