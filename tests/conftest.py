@@ -76,3 +76,27 @@ def tokenizer_dir(tmp_path_factory, data_dir) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir) -> Tokenizer:
     return Tokenizer.load(tokenizer_dir)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's chromium, headless, driven by selenium; the test is skipped when either is missing
+    (apt-get install -y chromium chromium-driver && pip install selenium). A browser that downloads
+    itself would not work on machines without network."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("needs Debian's chromium and chromedriver: apt-get install -y chromium chromium-driver")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium: pip install selenium")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1000,760", "--lang=en-US", "--no-first-run", "--disable-extensions"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
+    yield driver
+    driver.quit()

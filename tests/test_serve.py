@@ -320,3 +320,28 @@ def test_help(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--max-concurrency" in out and "--precision" in out and "--dtype" in out
+
+
+def test_the_chat_page_streams_the_models_answer_in_a_real_browser(server, browser, engine):
+    """The page served by the real app, in headless chromium: type a message, watch the answer stream in."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url + "/")
+    browser.execute_script("localStorage.clear()")
+    browser.refresh()
+    browser.execute_script(
+        "document.getElementById('temperature').value = '0';"
+        "document.getElementById('max-tokens').value = '24';"
+        "window.seen = new Set(); new MutationObserver(() => { const e = document.querySelector("
+        "'#messages .message.assistant .content'); if (e) window.seen.add(e.textContent); })"
+        ".observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});")
+    browser.find_element(By.ID, "prompt").send_keys("Hello there", Keys.ENTER)
+    wait = WebDriverWait(browser, 60, poll_frequency=0.05)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#messages .message.assistant"))
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+    shown = browser.find_element(By.CSS_SELECTOR, "#messages .message.assistant .content").text
+    expected, *_ = local_answer(engine, [{"role": "user", "content": "Hello there"}], 24)
+    assert shown.strip() == expected.strip()
+    assert len(browser.execute_script("return [...window.seen]")) > 2  # it grew piece by piece

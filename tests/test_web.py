@@ -26,8 +26,6 @@ import pytest
 
 try:
     from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -37,8 +35,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 REPO = Path(__file__).resolve().parent.parent
 PAGE = REPO / "ray_jobs" / "static" / "chat.html"
 SCREENSHOT = REPO / "docs" / "figures" / "chat_web.png"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
+from tests.conftest import CHROMEDRIVER, CHROMIUM  # noqa: E402
 
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
     pytest.skip(
@@ -185,15 +182,8 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def driver():
-    opts = Options()
-    opts.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1000,760", "--lang=en-US", "--no-first-run", "--disable-extensions"):
-        opts.add_argument(arg)
-    drv = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
-    yield drv
-    drv.quit()
+def driver(browser):
+    return browser
 
 
 @pytest.fixture
