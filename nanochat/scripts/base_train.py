@@ -19,6 +19,8 @@ checkpoints, and ray_jobs/train.py feeds the same two functions Ray Data and Ray
 from __future__ import annotations
 
 import dataclasses
+import gc
+import itertools
 import json
 import sys
 import time
@@ -30,15 +32,19 @@ import torch
 from tqdm import tqdm
 
 from nanochat import checkpoint
-from nanochat.common import base_dir, default_device, init_process
+from nanochat.budget import TimeBudget, parse_duration
+from nanochat.common import base_dir, default_device, init_process, seed_everything
 from nanochat.config import CommonConfig, ModelShapeConfig, option, parse_config
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import default_data_dir, list_shards, split_shards
 from nanochat.engine import sample_text
 from nanochat.eval.bpb import evaluate_bpb
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.memory import auto_device_batch_size
 from nanochat.precision import PrecisionPlan
 from nanochat.report import MetricsLog
+from nanochat.scripts.bench_train import BenchConfig
+from nanochat.scripts.bench_train import build as bench_build
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
 from nanochat.training import (
     TimedIterator,
@@ -78,6 +84,7 @@ class LoopConfig(CommonConfig):
     tokenizer_dir: str = option("", "trained tokenizer; empty = $NANOCHAT_BASE_DIR/tokenizer")
     compile: str = option("auto", "torch.compile: auto (where the precision plan allows), on, off", choices=("auto", "on", "off"))
     max_bad_steps: int = option(20, "abort after this many skipped (non-finite) steps in a row")
+    time_budget: str = option("", "wall-clock budget (6h, 90m, 45s): times the first steps, then fixes --num-iterations so the whole lr schedule ends inside it (nanochat/budget.py)")
 
 
 @dataclass
@@ -85,6 +92,11 @@ class BaseTrainConfig(ModelShapeConfig, LoopConfig):
     target_param_data_ratio: float = option(20.0, "training tokens per parameter when --num-iterations is -1 (Chinchilla: 20)")
     eval_tokens: int = option(20 * 524288, "validation tokens per evaluation")
     data_dir: str = option("", "parquet shards; empty = $NANOCHAT_DATA or $NANOCHAT_BASE_DIR/data")
+    # a number or "auto"; setup() turns it into an int once (resolve_device_batch_size), so Run.cfg
+    # and everything after setup reads an int
+    device_batch_size: str = option(
+        "32", "rows of T tokens per forward/backward, or 'auto': the largest the memory model (nanochat/memory.py) "
+        "predicts to fit, checked by a probe step, with accumulation reaching --total-batch-size (CPU/MPS: 8)")
 
 
 Config = BaseTrainConfig  # the name ray_jobs/train.py looks up in every stage module
@@ -125,6 +137,7 @@ class Run:
     meta: dict
     world_size: int = 1
     is_main: bool = True
+    started: float = dataclasses.field(default_factory=time.perf_counter)  # a --time-budget counts from here
 
     @property
     def flops_per_token(self) -> int:
@@ -152,6 +165,9 @@ class Run:
             expect={"model_config": self.meta["model_config"], "tokenizer": self.meta["tokenizer"]},
         )
         self.step_fn.skipped_total = state["meta"].get("skipped_steps", 0)
+        if state["meta"].get("time_budget"):  # a budgeted run already fixed its horizon: keep it
+            self.meta["time_budget"] = state["meta"]["time_budget"]
+            self.num_iterations = self.meta["time_budget"]["num_iterations"]
         return state["step"], state["loader_state"]
 
     def save(self, root: Path, step: int, data_position: dict | None) -> Path:
@@ -175,11 +191,53 @@ class Run:
         return {p: sample_text(self.model, self.tokenizer, self.plan, p, max_new_tokens=24) for p in SAMPLE_PROMPTS}
 
 
+def resolve_device_batch_size(cfg: BaseTrainConfig, plan: PrecisionPlan, device: torch.device, vocab_size: int,
+                              world_size: int = 1) -> int:
+    """--device-batch-size as an int: a number as given, or "auto" chosen by nanochat.memory and probed."""
+    value = str(cfg.device_batch_size).strip().lower()
+    if value != "auto":
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--device-batch-size must be a positive integer or 'auto', not {cfg.device_batch_size!r}")
+        return int(value)
+    budget, probe = None, None
+    if device.type == "cuda":
+        budget = plan.memory_cap or torch.cuda.get_device_properties(device).total_memory
+
+        def probe(batch: int, grad_accum: int) -> bool:
+            # two real optimizer steps on random tokens (the second one holds the optimizer state),
+            # with two micro-batches when accumulating (gradients live through the second forward)
+            bench = BenchConfig(depth=cfg.depth, max_seq_len=cfg.max_seq_len, vocab_size=vocab_size,
+                                device_batch_size=batch, aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim,
+                                total_batch_size=batch * cfg.max_seq_len * min(grad_accum, 2), compile=cfg.compile,
+                                seed=cfg.seed)
+            try:
+                _, step, batches, _ = bench_build(bench, plan, device, batch)
+                step(batches)
+                step(batches)
+                return True
+            except torch.cuda.OutOfMemoryError:
+                return False
+            finally:
+                step = batches = None
+                torch._dynamo.reset()  # compiled graphs hold on to their buffers
+                gc.collect()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)  # the run's peak is the run's, not the probe's
+
+    batch, _, why = auto_device_batch_size(
+        budget, cfg.depth, cfg.max_seq_len, vocab_size, plan.dtype, plan.compile if cfg.compile == "auto" else cfg.compile == "on",
+        cfg.total_batch_size, world_size, cfg.aspect_ratio, cfg.head_dim, probe)
+    print(f"--device-batch-size auto: {why}")
+    seed_everything(cfg.seed)  # the probe drew random numbers: the real model starts from the seed again
+    return batch
+
+
 def setup(cfg: BaseTrainConfig, device: torch.device, world_size: int = 1, rank: int = 0,
           sync: Callable | None = None) -> Run:
     """Precision plan, tokenizer, model, optimizer, GradScaler and step function for one process."""
     _, plan = init_process(cfg, device)  # same seed on every worker: identical initial weights, no broadcast needed
     tokenizer = Tokenizer.load(cfg.tokenizer_dir or default_tokenizer_dir())
+    cfg = dataclasses.replace(cfg, device_batch_size=resolve_device_batch_size(cfg, plan, device, tokenizer.vocab_size, world_size))
     model_config = GPTConfig.from_depth(cfg.depth, tokenizer.vocab_size, cfg.max_seq_len, cfg.aspect_ratio, cfg.head_dim)
     model = GPT(model_config).to(device)
     model.init_weights()
@@ -209,14 +267,25 @@ def train(run: Run, batches: Iterator, start_step: int, log: Callable[[dict], No
     timed_tokens, timed_seconds, timed_wait, evaluated, result = 0, 0.0, 0.0, {}, None
     batches = TimedIterator(batches)
     started = time.perf_counter()
+    # --time-budget: n is provisional until the budget fixes it (unless a resumed checkpoint already did)
+    budget = None
+    if cfg.time_budget and not run.meta.get("time_budget"):
+        budget = TimeBudget(parse_duration(cfg.time_budget), run.started, start_step, cfg)
+        n = budget.provisional_horizon(n)
 
     def is_due(every: int, done: int) -> bool:
         return done == n or (every > 0 and done % every == 0)
 
+    def timed(fn: Callable, *args: object) -> tuple[object, float]:
+        t = time.perf_counter()
+        return fn(*args), time.perf_counter() - t
+
     # in logs (not a terminal) a bar redraw is a new line: redraw every 10 s instead of 10 times a second
-    bar = tqdm(range(start_step, n), initial=start_step, total=n, desc=run.stage, dynamic_ncols=True,
+    bar = tqdm(initial=start_step, total=n, desc=run.stage, dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 10, disable=not run.is_main)
-    for step in bar:
+    for step in itertools.count(start_step):  # not range(): a time budget may still change n
+        if step >= n:
+            break
         lrm = lr_multiplier(step, n, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
         set_schedule(run.optimizer, lrm, muon_momentum(step))
         t0, waited = time.perf_counter(), batches.waited
@@ -226,11 +295,19 @@ def train(run: Run, batches: Iterator, start_step: int, log: Callable[[dict], No
             timed_tokens, timed_seconds = timed_tokens + run.tokens_per_step, timed_seconds + dt
             timed_wait += batches.waited - waited
         done = step + 1
+        probing = budget is not None and done == budget.probe_step  # time what the run's end will cost
+        if budget is not None:
+            budget.observe(done, dt)
+            n = run.num_iterations = budget.horizon(done, n, run.tokens_per_step, run.model.num_params(), run.device)
+            run.meta["time_budget"] = budget.decision  # in every checkpoint from the decision on: a resume keeps it
+            bar.total = n
         record = {"step": done, "loss": result.loss, "tok_per_s": run.tokens_per_step / dt, "lr_mult": lrm,
                   "mfu": run.flops_per_token * run.tokens_per_step / dt / plan.peak_flops if plan.peak_flops else None,
                   "loss_scale": result.scale, "skipped": result.skipped}
-        if run.is_main and is_due(cfg.eval_every, done):
-            evaluated = run.evaluate()
+        if run.is_main and (is_due(cfg.eval_every, done) or probing):
+            evaluated, seconds = timed(run.evaluate)
+            if budget is not None:
+                budget.note("eval_s", seconds)
             record.update(evaluated)
             tqdm.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
         log(record)
@@ -240,11 +317,17 @@ def train(run: Run, batches: Iterator, start_step: int, log: Callable[[dict], No
             + (f" | scale {result.scale:g} skipped {run.step_fn.skipped_total}" if run.scaler else ""),
             refresh=False,  # the bar redraws at its own pace (mininterval)
         )
-        if run.is_main and is_due(cfg.sample_every, done):
-            for prompt, text in run.samples().items():
+        if run.is_main and (is_due(cfg.sample_every, done) or probing):
+            samples, seconds = timed(run.samples)
+            for prompt, text in samples.items():
                 tqdm.write(f"  {prompt!r} -> {text!r}")
-        if is_due(cfg.save_every, done):
-            save(done)
+            if budget is not None:
+                budget.note("sample_s", seconds)
+        if is_due(cfg.save_every, done) or probing or (budget is not None and done == budget.decide_step):
+            _, seconds = timed(save, done)
+            if budget is not None:
+                budget.note("save_s", seconds)
+        bar.update(1)
     bar.close()
     tok_per_s = timed_tokens / timed_seconds if timed_seconds else None
     return {
@@ -262,6 +345,8 @@ def train(run: Run, batches: Iterator, start_step: int, log: Callable[[dict], No
         "params": run.model.num_params(),
         "world_size": run.world_size,
         "plan": plan.to_dict(),
+        "time_budget": run.meta.get("time_budget"),
+        "elapsed_since_setup_s": time.perf_counter() - run.started,
     }
 
 
@@ -295,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
     shards = split_shards(list_shards(cfg.data_dir or default_data_dir()), "train")
 
     def loader(position: dict | None) -> DataLoader:
-        return DataLoader(shards, run.tokenizer, cfg.device_batch_size, cfg.max_seq_len, run.device, state=position)
+        return DataLoader(shards, run.tokenizer, run.cfg.device_batch_size, cfg.max_seq_len, run.device, state=position)
 
     return run_single_process(run, Path(cfg.run_dir or base_dir() / "runs" / f"base_d{cfg.depth}"), cfg.resume, loader)
 

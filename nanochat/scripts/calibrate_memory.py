@@ -93,10 +93,11 @@ def check(path: str) -> list[dict]:
 def print_fit(path: str) -> list[dict]:
     """Print the fitted coefficients; copy them into nanochat/memory.py (with the data's name) to adopt them."""
     points = memory.load_calibration(path)
+    if all(p["compile"] for p in points):
+        print(f"COMPILED_TRANSIENT = {memory.fit_compiled_transient(points):.3f}")
+        return points
     coef = memory.fit(points)
-    compiled = {bool(p["compile"]) for p in points}
-    name = "ACT_COMPILED_HALF" if compiled == {True} else "ACT_EAGER_HALF" if compiled == {False} else "ACT (mixed!)"
-    print(f"{name} = {coef['act_half']:.2f}\nLOGITS = {coef['logits']:.2f}\nCONST = {round(coef['const']):_}")
+    print(f"ACT_EAGER_HALF = {coef['act_half']:.2f}\nLOGITS = {coef['logits']:.2f}\nCONST = {round(coef['const']):_}")
     return points
 
 

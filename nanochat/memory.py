@@ -1,0 +1,292 @@
+"""Training memory model: predicted peak GPU memory of a training step, from the model's shapes.
+
+Used before anything touches a GPU: `ray_jobs.tune` drops search points that cannot fit the target
+GPU, and `base_train --device-batch-size auto` starts its probe from the largest batch predicted to
+fit. Formula, coefficients and calibration table: docs/memory.md.
+
+The peak of a step is the larger of two moments (bytes; N params, T tokens per micro-batch):
+
+  forward/backward  = state + half-precision weight copies + lm_head grad
+                      + ACT * T * n_layer * n_embd + LOGITS * T * vocab + CONST
+  optimizer step    = state + grads (4 N) + Newton-Schulz temporaries + CONST
+
+where state = fp32 params (4 N) + AdamW moments for wte and lm_head (8 per param) + Muon momentum
+for the block matrices (4 per param). Everything but ACT, LOGITS and CONST is counted from the
+shapes; those three were fitted to measured peaks (see CALIBRATION below).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+GiB = 2**30
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# Candidate micro-batch sizes: powers of two, as the total batch (a power of two in tokens) must
+# be a multiple of device_batch_size * seq_len * world_size.
+CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+# Fraction of the budget the prediction may use. The model predicts torch.cuda.max_memory_allocated;
+# the process needs more than that: the caching allocator's reserve on top of what is allocated
+# (the P100 calibration ran 14.37 GiB allocated under the 16 GiB cap, but ran out at a predicted
+# 14.5 GiB), the CUDA context on a real card (~0.3-0.5 GiB, outside the allocator) and the model's
+# own error (within 2% on the calibration points). 0.9 keeps 10% of the budget for all of that.
+HEADROOM = 0.90
+
+# --- fitted coefficients ------------------------------------------------------------------------
+# CALIBRATION: least squares over the 20 `ok` points (of 26) of docs/memory/calibration_p100_fp16.json
+# (fp16 eager, NANOCHAT_EMULATE=p100 on an H100; depths 4-20, T 1024/2048, V 16384-65536), fitting
+# ACT, LOGITS and CONST on the points whose peak is the forward/backward one (all but depth 20 B=1),
+# the shape-counted terms fixed. Reproduce with `python -m nanochat.scripts.calibrate_memory --fit
+# docs/memory/calibration_p100_fp16.json`. Worst error after the fit: 1.5%.
+#
+# Activations kept for backward, bytes per token per layer per channel of width, eager fp16:
+# ~15 tensors of the compute dtype (q, k, v, rotary and norm outputs, the 4x-wide MLP hidden
+# state counted 3 times: fc output, relu, square) plus the fp32 residual stream and its norms.
+ACT_EAGER_HALF = 60.46
+# Of those bytes, the part that stays float32 whatever the autocast dtype: the residual stream and
+# the two RMSNorm outputs per block (4 fp32 tensors of width C = 16 bytes). An estimate, not fitted
+# (no float32 calibration yet): the rest scales with the compute dtype's size.
+ACT_FP32_PART = 16.0
+# torch.compile fuses the elementwise chains (rotary, norms, relu^2, and the logits' softcap and
+# cross-entropy) and saves far fewer tensors: the transient memory (activations + logits) of a
+# compiled step is this fraction of the eager one. Fitted on the one compiled point measured
+# (docs/memory/calibration_h100_bf16_compiled.json: depth 12, B=8, bf16 on an H100, 8.54 GiB
+# against 18.07 GiB predicted for eager); one point, so treat other shapes as an estimate.
+COMPILED_TRANSIENT = 0.424
+# Logits, bytes per token per vocabulary entry: fp16 lm_head output, its fp32 copy, tanh softcap
+# (input, output, scaled), log-softmax, and their gradients at the start of backward. Logits are
+# float32 in every plan (gpt.py), so one value for every dtype.
+LOGITS = 16.10
+# Allocator and framework constant (cuBLAS workspace, rotary tables, RNG and scaler state).
+CONST = 21_947_667
+# Newton-Schulz temporaries, in copies of the largest stack of same-shape Muon matrices (the 4L
+# square attention matrices): the Nesterov update and its stack in fp32, then ~6 live tensors of
+# the iteration (normalized X, A, B, B @ X, a * X, new X) in Muon's dtype. Counted, not fitted.
+NS_FP32_COPIES = 2
+NS_ITER_COPIES = 6
+
+
+def _check_dtype(dtype: str) -> int:
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, not {dtype!r}")
+    return DTYPE_BYTES[dtype]
+
+
+def peak_parts(depth: int, seq_len: int, device_batch_size: int, vocab_size: int, dtype: str, compile: bool,
+               aspect_ratio: int = 64, head_dim: int = 128, *, grad_accum: int = 1) -> dict[str, float]:
+    """The terms of the prediction, in bytes: where the memory goes (printed by calibrate_memory --check)."""
+    size = _check_dtype(dtype)
+    width = math.ceil(depth * aspect_ratio / head_dim) * head_dim  # as GPTConfig.from_depth
+    tokens = device_batch_size * seq_len
+    embed = vocab_size * width  # wte and lm_head each
+    blocks = 12 * width * width * depth  # attention 4 C^2 + MLP 8 C^2 per layer
+    params = 2 * embed + blocks
+    state = 4 * params + 8 * 2 * embed + 4 * blocks
+    # autocast caches one compute-dtype copy of every nn.Linear weight (blocks and lm_head), which
+    # backward keeps until each layer's gradient is done; none in float32
+    weight_copies = 0 if dtype == "float32" else size * (blocks + embed)
+    # the lm_head gradient is allocated as backward starts, when activations are all still alive;
+    # with accumulation every gradient already exists during the later micro-batches
+    grads_in_fwd = 4 * params if grad_accum > 1 else 4 * embed
+    act = ACT_FP32_PART + (ACT_EAGER_HALF - ACT_FP32_PART) * size / 2
+    transient = COMPILED_TRANSIENT if compile else 1.0
+    ns_bytes = 2 if dtype == "bfloat16" else 4  # plan.muon_dtype: bf16 where the GPU has it natively
+    stack = 4 * depth * width * width  # elements of the largest same-shape Muon stack
+    return {
+        "state": state,
+        "weight_copies": weight_copies,
+        "grads_in_fwd": grads_in_fwd,
+        "activations": transient * act * tokens * depth * width,
+        "logits": transient * LOGITS * tokens * vocab_size,
+        "grads": 4 * params,
+        "newton_schulz": stack * (4 * NS_FP32_COPIES + ns_bytes * NS_ITER_COPIES),
+        "const": CONST,
+    }
+
+
+def predict_peak_bytes(depth: int, seq_len: int, device_batch_size: int, vocab_size: int, dtype: str, compile: bool,
+                       aspect_ratio: int = 64, head_dim: int = 128, *, grad_accum: int = 1) -> int:
+    """Predicted torch.cuda.max_memory_allocated of a training step (2nd optimizer step, optimizer state included).
+
+    dtype is the plan's compute dtype ("float32" | "bfloat16" | "float16"); compile is True for plans
+    that torch.compile. grad_accum > 1 adds the gradients held during the later micro-batches (the
+    calibration ran one micro-batch per step).
+    """
+    p = peak_parts(depth, seq_len, device_batch_size, vocab_size, dtype, compile, aspect_ratio, head_dim,
+                   grad_accum=grad_accum)
+    forward_backward = p["state"] + p["weight_copies"] + p["grads_in_fwd"] + p["activations"] + p["logits"]
+    optimizer = p["state"] + p["grads"] + p["newton_schulz"]
+    return round(max(forward_backward, optimizer) + p["const"])
+
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """Bytes in a memory size: "16GB", "16GiB", "16G", "80 GB", "12000MB", "1.5T", "1073741824".
+
+    Units are binary whatever their spelling: GB = GiB = G = 2**30 bytes, because GPU memory is
+    quoted loosely ("16GB P100" has 16 GiB, torch reports 15.9 GiB of it), and taking "16GB" as
+    16e9 bytes would make a 16 GB card look 7% smaller than it is.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", str(text), flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot read {text!r} as a memory size; write e.g. 16GB, 16GiB, 80 GB or 12000MB")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[unit.upper()])
+
+
+def check_fit(budget_bytes: int, depth: int, seq_len: int, device_batch_size: int, vocab_size: int, dtype: str,
+              compile: bool, aspect_ratio: int = 64, head_dim: int = 128, *, grad_accum: int = 1) -> str | None:
+    """None when the predicted peak fits HEADROOM (90%) of the budget, else a one-line reason."""
+    peak = predict_peak_bytes(depth, seq_len, device_batch_size, vocab_size, dtype, compile, aspect_ratio, head_dim,
+                              grad_accum=grad_accum)
+    usable = HEADROOM * budget_bytes
+    if peak <= usable:
+        return None
+    return (f"depth {depth} B={device_batch_size} T={seq_len} V={vocab_size} {dtype}{' compiled' if compile else ''}: "
+            f"predicted peak {peak / GiB:.2f} GiB > {usable / GiB:.2f} GiB ({HEADROOM:.0%} of the {budget_bytes / GiB:.1f} GiB budget)")
+
+
+def largest_fitting_batch(budget_bytes: int, depth: int, seq_len: int, vocab_size: int, dtype: str, compile: bool,
+                          aspect_ratio: int = 64, head_dim: int = 128,
+                          candidates: tuple[int, ...] = CANDIDATES, *, grad_accum: int = 1) -> int:
+    """The largest candidate device batch size that check_fit accepts, 0 when none fits."""
+    fitting = [b for b in candidates if check_fit(budget_bytes, depth, seq_len, b, vocab_size, dtype, compile,
+                                                  aspect_ratio, head_dim, grad_accum=grad_accum) is None]
+    return max(fitting, default=0)
+
+
+# --- --device-batch-size auto -----------------------------------------------------------------------
+CPU_AUTO_BATCH = 8  # CPU/MPS: no memory to model; 8 rows keeps a step short and the batch useful
+
+
+def auto_device_batch_size(
+    budget_bytes: int | None, depth: int, seq_len: int, vocab_size: int, dtype: str, compile: bool,
+    total_batch_size: int, world_size: int = 1, aspect_ratio: int = 64, head_dim: int = 128,
+    probe: Callable[[int, int], bool] | None = None,
+) -> tuple[int, int, str]:
+    """Choose (device_batch_size, grad_accum, explanation) for `--device-batch-size auto`.
+
+    budget_bytes None means no GPU (CPU/MPS): CPU_AUTO_BATCH rows. Otherwise the largest candidate
+    predicted to fit, among those that divide the rows per step (total_batch_size / (seq_len *
+    world_size)) so accumulation reaches the total exactly. `probe(batch, grad_accum)` runs one real
+    training step and returns False when it ran out of memory; the size is halved until one passes.
+    """
+    if total_batch_size == -1:
+        rows = None  # one micro-batch per step: any size will do
+    else:
+        if total_batch_size % (seq_len * world_size):
+            raise ValueError(f"--total-batch-size {total_batch_size} is not a multiple of seq len x workers = "
+                             f"{seq_len * world_size}; change --total-batch-size or --max-seq-len")
+        rows = total_batch_size // (seq_len * world_size)
+    candidates = tuple(b for b in CANDIDATES if rows is None or rows % b == 0)
+
+    def accum(batch: int) -> int:
+        return 1 if rows is None else rows // batch
+
+    if budget_bytes is None:
+        batch = max(b for b in candidates if b <= CPU_AUTO_BATCH)
+        return batch, accum(batch), f"device batch {batch}: no GPU, the fixed CPU/MPS size (divides the {rows or batch} rows per step)"
+    # predicted with the accumulation it will run with: gradients live through later micro-batches
+    fitting = [b for b in candidates if check_fit(budget_bytes, depth, seq_len, b, vocab_size, dtype, compile,
+                                                  aspect_ratio, head_dim, grad_accum=accum(b)) is None]
+    if not fitting:
+        raise ValueError(
+            "--device-batch-size auto: " + str(check_fit(budget_bytes, depth, seq_len, 1, vocab_size, dtype, compile,
+                                                          aspect_ratio, head_dim, grad_accum=accum(1)))
+            + "; even one row does not fit: lower --depth or --max-seq-len, or use a GPU with more memory")
+    batch = max(fitting)
+    peak = predict_peak_bytes(depth, seq_len, batch, vocab_size, dtype, compile, aspect_ratio, head_dim,
+                              grad_accum=accum(batch))
+    why = (f"device batch {batch}: largest power of two dividing {rows or batch} rows per step predicted to fit "
+           f"{HEADROOM:.0%} of {budget_bytes / GiB:.1f} GiB (peak {peak / GiB:.2f} GiB)")
+    if probe is not None:
+        while not probe(batch, accum(batch)):
+            if batch == 1:
+                raise RuntimeError("--device-batch-size auto: one row per micro-batch ran out of memory in the probe step; "
+                                   "lower --depth or --max-seq-len, or use a GPU with more memory")
+            why += f"; B={batch} ran out of memory in the probe step"
+            batch //= 2
+        why += f"; probe step at B={batch} passed"
+    return batch, accum(batch), why + f"; {accum(batch)} accumulation steps"
+
+
+# --- calibration ---------------------------------------------------------------------------------
+def load_calibration(path: str) -> list[dict]:
+    """The measured points of a calibration JSON: {"source": ..., "points": [...]} or a bare list
+    (what calibrate_memory writes while it runs)."""
+    import json
+    from pathlib import Path
+
+    data = json.loads(Path(path).read_text())
+    points = data["points"] if isinstance(data, dict) else data
+    if not isinstance(points, list) or not all(isinstance(p, dict) and "ok" in p for p in points):
+        raise ValueError(f"{path}: expected a list of calibration points with an 'ok' field (calibrate_memory's output)")
+    return points
+
+
+def _shape_args(p: dict) -> tuple:
+    return (p["depth"], p["seq_len"], p["device_batch_size"], p["vocab_size"], p["dtype"], bool(p["compile"]),
+            p.get("aspect_ratio", 64), p.get("head_dim", 128))
+
+
+def compare(points: list[dict]) -> list[dict]:
+    """Each point with its prediction: predicted bytes and, where it ran, the relative error."""
+    rows = []
+    for p in points:
+        predicted = predict_peak_bytes(*_shape_args(p))
+        error = predicted / p["peak_allocated"] - 1 if p["ok"] else None
+        rows.append({**p, "predicted": predicted, "error": error})
+    return rows
+
+
+def fit(points: list[dict]) -> dict[str, float]:
+    """Least-squares ACT (of the points' compile setting, half-precision value), LOGITS and CONST on
+    the `ok` points whose peak is the forward/backward one; the shape-counted terms stay fixed.
+
+    Which moment holds the peak depends on the coefficients, so the selection and the fit alternate
+    until they agree (a few rounds)."""
+    import torch
+
+    ok = [p for p in points if p["ok"] and not p["compile"]]
+    if len(ok) < 3:
+        raise ValueError(f"fitting 3 coefficients needs at least 3 measured eager points, got {len(ok)} "
+                         "(compiled points fit COMPILED_TRANSIENT: see fit_compiled_transient)")
+    coef = (ACT_EAGER_HALF, LOGITS, float(CONST))
+    for _ in range(5):
+        rows, target = [], []
+        for p in ok:
+            parts = peak_parts(*_shape_args(p))
+            size = DTYPE_BYTES[p["dtype"]]
+            act_x = parts["activations"] / (ACT_EAGER_HALF * (size / 2) + ACT_FP32_PART * (1 - size / 2))  # tokens * layers * width
+            logit_x = parts["logits"] / LOGITS  # tokens * vocab
+            known = parts["state"] + parts["weight_copies"] + parts["grads_in_fwd"] + ACT_FP32_PART * (1 - size / 2) * act_x
+            optimizer = parts["state"] + parts["grads"] + parts["newton_schulz"]
+            if known + coef[0] * size / 2 * act_x + coef[1] * logit_x < optimizer:
+                continue  # the optimizer step holds this point's peak: it says nothing about ACT or LOGITS
+            rows.append([act_x * size / 2, logit_x, 1.0])
+            target.append(p["peak_allocated"] - known)
+        solution = torch.linalg.lstsq(torch.tensor(rows, dtype=torch.float64),
+                                      torch.tensor(target, dtype=torch.float64)[:, None]).solution
+        coef = tuple(solution[:, 0].tolist())
+    return {"act_half": coef[0], "logits": coef[1], "const": coef[2]}
+
+
+def fit_compiled_transient(points: list[dict]) -> float:
+    """COMPILED_TRANSIENT from measured compiled points: the mean fraction of the eager model's
+    activations + logits that a compiled step actually held (the counted terms taken as exact)."""
+    ok = [p for p in points if p["ok"] and p["compile"]]
+    if not ok:
+        raise ValueError("no measured compiled point to fit COMPILED_TRANSIENT on")
+    fractions = []
+    for p in ok:
+        depth, seq_len, batch, vocab, dtype, _, aspect, head = _shape_args(p)
+        parts = peak_parts(depth, seq_len, batch, vocab, dtype, False, aspect, head)
+        fixed = parts["state"] + parts["weight_copies"] + parts["grads_in_fwd"] + parts["const"]
+        fractions.append((p["peak_allocated"] - fixed) / (parts["activations"] + parts["logits"]))
+    return sum(fractions) / len(fractions)

@@ -1,0 +1,524 @@
+"""Tune base pretraining: device/total batch size and the Muon/AdamW learning rates, with Ray Tune.
+
+    # a GPU cluster (or one GPU machine): one trial per GPU of the strongest precision group
+    python -m ray_jobs.tune --depth 12 --num-samples 16 --token-budget 33554432
+    # the P100 path on a modern GPU: fp16, no compile, configs the 16 GB memory model rejects dropped
+    NANOCHAT_EMULATE=p100 python -m ray_jobs.tune --depth 12 --num-samples 16
+    # a tiny CPU sweep
+    python -m ray_jobs.tune --depth 2 --head-dim 64 --max-seq-len 128 --device-batch-sizes 4,8 \
+        --total-batch-sizes 1024,2048 --token-budget 65536 --eval-tokens 4096 --num-samples 4 --max-concurrent 1
+    # continue a sweep that was interrupted (Ctrl+C, a lost driver): same --name / --storage-path
+    python -m ray_jobs.tune --depth 12 --num-samples 16 --resume
+    # submitted to a running cluster (see docs/cluster.md)
+    ray job submit --working-dir . -- python -m ray_jobs.tune --depth 12 --num-samples 16
+
+Every trial is a TorchTrainer of ray_jobs/train.py (its worker loop, Ray Data pipeline and Ray Train
+checkpoints) inside one precision group; ASHA stops trials whose validation bpb lags after a short
+token budget. Writes best_config.json (feed it to base_train / ray_jobs.train with --config),
+trials.csv, trials.json and bpb_vs_params.png into the experiment dir. See docs/tuning.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.train import CheckpointConfig, FailureConfig, RunConfig
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
+
+from nanochat import memory
+from nanochat.common import base_dir
+from nanochat.config import option, parse_config
+from nanochat.precision import DTYPE_CHOICES, GB, DeviceInfo, PrecisionPlan, node_labels, plan_for, resolve
+from nanochat.scripts import base_train
+from nanochat.tokenizer import Tokenizer
+from nanochat.tracking import Tracker, artifact_location, default_uri
+from ray_jobs import train
+from ray_jobs.scheduler import ACCELERATOR_TYPES, Group, format_groups, groups, nodes_from_ray, plan_cluster
+
+METRIC = "val_bpb"
+TIME_ATTR = "tokens"  # ASHA's clock: trials with different batch sizes take different steps per token
+TUNED = ("device_batch_size", "total_batch_size", "matrix_lr", "embedding_lr", "unembedding_lr")
+# what best_config.json holds: the tuned values and the model shape they were tuned for (all of
+# them BaseTrainConfig fields, so `base_train --config best_config.json` accepts the file)
+BEST_KEYS = (*TUNED, "depth", "max_seq_len", "aspect_ratio", "head_dim")
+RUN_ID_FILE = "mlflow_run_id"
+
+# GPU memory in GB by name fragment (lowercase, more specific first), for names that do not carry
+# it ("Tesla P100-PCIE-16GB" does; "NVIDIA L4" does not). Used only when --gpu-memory is not given.
+GPU_MEMORY_GB = (
+    ("h200", 141), ("h20", 96), ("b200", 180), ("l40s", 48), ("l4", 24), ("a10", 24), ("t4", 15),
+    ("p40", 24), ("p4", 8), ("k80", 12), ("4090", 24), ("3090", 24), ("1080 ti", 11), ("1080", 8),
+)
+
+
+@dataclass
+class TuneOptions:
+    num_samples: int = option(16, "trials to run")
+    token_budget: int = option(2**25, "training tokens per trial (the horizon a trial that is never stopped reaches)")
+    evals_per_trial: int = option(8, "validation evaluations per trial: the points where ASHA may stop it")
+    grace_evals: int = option(2, "ASHA grace period: evaluations every trial gets before it can be stopped")
+    reduction_factor: int = option(3, "ASHA reduction factor: at each rung only the best 1/N go on")
+    max_concurrent: int = option(0, "trials at once; 0 = the precision group's GPUs / --num-workers (on CPU: 2)")
+    gpu_memory: str = option("", "memory of the target GPU, e.g. 16GB; empty = the GPU's own (emulation cap "
+                                 "included); 'unlimited' = no memory filter")
+    target_dtype: str = option("auto", "dtype the memory model assumes; auto = what the trials run in", choices=DTYPE_CHOICES)
+    device_batch_sizes: str = option("1,2,4,8,16,32,64", "candidate micro-batch sizes (rows), comma-separated")
+    total_batch_sizes: str = option("131072,262144,524288,1048576", "candidate tokens per optimizer step, comma-separated")
+    matrix_lr_range: str = option("0.005,0.08", "log-uniform range of the Muon learning rate (default 0.02)")
+    embedding_lr_range: str = option("0.05,0.8", "log-uniform range of the embedding AdamW learning rate (default 0.2)")
+    unembedding_lr_range: str = option("0.001,0.016", "log-uniform range of the lm_head AdamW learning rate (default 0.004)")
+    with_default: bool = option(True, "make the first trial nanochat's default settings, as the baseline to beat")
+    search_seed: int = option(0, "seed of the random search: the same seed samples the same trials")
+    name: str = option("", "sweep name (a folder in --storage-path); empty = tune_d<depth>")
+    resume: bool = option(False, "continue the sweep in --storage-path/--name (a finished one: rewrite its outputs)")
+    # base_train evaluates 10M tokens by default: far too much for evaluations this frequent
+    eval_tokens: int = option(2 * 524288, "validation tokens per evaluation")
+
+
+def config_class() -> type:
+    """base_train's settings + ray_jobs.train's Ray options + the sweep's own: one set of flags."""
+    return dataclasses.make_dataclass("TuneConfig", [], bases=(TuneOptions, base_train.Config, train.RayOptions))
+
+
+def int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def lr_range(text: str, flag: str) -> tuple[float, float]:
+    low, high = (float(v) for v in text.split(","))
+    if not 0 < low < high:
+        raise SystemExit(f"{flag} {text!r}: give LOW,HIGH with 0 < LOW < HIGH, e.g. 0.005,0.08")
+    return low, high
+
+
+# -----------------------------------------------------------------------------
+# The memory filter: which batch configurations can run at all
+
+
+def feasible_batches(
+    device_batch_sizes: list[int], total_batch_sizes: list[int], *, budget_bytes: int | None, depth: int,
+    seq_len: int, vocab_size: int, dtype: str, compile: bool, num_workers: int = 1, aspect_ratio: int = 64,
+    head_dim: int = 128,
+) -> tuple[list[tuple[int, int]], list[tuple[tuple[int, int], str]]]:
+    """(kept, dropped) (device_batch_size, total_batch_size) pairs: dropped ones with the reason.
+
+    The candidates are finite, so this filter is exact: every trial the sweep samples runs a pair
+    that the memory model accepts and that gradient accumulation can reach."""
+    kept, dropped = [], []
+    fits = {
+        b: None if budget_bytes is None else memory.check_fit(
+            budget_bytes, depth, seq_len, b, vocab_size, dtype, compile, aspect_ratio, head_dim)
+        for b in device_batch_sizes
+    }
+    for b in device_batch_sizes:
+        for total in total_batch_sizes:
+            micro = b * seq_len * num_workers
+            if fits[b] is not None:
+                dropped.append(((b, total), f"does not fit: {fits[b]}"))
+            elif total % micro:
+                dropped.append(((b, total), f"{total} tokens is not a multiple of {b} rows x {seq_len} tokens "
+                                            f"x {num_workers} workers = {micro}"))
+            else:
+                kept.append((b, total))
+    return kept, dropped
+
+
+def describe_drops(dropped: list[tuple[tuple[int, int], str]], total: int) -> str:
+    if not dropped:
+        return f"memory model: all {total} batch configurations can run"
+    lines = [f"memory model: dropped {len(dropped)} of {total} (device_batch_size, total_batch_size) configurations:"]
+    # one line per reason: a batch size that does not fit is dropped with every total batch
+    by_reason: dict[str, list[tuple[int, int]]] = {}
+    for pair, why in dropped:
+        by_reason.setdefault(why, []).append(pair)
+    for why, pairs in by_reason.items():
+        lines.append(f"  {', '.join(f'{b}x{t}' for b, t in pairs)}: {why}")
+    return "\n".join(lines)
+
+
+def gpu_memory_of(names: set[str]) -> int | None:
+    """The smallest memory among these GPU names (bytes), or None when a name does not tell."""
+    sizes = []
+    for name in names:
+        lowered = name.lower().replace("-", " ")
+        found = re.search(r"(\d+)\s*gb", lowered)
+        known = next((gb for key, gb in GPU_MEMORY_GB if key in lowered), None)
+        size = int(found.group(1)) if found else known
+        if size is None:
+            return None
+        sizes.append(size * GB)
+    return min(sizes) if sizes else None
+
+
+def target_plan(cfg, group: Group) -> PrecisionPlan:
+    """The precision plan the trials' workers will apply, as seen from the driver.
+
+    The driver usually runs on a node of the group (one machine, NANOCHAT_EMULATE included): then its
+    own plan is the answer. Otherwise the plan comes from the group's GPU name through the same policy."""
+    local = resolve(cfg.dtype, cfg.device or None)
+    if local.short == group.precision and (local.device == "cuda") == (group.gpus > 0):
+        return local
+    if group.gpus == 0:
+        return plan_for(DeviceInfo("cpu", "CPU"), cfg.dtype)
+    name = sorted(group.gpu_names)[0]
+    for key, (full, capability) in sorted(ACCELERATOR_TYPES.items(), key=lambda kv: -len(kv[0])):
+        if key.lower() in name.lower().replace(" ", "-"):
+            return plan_for(DeviceInfo("cuda", full, capability), cfg.dtype, os.environ.get("NANOCHAT_EMULATE") or None)
+    raise SystemExit(f"cannot tell the precision plan of GPU {name!r} from the driver: run the driver on a node "
+                     "of that group, or pass --target-dtype and --compile on|off for the memory model")
+
+
+def memory_target(cfg, group: Group) -> tuple[int | None, str, bool, str]:
+    """(budget bytes or None, dtype, compile, where the budget came from) for the memory filter."""
+    plan = target_plan(cfg, group)
+    dtype = plan.dtype if cfg.target_dtype == "auto" else cfg.target_dtype
+    compile = {"on": True, "off": False}.get(cfg.compile, plan.compile)
+    if cfg.gpu_memory.lower() in ("unlimited", "none"):
+        return None, dtype, compile, "--gpu-memory unlimited"
+    if cfg.gpu_memory:
+        return memory.parse_memory(cfg.gpu_memory), dtype, compile, f"--gpu-memory {cfg.gpu_memory}"
+    if plan.memory_cap:
+        return plan.memory_cap, dtype, compile, f"the {plan.name} emulation cap (NANOCHAT_EMULATE={plan.emulating})"
+    if group.gpus == 0:
+        return None, dtype, compile, "CPU trials: no GPU memory limit"
+    budget = gpu_memory_of(group.gpu_names)
+    if budget is None:
+        raise SystemExit(f"cannot tell the memory of {', '.join(sorted(group.gpu_names))}; pass --gpu-memory, e.g. 16GB")
+    return budget, dtype, compile, f"the memory of {', '.join(sorted(group.gpu_names))}"
+
+
+def batch_key(device_batch_size: int, total_batch_size: int) -> str:
+    """One search dimension for the pair, so every sampled pair is one the filter kept; a string,
+    because Tune reads a list in a config as nested parameters."""
+    return f"{device_batch_size}x{total_batch_size}"
+
+
+def parse_batch(key: str) -> tuple[int, int]:
+    device_batch_size, total_batch_size = key.split("x")
+    return int(device_batch_size), int(total_batch_size)
+
+
+# -----------------------------------------------------------------------------
+# One trial: a TorchTrainer of ray_jobs/train.py
+
+
+class ReportToTune(TuneReportCallback):
+    """Rank 0's report of each evaluation, plus the tokens trained so far (ASHA's clock)."""
+
+    def __init__(self, tokens_per_step: int):
+        super().__init__()
+        self.tokens_per_step = tokens_per_step
+
+    def after_report(self, run_context, metrics, checkpoint):
+        first = {**metrics[0], TIME_ATTR: metrics[0]["step"] * self.tokens_per_step}
+        super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+
+def trial_settings(fixed: dict, config: dict) -> dict:
+    """base_train settings of one trial: the fixed ones, the sampled ones, and a horizon of the token budget."""
+    device_batch_size, total_batch_size = parse_batch(config["batch"])
+    steps = max(1, fixed["token_budget"] // total_batch_size)
+    # every trial evaluates (and checkpoints: what a resumed sweep restarts from) at the same token
+    # counts, so ASHA compares trials at equal training tokens whatever their batch size
+    every = max(1, steps // fixed["evals_per_trial"])
+    return {
+        **fixed["stage_config"], "device_batch_size": device_batch_size, "total_batch_size": total_batch_size,
+        "matrix_lr": config["matrix_lr"], "embedding_lr": config["embedding_lr"], "unembedding_lr": config["unembedding_lr"],
+        "num_iterations": steps, "eval_every": every, "save_every": every, "keep_last": 1, "sample_every": -1,
+    }
+
+
+def run_trial(config: dict, fixed: dict) -> None:
+    """Tune's trainable: one TorchTrainer fit. Tune kills it (and with it the trainer) when ASHA stops it."""
+    trial_id = tune.get_context().get_trial_id()
+    settings = trial_settings(fixed, config)
+    run_dir = Path(fixed["train_root"]) / trial_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # a resumed trial keeps its MLflow run: one run per trial, whatever the interruptions
+    id_file = run_dir / RUN_ID_FILE
+    if id_file.exists():
+        tracker = Tracker(fixed["mlflow_uri"], id_file.read_text().strip())
+    else:
+        params = {**settings, "trial_id": trial_id, "sweep": fixed["sweep"], "precision_group": fixed["precision"]}
+        tracker = Tracker.create(fixed["mlflow_uri"], fixed["mlflow_experiment"], f"{fixed['sweep']}/{trial_id}", params)
+        tracker.client.set_tag(tracker.run_id, "sweep", fixed["sweep"])
+        tracker.client.set_tag(tracker.run_id, "trial_id", trial_id)
+        id_file.write_text(tracker.run_id)
+
+    data = SimpleNamespace(data_dir=fixed["stage_config"]["data_dir"], tokenizer_dir=fixed["stage_config"]["tokenizer_dir"],
+                           max_seq_len=settings["max_seq_len"], tokenize_workers=fixed["tokenize_workers"])
+    trainer = TorchTrainer(
+        train.train_loop_per_worker,
+        train_loop_config={
+            "stage": "base", "stage_config": settings, "precision": fixed["precision"],
+            "mlflow_uri": fixed["mlflow_uri"], "mlflow_run_id": tracker.run_id, "summary_path": str(run_dir / "summary.json"),
+        },
+        scaling_config=fixed["scaling"],
+        run_config=RunConfig(
+            # the same name on a resumed trial: Ray Train restarts it from its latest checkpoint
+            name=trial_id, storage_path=fixed["train_root"],
+            failure_config=FailureConfig(max_failures=fixed["max_failures"]),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            callbacks=[ReportToTune(settings["total_batch_size"])],
+        ),
+        **train.ray_datasets(data, run_dir),
+    )
+    trainer.fit()
+    # failures and ASHA stops (at a rung or at max_t) end the trial from outside: MlflowTrialStatus
+    # on the driver closes the run then; this covers a trial that returns first
+    tracker.finish()
+
+
+def ensure_experiment(uri: str, experiment: str) -> str:
+    """The id of MLflow experiment `experiment` in the store at `uri`, created (store included) if missing."""
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    return found.experiment_id if found else client.create_experiment(experiment, artifact_location(uri))
+
+
+class MlflowTrialStatus(tune.Callback):
+    """Closes each trial's MLflow run on the driver: ASHA's stop kills the trial's process, so the trial
+    cannot be relied on to close it itself."""
+
+    def __init__(self, mlflow_uri: str, train_root: str, token_budget: int):
+        self.mlflow_uri, self.train_root, self.token_budget = mlflow_uri, train_root, token_budget
+
+    def _tracker(self, trial) -> Tracker | None:
+        id_file = Path(self.train_root) / trial.trial_id / RUN_ID_FILE
+        return Tracker(self.mlflow_uri, id_file.read_text().strip()) if id_file.exists() else None
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        tracker = self._tracker(trial)
+        if tracker is None:
+            return
+        tokens = (trial.last_result or {}).get(TIME_ATTR, 0)
+        stopped = tokens < self.token_budget
+        tracker.client.set_tag(tracker.run_id, "asha", f"stopped at {tokens:,} tokens" if stopped else "completed")
+        # also for completed trials: ASHA stops a trial at max_t too, which can kill it before
+        # run_trial gets to close its run
+        tracker.finish("KILLED" if stopped else "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        tracker = self._tracker(trial)
+        if tracker is not None:
+            tracker.finish("FAILED")
+
+
+# -----------------------------------------------------------------------------
+# Outputs
+
+
+def trial_rows(results, token_budget: int) -> list[dict]:
+    rows = []
+    for result in results:
+        metrics, config = result.metrics or {}, result.config or {}
+        if "batch" not in config:
+            continue
+        device_batch_size, total_batch_size = parse_batch(config["batch"])
+        tokens = metrics.get(TIME_ATTR, 0)
+        rows.append({
+            "trial_id": metrics.get("trial_id") or Path(result.path).name,
+            "device_batch_size": device_batch_size, "total_batch_size": total_batch_size,
+            "matrix_lr": config["matrix_lr"], "embedding_lr": config["embedding_lr"], "unembedding_lr": config["unembedding_lr"],
+            METRIC: metrics.get(METRIC), "tokens": tokens, "steps": metrics.get("step"),
+            "status": "error" if result.error else ("completed" if tokens >= token_budget else "stopped early"),
+        })
+    return sorted(rows, key=lambda r: (r[METRIC] is None, r[METRIC] if r[METRIC] is not None else 0.0))
+
+
+def best_config(rows: list[dict], shape: dict) -> tuple[dict, dict] | None:
+    """(best_config.json contents, its row): the lowest final bpb among trials that trained the full
+    budget (an early-stopped trial's bpb was measured after fewer tokens and is not comparable)."""
+    full = [r for r in rows if r["status"] == "completed" and r[METRIC] is not None]
+    if not full:
+        return None
+    best = min(full, key=lambda r: r[METRIC])
+    return {**{k: best[k] for k in TUNED}, **{k: shape[k] for k in BEST_KEYS if k not in TUNED}}, best
+
+
+def write_table(rows: list[dict], exp_dir: Path) -> None:
+    (exp_dir / "trials.json").write_text(json.dumps(rows, indent=2))
+    with open(exp_dir / "trials.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_bpb_vs_params(rows: list[dict], out: Path) -> Path | None:
+    """val bpb against each tuned parameter; None (with a message) where matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: {out.name} skipped. `pip install matplotlib`, then rerun with "
+              "--resume to draw it from the finished sweep.")
+        return None
+    matplotlib.use("Agg")  # headless nodes
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TUNED), figsize=(4 * len(TUNED), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], TUNED, strict=True):
+        for status, marker in (("completed", "o"), ("stopped early", "x")):
+            points = [(r[key], r[METRIC]) for r in rows if r["status"] == status and r[METRIC] is not None]
+            if points:
+                ax.scatter(*zip(*points, strict=True), marker=marker, label=status)
+        ax.set_xscale("log", base=2 if "batch" in key else 10)
+        ax.set_xlabel(key)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{METRIC} (last evaluation)")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The driver
+
+
+def connect(cfg, concurrent: int) -> None:
+    """Join --address / $RAY_ADDRESS, or start a local Ray sized for `concurrent` trials (as ray_jobs.train does)."""
+    if cfg.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.address or None, ignore_reinit_error=True)
+        return
+    per_trial = 1 + cfg.num_workers * cfg.cpus_per_worker + cfg.tokenize_workers + 1  # trial driver + workers + data
+    labels = node_labels(resolve(cfg.dtype, cfg.device or None))
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(concurrent * per_trial)), labels=labels,
+             ignore_reinit_error=True)
+
+
+def concurrency(cfg, group: Group) -> int:
+    if cfg.max_concurrent > 0:
+        return cfg.max_concurrent
+    if group.gpus:
+        return max(1, group.gpus // cfg.num_workers)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_config(config_class(), argv, description=__doc__.splitlines()[0])
+    if cfg.stage != "base":
+        raise SystemExit("ray_jobs.tune tunes base pretraining only; drop --stage (the tuned values carry over to later stages)")
+    if not 0 < cfg.grace_evals < cfg.evals_per_trial:
+        raise SystemExit(f"--grace-evals must be between 1 and --evals-per-trial - 1 (= {cfg.evals_per_trial - 1})")
+    train.resolve_paths(cfg)
+    connect(cfg, cfg.max_concurrent or 2)
+
+    group, scaling = plan_cluster(cfg.precision, cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker)
+    concurrent = concurrency(cfg, group)
+    print(f"cluster precision groups:\n{format_groups(groups(nodes_from_ray(ray.nodes())))}\n"
+          f"tuning on the {group.precision} group ({', '.join(sorted(group.gpu_names))}): {cfg.num_workers} worker(s) "
+          f"per trial, {concurrent} trial(s) at once")
+
+    # --- the search space, after the memory filter
+    vocab_size = Tokenizer.load(cfg.tokenizer_dir).vocab_size
+    budget, dtype, compile, source = memory_target(cfg, group)
+    candidates = (int_list(cfg.device_batch_sizes), int_list(cfg.total_batch_sizes))
+    kept, dropped = feasible_batches(
+        *candidates, budget_bytes=budget, depth=cfg.depth, seq_len=cfg.max_seq_len, vocab_size=vocab_size, dtype=dtype,
+        compile=compile, num_workers=cfg.num_workers, aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim)
+    budget_text = "no limit" if budget is None else f"{budget / GB:.1f} GiB"
+    print(f"memory budget: {budget_text} ({source}); {dtype}, compile {'on' if compile else 'off'}\n"
+          + describe_drops(dropped, len(kept) + len(dropped)))
+    if not kept:
+        raise SystemExit("no batch configuration fits: lower --depth or --max-seq-len, add smaller --device-batch-sizes, "
+                         "or give --total-batch-sizes that are multiples of device batch x seq len x workers")
+    space = {
+        "batch": tune.choice([batch_key(*pair) for pair in kept]),
+        "matrix_lr": tune.loguniform(*lr_range(cfg.matrix_lr_range, "--matrix-lr-range")),
+        "embedding_lr": tune.loguniform(*lr_range(cfg.embedding_lr_range, "--embedding-lr-range")),
+        "unembedding_lr": tune.loguniform(*lr_range(cfg.unembedding_lr_range, "--unembedding-lr-range")),
+    }
+    defaults = base_train.Config()
+    baseline = []
+    if cfg.with_default:
+        # nanochat's own learning rates with its total batch (else the nearest candidate) and the
+        # largest device batch that fits: the point the sweep has to beat
+        total = min({t for _, t in kept}, key=lambda t: abs(math.log2(t / defaults.total_batch_size)))
+        device = max(b for b, t in kept if t == total)
+        baseline = [{"batch": batch_key(device, total), "matrix_lr": defaults.matrix_lr, "embedding_lr": defaults.embedding_lr,
+                     "unembedding_lr": defaults.unembedding_lr}]
+
+    # --- where everything goes
+    storage = Path(cfg.storage_path or base_dir() / "ray_results").resolve()
+    name = cfg.name or f"tune_d{cfg.depth}"
+    exp_dir = storage / name
+    uri = cfg.mlflow_uri or default_uri(exp_dir)
+    stage_fields = {f.name for f in dataclasses.fields(base_train.Config)}
+    fixed = {
+        "stage_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k in stage_fields},
+        "token_budget": cfg.token_budget, "evals_per_trial": cfg.evals_per_trial, "precision": group.precision,
+        "scaling": scaling, "train_root": str(exp_dir / "train_runs"), "tokenize_workers": cfg.tokenize_workers,
+        "max_failures": cfg.max_failures, "mlflow_uri": uri, "mlflow_experiment": cfg.mlflow_experiment, "sweep": name,
+    }
+    trainable = tune.with_parameters(run_trial, fixed=fixed)
+
+    # --- the sweep
+    eval_tokens = cfg.token_budget // cfg.evals_per_trial
+    asha = ASHAScheduler(time_attr=TIME_ATTR, max_t=cfg.token_budget, grace_period=cfg.grace_evals * eval_tokens,
+                         reduction_factor=cfg.reduction_factor)
+    print(f"ASHA on {METRIC} (min): {cfg.token_budget:,} tokens per trial, an evaluation every {eval_tokens:,}, "
+          f"grace {cfg.grace_evals} evaluation(s), reduction factor {cfg.reduction_factor}")
+    # create the store and the experiment here, once: concurrent trials creating a fresh sqlite store
+    # race on its schema migration
+    ensure_experiment(uri, cfg.mlflow_experiment)
+    print(f"MLflow: {uri}  (mlflow ui --backend-store-uri {uri})")
+    if tune.Tuner.can_restore(exp_dir):
+        if not cfg.resume:
+            raise SystemExit(f"{exp_dir} already holds a sweep; pass --resume to continue it (or rewrite its outputs "
+                             "when it finished), or --name / --storage-path for a new one")
+        print(f"resuming the sweep in {exp_dir}")
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, param_space=space, resume_unfinished=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode="min", scheduler=asha, num_samples=cfg.num_samples,
+                # the generator's own limit: TuneConfig's max_concurrent_trials ignores a given search_alg
+                search_alg=BasicVariantGenerator(points_to_evaluate=baseline, random_state=cfg.search_seed,
+                                                 max_concurrent=concurrent),
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(storage),
+                callbacks=[MlflowTrialStatus(uri, fixed["train_root"], cfg.token_budget)],
+            ),
+        )
+    results = tuner.fit()
+
+    # --- outputs
+    rows = trial_rows(results, cfg.token_budget)
+    write_table(rows, exp_dir)
+    plot = plot_bpb_vs_params(rows, exp_dir / "bpb_vs_params.png")
+    found = best_config(rows, dataclasses.asdict(cfg))
+    if found is None:
+        raise SystemExit(f"no trial trained the full {cfg.token_budget:,} tokens (see {exp_dir / 'trials.csv'}); "
+                         "raise --num-samples or lower --reduction-factor")
+    best, best_row = found
+    (exp_dir / "best_config.json").write_text(json.dumps(best, indent=2) + "\n")
+    stopped = sum(r["status"] == "stopped early" for r in rows)
+    print(f"{len(rows)} trials ({stopped} stopped early by ASHA); best {METRIC} {best_row[METRIC]:.4f}: {json.dumps(best)}\n"
+          f"wrote {exp_dir / 'best_config.json'}, trials.csv, trials.json" + (f", {plot.name}" if plot else "") + "\n"
+          f"use it: python -m nanochat.scripts.base_train --config {exp_dir / 'best_config.json'}")
+    return {"experiment_dir": str(exp_dir), "best_config": best, "best": best_row, "trials": rows, "mlflow_uri": uri,
+            "dropped": len(dropped)}
+
+
+if __name__ == "__main__":
+    main()
