@@ -80,7 +80,7 @@ def sweep_args(data_dir, tokenizer_dir, storage, *extra: str) -> list[str]:
     ]
 
 
-@pytest.mark.slow
+@pytest.mark.timeout(900)  # about 2-4 min on a 2-core machine: Ray starts a trainer per trial
 def test_tiny_sweep_stops_early_logs_everything_and_its_best_config_trains(local_ray, data_dir, tokenizer_dir, tmp_path):
     started = time.perf_counter()
     args = sweep_args(data_dir, tokenizer_dir, tmp_path)
