@@ -19,7 +19,6 @@ checkpoints, and ray_jobs/train.py feeds the same two functions Ray Data and Ray
 from __future__ import annotations
 
 import dataclasses
-import gc
 import itertools
 import json
 import sys
@@ -44,7 +43,7 @@ from nanochat.memory import auto_device_batch_size
 from nanochat.precision import PrecisionPlan
 from nanochat.report import MetricsLog
 from nanochat.scripts.bench_train import BenchConfig
-from nanochat.scripts.bench_train import build as bench_build
+from nanochat.scripts.bench_train import fits as bench_fits
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
 from nanochat.training import (
     TimedIterator,
@@ -210,19 +209,9 @@ def resolve_device_batch_size(cfg: BaseTrainConfig, plan: PrecisionPlan, device:
                                 device_batch_size=batch, aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim,
                                 total_batch_size=batch * cfg.max_seq_len * min(grad_accum, 2), compile=cfg.compile,
                                 seed=cfg.seed)
-            try:
-                _, step, batches, _ = bench_build(bench, plan, device, batch)
-                step(batches)
-                step(batches)
-                return True
-            except torch.cuda.OutOfMemoryError:
-                return False
-            finally:
-                step = batches = None
-                torch._dynamo.reset()  # compiled graphs hold on to their buffers
-                gc.collect()
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)  # the run's peak is the run's, not the probe's
+            ok = bench_fits(bench, plan, device, batch)
+            torch.cuda.reset_peak_memory_stats(device)  # the run's peak is the run's, not the probe's
+            return ok
 
     batch, _, why = auto_device_batch_size(
         budget, cfg.depth, cfg.max_seq_len, vocab_size, plan.dtype, plan.compile if cfg.compile == "auto" else cfg.compile == "on",

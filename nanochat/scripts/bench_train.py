@@ -13,6 +13,7 @@ the forward+backward / optimizer split, peak memory; `--out FILE.json` writes th
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -55,15 +56,20 @@ def build(cfg: BenchConfig, plan: PrecisionPlan, device: torch.device, batch_siz
 
 
 def fits(cfg: BenchConfig, plan: PrecisionPlan, device: torch.device, batch_size: int) -> bool:
-    """One full optimizer step at this micro-batch: does it run without running out of memory?"""
+    """Two full optimizer steps at this micro-batch (the second one holds the optimizer state): do
+    they run without running out of memory? Everything they allocated is freed afterwards."""
+    step = batches = None
     try:
         _, step, batches, _ = build(cfg, plan, device, batch_size)
         step(batches)
-        step(batches)  # the second step holds optimizer state too
+        step(batches)
         return True
     except torch.cuda.OutOfMemoryError:
         return False
     finally:
+        step = batches = None
+        torch._dynamo.reset()  # compiled graphs hold on to their buffers
+        gc.collect()
         torch.cuda.empty_cache()
 
 
