@@ -39,6 +39,7 @@ class Request:
 
 @dataclass
 class _Slot:
+    rid: int
     request: Request
     rng: torch.Generator
     state: _Row = field(default_factory=_Row)
@@ -61,7 +62,6 @@ class DecodeBatch:
         self.running: dict[int, _Slot] = {}
         self.waiting: deque[tuple[int, Request]] = deque()
         self._next_id = 0
-        self._ids: dict[int, int] = {}  # slot -> request id
 
     # ---- the queue
 
@@ -79,13 +79,13 @@ class DecodeBatch:
     def cancel(self, rid: int) -> None:
         """Stop decoding request `rid` (waiting or running); its slot is free at the next step."""
         self.waiting = deque((r, req) for r, req in self.waiting if r != rid)
-        for slot, other in list(self._ids.items()):
-            if other == rid:
+        for slot, s in list(self.running.items()):
+            if s.rid == rid:
                 self._free(slot)
 
     def active(self) -> set[int]:
         """Ids of the requests waiting or running."""
-        return set(self._ids.values()) | {rid for rid, _ in self.waiting}
+        return {s.rid for s in self.running.values()} | {rid for rid, _ in self.waiting}
 
     @property
     def busy(self) -> bool:
@@ -127,14 +127,13 @@ class DecodeBatch:
             token = s.state.forced.popleft() if s.state.forced else token
             self.engine._use_tool(s.state, token)
             s.generated, s.last = s.generated + 1, token
-            out[self._ids[slot]] = token
+            out[s.rid] = token
             if token in self.engine.stop_ids or s.generated >= s.request.max_tokens:
                 self._free(slot)
         return out
 
     def _free(self, slot: int) -> None:
         self.running.pop(slot, None)
-        self._ids.pop(slot, None)
         self.cache.pad[slot] = self.free_pad
         if not self.running:
             self.cache.pos = 0  # nothing cached is needed any more
@@ -159,8 +158,7 @@ class DecodeBatch:
         self._shift(max(0, width - self.cache.pos))
         self.cache.place(torch.tensor(slots, device=self.device), prefill)
         for slot, (rid, req) in zip(slots, joining, strict=True):
-            self.running[slot] = _Slot(req, torch.Generator(device=self.device).manual_seed(req.seed))
-            self._ids[slot] = rid
+            self.running[slot] = _Slot(rid, req, torch.Generator(device=self.device).manual_seed(req.seed))
         return self._sample(slots, logits)
 
     def _live_span(self) -> int:
