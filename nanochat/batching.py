@@ -59,6 +59,7 @@ class DecodeBatch:
         self.free_pad = capacity + 1  # the pad of an empty slot: its (ignored) query sees only itself
         self.cache = KVCache(len(model.transformer.h), capacity,
                              pad=torch.full((slots,), self.free_pad, dtype=torch.long, device=self.device))
+        engine.decoder.sync_weights()
         self.running: dict[int, _Slot] = {}
         self.waiting: deque[tuple[int, Request]] = deque()
         self._next_id = 0
@@ -90,6 +91,15 @@ class DecodeBatch:
     @property
     def busy(self) -> bool:
         return bool(self.running or self.waiting)
+
+    def warm_up(self) -> None:
+        """Decode a few tokens with one slot busy, then with every slot busy: the decoder compiles
+        and captures its graphs now (tens of seconds where it compiles), not in the first requests."""
+        for busy in (1, self.slots):
+            for _ in range(busy):
+                self.add(Request([self.engine.tokenizer.bos_token_id], max_tokens=3))
+            while self.busy:
+                self.step()
 
     # ---- decoding
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from nanochat.calculator import calculate
+from nanochat.decode import Decoder
 from nanochat.gpt import KVCache
 from nanochat.precision import PrecisionPlan
 from nanochat.tokenizer import Tokenizer
@@ -69,6 +70,26 @@ def sample_text(model: nn.Module, tokenizer: Tokenizer, plan: PrecisionPlan, pro
     return tokenizer.decode(list(generate(model, plan, ids, max_new_tokens, **kwargs)))
 
 
+class _HostCopy:
+    """A device tensor's values on their way to the host: the copy is queued at once, and values()
+    waits for that copy only, not for the work queued after it."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.event = None
+        if tensor.device.type == "cuda":
+            self.buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.buffer.copy_(tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.buffer = tensor
+
+    def values(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.buffer.view(-1).tolist()
+
+
 @dataclass
 class _Row:
     """Decoding state of one sample: tokens to force next, and the tool call being written."""
@@ -80,16 +101,23 @@ class _Row:
 
 
 class Engine:
-    """Batched KV-cache sampling from a chat model, with the calculator tool."""
+    """Batched KV-cache sampling from a chat model, with the calculator tool.
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, plan: PrecisionPlan):
+    One-token decode steps go through a `Decoder` (CUDA graphs on a GPU, see nanochat.decode;
+    `decode` picks its mode); prompts are prefilled with the model itself."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, plan: PrecisionPlan, decode: str = "auto"):
         self.model, self.tokenizer, self.plan = model, tokenizer, plan
+        self.decoder = Decoder(model, plan, decode)
         special = tokenizer.encode_special
         self.stop_ids = {special("<|assistant_end|>"), tokenizer.bos_token_id}
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
 
     def _forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (rows, vocab) of the last position of `ids` (rows, T) after the cached tokens."""
+        if ids.size(1) == 1:
+            return self.decoder(ids, cache)
         with self.plan.compute_context():
             return self.model(ids, kv_cache=cache)[:, -1, :]
 
@@ -125,15 +153,23 @@ class Engine:
         if max_tokens <= 0:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room to generate (model limit {limit})")
         rng = torch.Generator(device=device).manual_seed(seed)
+        self.decoder.sync_weights()
         prefill = KVCache(len(self.model.transformer.h), len(prompt) + max_tokens)
         logits = self._forward(torch.tensor([prompt], dtype=torch.long, device=device), prefill)
-        cache = prefill.repeat(num_samples)
+        workspace = None if self.decoder.mode == "eager" else self.decoder.workspace(num_samples, prefill.max_len, prefill)
+        cache = prefill.repeat(num_samples, into=workspace)
         logits = logits.expand(num_samples, -1)
         rows = [_Row() for _ in range(num_samples)]
         for step in range(max_tokens):
-            sampled = sample_next(logits, temperature, top_k, rng).view(-1).tolist()
+            sampled = sample_next(logits, temperature, top_k, rng)
+            forcing = any(row.forced for row in rows)
+            sampled_host = _HostCopy(sampled)
+            if not forcing and step < max_tokens - 1:
+                # run the next step on the sampled ids while the host reads them and does its
+                # bookkeeping: the GPU does not wait for Python between tokens
+                logits = self._forward(sampled, cache)
             tokens, mask = [], []
-            for row, token in zip(rows, sampled, strict=True):
+            for row, token in zip(rows, sampled_host.values(), strict=True):
                 forced = bool(row.forced)
                 token = row.forced.popleft() if forced else token
                 tokens.append(token)
@@ -144,7 +180,8 @@ class Engine:
             yield tokens, mask
             if all(row.done for row in rows) or step == max_tokens - 1:
                 return
-            logits = self._forward(torch.tensor(tokens, dtype=torch.long, device=device).view(-1, 1), cache)
+            if forcing:  # a tool output overrides some rows' ids: feed the host's tokens
+                logits = self._forward(torch.tensor(tokens, dtype=torch.long, device=device).view(-1, 1), cache)
 
     def generate_many(
         self,

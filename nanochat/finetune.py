@@ -67,6 +67,7 @@ class FinetuneConfig(StartFromConfig, LoopConfig):
 class FinetuneRun(Run):
     train_conversations: list[Conversation] = dataclasses.field(default_factory=list)
     val_conversations: list[Conversation] = dataclasses.field(default_factory=list)
+    engine: Engine | None = None  # made on the first samples() call and kept: its decoder's graphs are reused
 
     def loader(self, conversations: list[Conversation], rank: int = 0, world: int = 1, state: dict | None = None) -> ChatLoader:
         return ChatLoader(conversations, self.tokenizer, self.cfg.device_batch_size, self.model.config.sequence_len,
@@ -88,7 +89,7 @@ class FinetuneRun(Run):
         return {"val_loss": total.item() / max(count, 1)}
 
     def samples(self) -> dict[str, str]:
-        engine = Engine(self.model, self.tokenizer, self.plan)
+        engine = self.engine = self.engine or Engine(self.model, self.tokenizer, self.plan)
         self.model.eval()
         out = {q: engine.complete(render_for_completion(self.tokenizer, {"messages": [{"role": "user", "content": q}]}),
                                   max_tokens=48, temperature=0.0) for q in CHAT_SAMPLES}

@@ -157,15 +157,21 @@ class KVCache:
         self.pad += delta
         self.pos += delta
 
-    def repeat(self, num_rows: int) -> KVCache:
+    def repeat(self, num_rows: int, into: KVCache | None = None) -> KVCache:
         """A cache with this one-row cache copied into `num_rows` rows: prefill a prompt once, then
-        sample several continuations of it in one batch."""
+        sample several continuations of it in one batch. `into` (allocated, enough rows and columns)
+        receives the copy instead of new tensors."""
         assert self.pad is None, "repeat() copies a single unpadded prompt"
-        out = KVCache(self.num_layers, self.max_len)
+        out = into if into is not None else KVCache(self.num_layers, self.max_len)
         out.pos = self.pos
-        if self.k is not None:
+        if self.k is None:
+            return out
+        if into is None:
             out.k = self.k.expand(-1, num_rows, -1, -1, -1).contiguous()
             out.v = self.v.expand(-1, num_rows, -1, -1, -1).contiguous()
+        else:
+            out.k[:, :num_rows, :, : self.pos] = self.k[:, :, :, : self.pos]
+            out.v[:, :num_rows, :, : self.pos] = self.v[:, :, :, : self.pos]
         return out
 
 

@@ -95,13 +95,30 @@ EMULATED = {
 }
 
 
+# Memory bandwidth in bytes/s (vendor figures): the bound of one-token decoding, which reads every
+# weight and the whole KV cache once per step. Matched like _PEAKS, most specific first.
+_BANDWIDTH: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("b200",), 8.0e12), (("h200",), 4.8e12), (("h100", "pcie"), 2.0e12), (("h100",), 3.35e12),
+    (("a100", "40gb"), 1.555e12), (("a100",), 2.039e12), (("a10",), 0.6e12), (("l4",), 0.3e12),
+    (("4090",), 1.008e12), (("3090",), 0.936e12), (("v100",), 0.9e12), (("t4",), 0.32e12),
+    (("p100",), 0.732e12), (("p40",), 0.346e12), (("1080 ti",), 0.484e12), (("1080",), 0.32e12),
+)
+
+
+def _lookup(table: tuple, name: str):
+    lowered = name.lower()
+    return next((value for keys, value in table if all(k in lowered for k in keys)), None)
+
+
 def peak_flops(name: str, dtype: str) -> float | None:
     """Peak dense FLOP/s of the GPU called `name` in `dtype`, or None when unknown."""
-    lowered = name.lower()
-    for keys, rates in _PEAKS:
-        if all(k in lowered for k in keys):
-            return rates.get(SHORT[dtype])
-    return None
+    rates = _lookup(_PEAKS, name)
+    return rates.get(SHORT[dtype]) if rates else None
+
+
+def peak_bandwidth(name: str) -> float | None:
+    """Memory bandwidth (bytes/s) of the GPU called `name`, or None when unknown."""
+    return _lookup(_BANDWIDTH, name)
 
 
 # -----------------------------------------------------------------------------

@@ -221,6 +221,7 @@ class DecodeLoop:
     def __init__(self, engine: Engine, slots: int, capacity: int):
         self.engine, self.slots, self.capacity = engine, slots, capacity
         self.batch = batching.DecodeBatch(engine, slots, capacity)
+        self.batch.warm_up()
         self._inbox: list[tuple[str, Job, asyncio.Queue | None]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()

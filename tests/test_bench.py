@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.scripts import bench_train
@@ -29,11 +30,20 @@ def test_find_max_batch_needs_a_gpu():
 
 
 
-def test_bench_infer_times_prefill_and_decode():
+def test_bench_infer_times_prefill_and_decode(tmp_path):
     from nanochat.scripts import bench_infer
 
+    path = tmp_path / "infer.json"
     out = bench_infer.main(["--device", "cpu", "--depth", "1", "--vocab-size", "512", "--prompt-len", "16",
-                            "--new-tokens", "6", "--num-samples", "1,3"])
+                            "--new-tokens", "6", "--num-samples", "1,3", "--repeats", "2", "--decode", "static",
+                            "--out", str(path)])
+    assert json.loads(path.read_text()) == out and out["decode"] == "static"
     assert [r["rows"] for r in out["results"]] == [1, 3]
     for r in out["results"]:
-        assert r["time_to_first_token_ms"] > 0 and r["decode_tok_per_s"] > 0
+        assert r["ttft_ms"] > 0 and r["tok_per_s"] == pytest.approx(r["rows"] * r["tok_per_s_per_stream"])
+        assert r["share_of_bound"] is None  # no bandwidth figure for a CPU
+    # bytes per step: the matrix weights once plus each row's KV cache at the mid-decode context (19)
+    model = GPT(GPTConfig.from_depth(1, 512, 2048))
+    weights = 4 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    kv_per_row = 4 * 1 * 2 * model.config.n_embd * 19
+    assert out["results"][1]["bytes_per_step"] == weights + 3 * kv_per_row

@@ -1,17 +1,25 @@
-"""Inference speed of the Engine: prefill time and decode tokens/s at several batch sizes.
+"""Decode speed of the Engine: time to first token, tokens/s per stream and in aggregate, and the
+share of the GPU's memory-bandwidth bound.
 
     python -m nanochat.scripts.bench_infer --depth 12                      # random weights, auto dtype
     NANOCHAT_EMULATE=p100 python -m nanochat.scripts.bench_infer --depth 12
+    python -m nanochat.scripts.bench_infer --depth 12 --decode eager       # without CUDA graphs
     python -m nanochat.scripts.bench_infer --checkpoint $NANOCHAT_BASE_DIR/runs/sft_d12 --profile
 
-Speed does not depend on the weights, so without --checkpoint a freshly initialized model of the
-given depth is timed. Every row decodes exactly --new-tokens tokens (stop tokens are not honoured
-here) so that runs are comparable. --profile adds the top CUDA/CPU ops of one decode step.
+The defaults are the shapes of upstream nanochat's own benchmark: a 512-token prompt prefilled once
+and shared by every row, 256 new tokens per row, greedy, 1 and 32 rows. Speed does not depend on
+the weights, so without --checkpoint a freshly initialized model of the given depth is timed.
+Every row decodes exactly --new-tokens tokens (stop tokens are not honoured here).
+
+Bound: one decode step reads every matrix weight once (in the compute dtype) and each row's KV
+cache; at the mid-decode context (prompt + new/2) that gives bound tok/s = rows x bandwidth /
+bytes per step, with the vendor bandwidth of the GPU that runs (nanochat.precision).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -21,8 +29,10 @@ import torch
 from nanochat import checkpoint
 from nanochat.common import init_process
 from nanochat.config import CommonConfig, option, parse_config
+from nanochat.decode import MODES
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.precision import peak_bandwidth
 from nanochat.tokenizer import SPECIAL_TOKENS
 
 
@@ -31,10 +41,15 @@ class BenchInferConfig(CommonConfig):
     depth: int = option(12, "depth of the random-weight model (ignored with --checkpoint)")
     vocab_size: int = option(32768, "vocabulary of the random-weight model")
     checkpoint: str = option("", "time a trained model instead (step dir, checkpoint root or run dir)")
-    prompt_len: int = option(256, "prompt tokens (prefilled once, then shared by every row)")
-    new_tokens: int = option(128, "tokens decoded per row")
-    num_samples: str = option("1,8,32", "comma-separated batch sizes (rows decoded together)")
+    prompt_len: int = option(512, "prompt tokens (prefilled once, then shared by every row)")
+    new_tokens: int = option(256, "tokens decoded per row")
+    num_samples: str = option("1,32", "comma-separated batch sizes (rows decoded together)")
+    temperature: float = option(0.0, "sampling temperature; 0 = greedy")
+    top_k: int = option(0, "top-k sampling; 0 = off")
+    repeats: int = option(3, "timed runs per batch size (the median is reported)")
+    decode: str = option("auto", "decode steps: auto (CUDA graphs on a GPU), eager, static, graph", choices=MODES)
     profile: bool = option(False, "print the top ops of one batch-1 decode step (torch.profiler)")
+    out: str = option("", "write the results as JSON here")
 
 
 class _NoStopTokenizer:
@@ -63,20 +78,45 @@ def load(cfg: BenchInferConfig, device: torch.device) -> torch.nn.Module:
     return model.eval()
 
 
-def time_decode(engine: Engine, prompt: list[int], rows: int, new_tokens: int, device: torch.device) -> dict:
+def time_decode(engine: Engine, prompt: list[int], rows: int, cfg: BenchInferConfig, device: torch.device) -> dict:
     engine.stop_ids = set()  # decode the full length on every row
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    steps = engine.generate(prompt, rows, max_tokens=new_tokens, temperature=1.0, top_k=50)
+    steps = engine.generate(prompt, rows, max_tokens=cfg.new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
     next(steps)  # the first token comes out of the prefill
     sync()
     first = time.perf_counter() - t0
     count = sum(1 for _ in steps)
     sync()
     decode = time.perf_counter() - t0 - first
-    return {"rows": rows, "time_to_first_token_ms": 1000 * first, "decode_ms_per_step": 1000 * decode / max(count, 1),
-            "decode_tok_per_s": rows * count / decode if decode else None}
+    return {"ttft_ms": 1000 * first, "ms_per_step": 1000 * decode / max(count, 1), "tok_per_s_per_stream": count / decode}
+
+
+def bound(model: GPT, rows: int, context: int, dtype_bytes: int, bandwidth: float | None) -> dict:
+    """Bytes one decode step must read (matrix weights once, the KV cache of every row) and the
+    tokens/s that the memory bandwidth allows at most."""
+    cfg = model.config
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) * dtype_bytes
+    kv_per_row = cfg.n_layer * 2 * cfg.n_kv_head * (cfg.n_embd // cfg.n_head) * context * dtype_bytes
+    step_bytes = weights + rows * kv_per_row
+    return {"bytes_per_step": step_bytes, "bound_tok_per_s": rows * bandwidth / step_bytes if bandwidth else None}
+
+
+def measure(engine: Engine, prompt: list[int], rows: int, cfg: BenchInferConfig, device: torch.device) -> dict:
+    time_decode(engine, prompt, rows, cfg, device)  # warm-up: graph capture (and compilation) for this shape
+    runs = [time_decode(engine, prompt, rows, cfg, device) for _ in range(cfg.repeats)]
+    per_stream = statistics.median(r["tok_per_s_per_stream"] for r in runs)
+    dtype_bytes = torch.finfo(engine.plan.torch_dtype).bits // 8
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    result = {"rows": rows, "ttft_ms": statistics.median(r["ttft_ms"] for r in runs),
+              "ms_per_step": statistics.median(r["ms_per_step"] for r in runs),
+              "tok_per_s_per_stream": per_stream, "tok_per_s": rows * per_stream,
+              "tok_per_s_range": [rows * min(r["tok_per_s_per_stream"] for r in runs),
+                                  rows * max(r["tok_per_s_per_stream"] for r in runs)],
+              **bound(engine.model, rows, cfg.prompt_len + cfg.new_tokens // 2, dtype_bytes, peak_bandwidth(gpu))}
+    result["share_of_bound"] = result["tok_per_s"] / result["bound_tok_per_s"] if result["bound_tok_per_s"] else None
+    return result
 
 
 def profile_step(engine: Engine, prompt: list[int]) -> str:
@@ -96,18 +136,24 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(BenchInferConfig, argv, description=__doc__.splitlines()[0])
     device, plan = init_process(cfg)
     model = load(cfg, device)
-    engine = Engine(model, _NoStopTokenizer(model.config.vocab_size), plan)
+    engine = Engine(model, _NoStopTokenizer(model.config.vocab_size), plan, decode=cfg.decode)
     print(plan.summary())
-    prompt = torch.randint(0, engine.tokenizer.bos_token_id, (cfg.prompt_len,)).tolist()
-    time_decode(engine, prompt, 1, 8, device)  # warm-up: CUDA context, kernels, allocator
-    results = [time_decode(engine, prompt, int(n), cfg.new_tokens, device) for n in cfg.num_samples.split(",")]
+    print(f"decode: {engine.decoder.mode}{' + torch.compile' if engine.decoder.compile else ''}")
+    g = torch.Generator().manual_seed(cfg.seed)
+    prompt = torch.randint(0, engine.tokenizer.bos_token_id, (cfg.prompt_len,), generator=g).tolist()
+    results = [measure(engine, prompt, int(n), cfg, device) for n in cfg.num_samples.split(",")]
     for r in results:
-        print(f"rows {r['rows']:>3}: first token {r['time_to_first_token_ms']:7.1f} ms | "
-              f"decode {r['decode_ms_per_step']:6.2f} ms/step | {r['decode_tok_per_s']:10,.0f} tok/s")
+        share = f" | {100 * r['share_of_bound']:.1f}% of the bandwidth bound" if r["share_of_bound"] else ""
+        print(f"rows {r['rows']:>3}: first token {r['ttft_ms']:7.1f} ms | {r['ms_per_step']:6.2f} ms/step | "
+              f"{r['tok_per_s_per_stream']:8,.0f} tok/s per stream | {r['tok_per_s']:10,.0f} tok/s in all{share}")
     if cfg.profile:
         print(profile_step(engine, prompt))
-    out = {"plan": plan.to_dict(), "params": model.num_params(), "prompt_len": cfg.prompt_len, "results": results}
-    print("summary:", json.dumps(out))
+    out = {"plan": plan.to_dict(), "depth": model.config.n_layer, "params": model.num_params(), "decode": engine.decoder.mode,
+           "compile": engine.decoder.compile, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
+           "temperature": cfg.temperature, "torch": torch.__version__, "results": results}
+    if cfg.out:
+        with open(cfg.out, "w") as f:
+            json.dump(out, f, indent=2)
     return out
 
 
