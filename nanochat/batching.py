@@ -127,10 +127,17 @@ class DecodeBatch:
 
     def _sample(self, slots: list[int], logits: torch.Tensor) -> dict[int, int]:
         """Sample row i of `logits` for slots[i]; forced tool tokens take precedence."""
-        sampled = [sample_next(logits[i : i + 1], self.running[slot].request.temperature,
-                               self.running[slot].request.top_k, self.running[slot].rng)
-                   for i, slot in enumerate(slots)]
-        tokens = torch.cat(sampled).view(-1).tolist() if sampled else []  # one host sync for the batch
+        requests = [self.running[slot].request for slot in slots]
+        # greedy rows need no generator: one argmax covers all of them; a sampling row draws
+        # from its own generator, so its tokens do not depend on its batch mates
+        best = logits.argmax(dim=-1, keepdim=True)
+        if all(r.temperature == 0 for r in requests):
+            sampled = best
+        else:
+            sampled = torch.cat([best[i : i + 1] if r.temperature == 0 else
+                                 sample_next(logits[i : i + 1], r.temperature, r.top_k, self.running[slot].rng)
+                                 for i, (slot, r) in enumerate(zip(slots, requests, strict=True))])
+        tokens = sampled.view(-1).tolist()  # one host sync for the batch
         out = {}
         for slot, token in zip(slots, tokens, strict=True):
             s = self.running[slot]

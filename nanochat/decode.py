@@ -12,14 +12,14 @@ change between tokens. `StaticStep` stands in for a KVCache inside the graph: th
 a device scalar, the keys/values go into the cache tensors in place (`index_copy_`), and attention
 covers the cache's whole width with a mask (columns past the write position, or before a row's
 left padding, hidden). The model's own forward runs unchanged on it. One graph is captured per
-(cache tensor, rows, dtype) on first use, the rows rounded up to a power of two so a continuous
-batch whose busy rows vary needs only a handful.
+cache tensor and number of rows on first use, the rows rounded up to a power of two so that a
+continuous batch whose busy rows vary needs only a handful.
 
 Weights: autocast would cast every fp32 weight matrix to the compute dtype at every step (read 4
 bytes, write 2, read 2 again), which at decode sizes costs as much as the step itself. The decoder
-keeps a copy of the model with its matrices in the compute dtype and refreshes it from the model on `sync_weights()`
-(Engine.generate calls it per request, so a model being trained, as in RL, is always decoded as
-it is now).
+keeps a copy of the model with its matrices in the compute dtype and refreshes it from the model
+on `sync_weights()` (Engine.generate calls it per request, so a model being trained, as in RL, is
+decoded as it is now).
 """
 
 from __future__ import annotations
@@ -104,8 +104,9 @@ class Decoder:
         self.model, self.plan, self.mode = model, plan, mode
         self.compile = plan.compile and mode == "graph" if compile is None else compile
         self._copy: nn.Module | None = None
-        self._graphs: dict[tuple, _Graph] = {}
+        self._graphs: dict[int, _Graph] = {}  # by rows, for the cache at _cache_ptr
         self._cache_ptr: int | None = None
+        self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def weights(self) -> nn.Module:
@@ -129,12 +130,12 @@ class Decoder:
 
     def workspace(self, rows: int, min_len: int, like: KVCache) -> KVCache:
         """An empty KVCache of `rows` rows and at least `min_len` columns (rounded up to 256) whose
-        tensors are reused from call to call while the shape fits, so captured graphs stay valid."""
+        tensors are reused from call to call while that shape stays the same, so captured graphs stay valid."""
         columns = -(-min_len // 256) * 256
         k = like.k
         shape = (k.size(0), rows, k.size(2), columns, k.size(4))
         cache = KVCache(like.num_layers, columns)
-        held = getattr(self, "_workspace", None)
+        held = self._workspace
         if held is None or held[0].shape != shape or held[0].dtype != k.dtype or held[0].device != k.device:
             self._graphs.clear()
             # zeros, not empty: attention weighs masked columns by 0, and 0 * NaN garbage would be NaN
