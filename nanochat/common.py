@@ -1,7 +1,8 @@
-"""Small helpers shared by every script: base directory, seeding, the dtype one-liner."""
+"""Small helpers shared by every script: base directory, seeding, the dtype one-liner, JSON results."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -26,6 +27,12 @@ def autodetect_dtype(device_type: str = "cuda") -> torch.dtype:
 def base_dir() -> Path:
     """Where tokenizers, data and runs live by default: $NANOCHAT_BASE_DIR or ~/.cache/nanochat."""
     return Path(os.environ.get("NANOCHAT_BASE_DIR", Path.home() / ".cache" / "nanochat"))
+
+
+def write_json(path: str | Path, result: dict) -> None:
+    """A script's --out: write `result` as JSON to `path` (nothing when the path is empty)."""
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2))
 
 
 def default_device() -> torch.device:

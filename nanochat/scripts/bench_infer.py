@@ -18,7 +18,6 @@ bytes per step, with the vendor bandwidth of the GPU that runs (nanochat.precisi
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from nanochat import checkpoint
-from nanochat.common import init_process
+from nanochat.common import init_process, write_json
 from nanochat.config import CommonConfig, option, parse_config
 from nanochat.decode import MODES
 from nanochat.engine import Engine
@@ -151,9 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"plan": plan.to_dict(), "depth": model.config.n_layer, "params": model.num_params(), "decode": engine.decoder.mode,
            "compile": engine.decoder.compile, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
            "temperature": cfg.temperature, "torch": torch.__version__, "results": results}
-    if cfg.out:
-        with open(cfg.out, "w") as f:
-            json.dump(out, f, indent=2)
+    write_json(cfg.out, out)
     return out
 
 

@@ -14,14 +14,13 @@ the forward+backward / optimizer split, peak memory; `--out FILE.json` writes th
 from __future__ import annotations
 
 import gc
-import json
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from nanochat.common import default_device, seed_everything
+from nanochat.common import default_device, seed_everything, write_json
 from nanochat.config import ModelShapeConfig, option, parse_config
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.precision import PrecisionPlan, apply_process_settings, resolve
@@ -148,9 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     apply_process_settings(plan, device)
     print(f"precision plan:\n{plan.summary()}")
     result = find_max_batch(cfg, plan, device) if cfg.find_max_batch else bench(cfg, plan, device)
-    if cfg.out:
-        with open(cfg.out, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(cfg.out, result)
     return result
 
 
