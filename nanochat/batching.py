@@ -130,11 +130,12 @@ class DecodeBatch:
         requests = [self.running[slot].request for slot in slots]
         # greedy rows need no generator: one argmax covers all of them; a sampling row draws
         # from its own generator, so its tokens do not depend on its batch mates
-        best = logits.argmax(dim=-1, keepdim=True)
-        if all(r.temperature == 0 for r in requests):
+        greedy = [r.temperature == 0 for r in requests]
+        best = logits.argmax(dim=-1, keepdim=True) if any(greedy) else None
+        if all(greedy):
             sampled = best
         else:
-            sampled = torch.cat([best[i : i + 1] if r.temperature == 0 else
+            sampled = torch.cat([best[i : i + 1] if greedy[i] else
                                  sample_next(logits[i : i + 1], r.temperature, r.top_k, self.running[slot].rng)
                                  for i, (slot, r) in enumerate(zip(slots, requests, strict=True))])
         tokens = sampled.view(-1).tolist()  # one host sync for the batch

@@ -154,9 +154,7 @@ class Decoder:
         if self.mode == "static":
             rows = ids.size(0)
             pad = cache.pad[:rows] if cache.pad is not None else torch.zeros(rows, dtype=torch.long, device=ids.device)
-            step = StaticStep(cache.k, cache.v, torch.tensor([cache.pos], device=ids.device), pad)
-            with self.plan.compute_context():
-                logits = _one_token(self.weights, ids, step)
+            logits = self._static(ids, cache, torch.tensor([cache.pos], device=ids.device), pad)
         else:
             logits = self._replay(ids, cache)
         cache.advance(1)
@@ -190,9 +188,14 @@ class Decoder:
             print(f"decode: capturing the CUDA graph failed ({type(e).__name__}: {e}); decoding eagerly from now on",
                   flush=True)
             self.mode, self._graphs = "eager", {}
-            with self.plan.compute_context():  # this step still on the static inputs: the caller advances the cache
-                return _one_token(self.weights, g.ids, StaticStep(cache.k, cache.v, g.pos, g.pad))[:rows]
+            # this step still on the static inputs (the caller advances the cache)
+            return self._static(g.ids, cache, g.pos, g.pad)[:rows]
         return g.logits[:rows]
+
+    def _static(self, ids: torch.Tensor, cache: KVCache, pos: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """The graph's computation run eagerly, on inputs that live on the device."""
+        with self.plan.compute_context():
+            return _one_token(self.weights, ids, StaticStep(cache.k, cache.v, pos, pad))
 
     def _buffers(self, rows: int, device: torch.device) -> _Graph:
         return _Graph(torch.cuda.CUDAGraph(), torch.zeros(rows, 1, dtype=torch.long, device=device),

@@ -343,6 +343,11 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def num_matrix_params(self) -> int:
+        """Weights of the nn.Linear layers (lm_head included): what a matmul reads, unlike the
+        embedding, which is a lookup."""
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+
     def estimate_flops(self) -> int:
         """Training FLOPs per token (forward + backward), with upstream nanochat's formula.
 
@@ -353,8 +358,7 @@ class GPT(nn.Module):
         """
         cfg = self.config
         head_dim = cfg.n_embd // cfg.n_head
-        linear_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return 6 * linear_params + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
+        return 6 * self.num_matrix_params() + 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
 
     def setup_optimizer(
         self,

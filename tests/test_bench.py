@@ -47,3 +47,13 @@ def test_bench_infer_times_prefill_and_decode(tmp_path):
     weights = 4 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     kv_per_row = 4 * 1 * 2 * model.config.n_embd * 19
     assert out["results"][1]["bytes_per_step"] == weights + 3 * kv_per_row
+
+
+@pytest.mark.parametrize("args, message", [(["--num-samples", "1,x"], "positive row counts"),
+                                           (["--num-samples", "0"], "positive row counts"),
+                                           (["--repeats", "0"], "at least one timed run")])
+def test_bench_infer_refuses_bad_batch_lists(args, message):
+    from nanochat.scripts import bench_infer
+
+    with pytest.raises(SystemExit, match=message):
+        bench_infer.main(["--device", "cpu", "--depth", "1", *args])

@@ -96,7 +96,7 @@ def bound(model: GPT, rows: int, context: int, dtype_bytes: int, bandwidth: floa
     """Bytes one decode step must read (matrix weights once, the KV cache of every row) and the
     tokens/s that the memory bandwidth allows at most."""
     cfg = model.config
-    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) * dtype_bytes
+    weights = model.num_matrix_params() * dtype_bytes
     kv_per_row = cfg.n_layer * 2 * cfg.n_kv_head * (cfg.n_embd // cfg.n_head) * context * dtype_bytes
     step_bytes = weights + rows * kv_per_row
     return {"bytes_per_step": step_bytes, "bound_tok_per_s": rows * bandwidth / step_bytes if bandwidth else None}
@@ -131,8 +131,22 @@ def profile_step(engine: Engine, prompt: list[int]) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=15)
 
 
+def batch_sizes(cfg: BenchInferConfig) -> list[int]:
+    """--num-samples as numbers; a bad list or --repeats is refused before any model is built."""
+    try:
+        sizes = [int(n) for n in cfg.num_samples.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise SystemExit(f"--num-samples {cfg.num_samples!r}: give comma-separated positive row counts, e.g. 1,32")
+    if cfg.repeats < 1:
+        raise SystemExit(f"--repeats {cfg.repeats}: at least one timed run is needed")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(BenchInferConfig, argv, description=__doc__.splitlines()[0])
+    sizes = batch_sizes(cfg)
     device, plan = init_process(cfg)
     model = load(cfg, device)
     engine = Engine(model, _NoStopTokenizer(model.config.vocab_size), plan, decode=cfg.decode)
@@ -140,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"decode: {engine.decoder.mode}{' + torch.compile' if engine.decoder.compile else ''}")
     g = torch.Generator().manual_seed(cfg.seed)
     prompt = torch.randint(0, engine.tokenizer.bos_token_id, (cfg.prompt_len,), generator=g).tolist()
-    results = [measure(engine, prompt, int(n), cfg, device) for n in cfg.num_samples.split(",")]
+    results = [measure(engine, prompt, rows, cfg, device) for rows in sizes]
     for r in results:
         share = f" | {100 * r['share_of_bound']:.1f}% of the bandwidth bound" if r["share_of_bound"] else ""
         print(f"rows {r['rows']:>3}: first token {r['ttft_ms']:7.1f} ms | {r['ms_per_step']:6.2f} ms/step | "
