@@ -93,3 +93,15 @@ def test_requests_that_cannot_fit_are_refused(engine, tokenizer):
         batch.add(Request(prompt(tokenizer, "And God said"), 15))
     with pytest.raises(ValueError, match="rotary tables"):
         DecodeBatch(engine, slots=1, capacity=10**6)
+
+
+def test_warm_up_leaves_an_empty_batch_that_decodes_as_a_fresh_one(engine, tokenizer):
+    request = Request(prompt(tokenizer, "In the beginning"), max_tokens=8)
+    batch = DecodeBatch(engine, slots=3, capacity=32)
+    batch.warm_up()  # one busy slot, then all three
+    assert not batch.busy and batch.active() == set() and batch.cache.pos == 0
+    rid = batch.add(request)
+    tokens = []
+    while batch.busy:
+        tokens += [t for r, t in batch.step().items() if r == rid]
+    assert tokens == alone(engine, request)
