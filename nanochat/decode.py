@@ -5,7 +5,9 @@ Python, the host is the bottleneck, not the GPU (upstream nanochat's Engine deco
 per stream at depth 12 on an H100, under 1% of the memory-bandwidth bound). Here the step is
 captured once as a CUDA graph and replayed with a single launch; where the plan compiles
 (sm >= 7.0), torch.compile first fuses the elementwise chains so there are fewer kernels to
-replay. CUDA graphs need no Triton, so the P100 plan gets them too, with eager kernels.
+replay, and each layer's attention and cache write run as two Triton kernels
+(nanochat.decode_attention). CUDA graphs need no Triton, so the P100 plan gets them too, with
+eager kernels and the two-matmul attention of nanochat.gpt.attention.
 
 A graph replays fixed addresses and shapes, so the step may not depend on Python numbers that
 change between tokens. `StaticStep` stands in for a KVCache inside the graph: the write position is
@@ -17,9 +19,10 @@ continuous batch whose busy rows vary needs only a handful.
 
 Weights: autocast would cast every fp32 weight matrix to the compute dtype at every step (read 4
 bytes, write 2, read 2 again), which at decode sizes costs as much as the step itself. The decoder
-keeps a copy of the model with its matrices in the compute dtype and refreshes it from the model
-on `sync_weights()` (Engine.generate calls it per request, so a model being trained, as in RL, is
-decoded as it is now).
+keeps a copy of the model with its matrices in the compute dtype and the query, key and value
+projections fused into one matmul (at these sizes a matmul costs its launch, ~3-4 us, whatever its
+width), and refreshes it from the model on `sync_weights()` (Engine.generate calls it per request,
+so a model being trained, as in RL, is decoded as it is now).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nanochat.gpt import GPT, KVCache
+from nanochat.gpt import GPT, KVCache, attention
 from nanochat.precision import PrecisionPlan
 
 MODES = ("auto", "eager", "static", "graph")
@@ -42,9 +45,10 @@ class StaticStep:
     `pos` (shape (1,)) is the column written this step, `pad` (rows,) each row's first real
     column. Only what GPT.forward asks of a KVCache for T = 1 is implemented."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor, fused: bool = False):
         self.k, self.v, self.pos_t, self.pad = k, v, pos, pad
         self.pos = 0  # GPT.forward's bound check only; the real position is pos_t
+        self.fused = fused  # attention and cache write in Triton kernels (nanochat.decode_attention)
 
     def positions(self, num_tokens: int, rows: int | None = None) -> torch.Tensor:
         return (self.pos_t - self.pad)[:, None].clamp(min=0)
@@ -63,6 +67,15 @@ class StaticStep:
         self.k[layer, :rows].index_copy_(2, self.pos_t, k)
         self.v[layer, :rows].index_copy_(2, self.pos_t, v)
         return self.k[layer, :rows], self.v[layer, :rows]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+               causal: bool) -> torch.Tensor:
+        if self.fused:
+            from nanochat.decode_attention import decode_attention  # imports Triton
+
+            return decode_attention(q, k, v, self.k, self.v, layer, self.pos_t, self.pad)
+        k, v = self.insert(layer, k, v)
+        return attention(q, k, v, mask, causal)
 
     def advance(self, num_tokens: int) -> None:
         pass  # the caller advances the real KVCache after the step
@@ -109,14 +122,26 @@ class Decoder:
         self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
+    def fused(self) -> bool:
+        """Whether the captured steps attend with nanochat.decode_attention's Triton kernels: where
+        the step is compiled (so Triton is there) and the head width suits them."""
+        if not self.compile:
+            return False
+        from nanochat.decode_attention import supports
+
+        return supports(self.model.config.n_embd // self.model.config.n_head)
+
+    @property
     def weights(self) -> nn.Module:
-        """The model the static steps run: a compute-dtype copy where the plan computes in 16 bits."""
-        if self.mode == "eager" or self.plan.dtype == "float32":
+        """The model the static steps run: a copy with q/k/v fused and the matrices in the compute dtype."""
+        if self.mode == "eager":
             return self.model
         if self._copy is None:
+            self._copy = copy.deepcopy(self.model).eval().requires_grad_(False)
+            for block in self._copy.transformer.h:
+                block.attn.fuse_qkv()
             # the matrices only: the embedding, rotary tables and so the residual stream stay float32,
             # exactly as under autocast, so the graphed step computes what the eager one does
-            self._copy = copy.deepcopy(self.model).eval().requires_grad_(False)
             for module in self._copy.modules():
                 if isinstance(module, nn.Linear):
                     module.to(self.plan.torch_dtype)
@@ -124,9 +149,14 @@ class Decoder:
 
     @torch.no_grad()
     def sync_weights(self) -> None:
-        """Copy the model's current weights into the compute-dtype copy (if there is one yet)."""
-        if self._copy is not None:
-            torch._foreach_copy_(list(self._copy.parameters()), list(self.model.parameters()))
+        """Copy the model's current weights into the decode copy (if there is one yet)."""
+        if self._copy is None:
+            return
+        source = dict(self.model.named_parameters())
+        mine = [(p, source[name]) for name, p in self._copy.named_parameters() if name in source]
+        torch._foreach_copy_([p for p, _ in mine], [s for _, s in mine])
+        for block, src in zip(self._copy.transformer.h, self.model.transformer.h, strict=True):
+            block.attn.load_qkv(src.attn.c_q, src.attn.c_k, src.attn.c_v)
 
     def workspace(self, rows: int, min_len: int, like: KVCache) -> KVCache:
         """An empty KVCache of `rows` rows and at least `min_len` columns (rounded up to 256) whose
@@ -206,7 +236,7 @@ class Decoder:
         """Capture the step on g's input buffers, which already hold this step's inputs: the warm-up
         runs (compilation, cuBLAS/attention workspaces; capture needs them on a side stream) compute
         the step for real, and the captured graph is not replayed this time."""
-        step = StaticStep(cache.k, cache.v, g.pos, g.pad)
+        step = StaticStep(cache.k, cache.v, g.pos, g.pad, fused=self.fused)
         fn = _compiled_one_token if self.compile else _one_token
         weights = self.weights
         device = g.ids.device

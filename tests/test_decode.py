@@ -53,6 +53,16 @@ def test_static_step_decodes_like_the_plain_cache():
     assert run_batch(engine(model, PLAN, "static"), PROMPTS) == run_batch(engine(model, PLAN, "eager"), PROMPTS)
 
 
+def test_sync_weights_brings_a_trained_model_into_the_decode_copy():
+    model = random_model(128, n_kv_head=1)
+    static, eager = engine(model, PLAN, "static"), engine(model, PLAN, "eager")
+    run_generate(static, PROMPTS[0])  # builds the decode copy (q/k/v fused) from the weights as they are
+    with torch.no_grad():
+        for p in model.parameters():  # as an RL step would
+            p.add_(0.05 * torch.randn_like(p))
+    assert run_generate(static, PROMPTS[0]) == run_generate(eager, PROMPTS[0])
+
+
 def test_workspace_is_reused_while_the_shape_fits():
     model = random_model(128)
     decoder = Decoder(model, PLAN, "static")
@@ -76,25 +86,38 @@ def test_cuda_graphs_decode_exactly_like_eager_in_fp32():
     plan = resolve("float32", "cuda")
     model = random_model(128).cuda()
     eager, graphed = engine(model, plan, "eager"), engine(model, plan, "graph")
-    graphed.decoder.compile = False  # the same kernels, replayed: the tokens must be identical
+    graphed.decoder.compile = False  # fp32 all through: the tokens must be identical
     for _ in range(2):  # the first pass captures the graphs, the second replays them
         assert run_generate(graphed, PROMPTS[0]) == run_generate(eager, PROMPTS[0])
         assert run_batch(graphed, PROMPTS) == run_batch(eager, PROMPTS)
 
 
+def decode_logits(model, plan, mode: str, device: str, compile: bool = False) -> torch.Tensor:
+    e = engine(model, plan, mode)
+    e.decoder.compile = compile and plan.compile
+    cache = KVCache(2, 32)
+    e._forward(torch.tensor([PROMPTS[0]], device=device), cache)
+    # clone: the graphed step returns a view of its static output buffer, valid until the next step
+    return torch.stack([e._forward(torch.tensor([[t]], device=device), cache).float().clone() for t in (3, 5, 7, 9)])
+
+
+def assert_as_accurate_as_eager(plan, mode: str, device: str, compile: bool = False) -> None:
+    """In 16 bits the decode step (fused q/k/v, its own single-query attention) rounds differently
+    from the eager forward, so both are held against float32: the decode step may not be much
+    further from it than the eager forward is."""
+    model = random_model(128).to(device)
+    reference = decode_logits(model, resolve("float32", device), "eager", device)
+    eager_error = (decode_logits(model, plan, "eager", device) - reference).abs()
+    error = (decode_logits(model, plan, mode, device, compile) - reference).abs()
+    assert error.mean() <= 1.5 * eager_error.mean(), (error.mean(), eager_error.mean())
+    assert error.max() <= 3 * eager_error.max(), (error.max(), eager_error.max())
+
+
+def test_static_step_in_bf16_is_as_accurate_as_eager():
+    assert_as_accurate_as_eager(resolve("bfloat16", "cpu"), "static", "cpu")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile", [False, True])
-def test_cuda_graphs_follow_the_eager_logits_in_the_plans_dtype(compile):
-    plan = resolve("auto", "cuda")
-    model = random_model(128).cuda()
-    prompt = torch.tensor([PROMPTS[0]], device="cuda")
-    logits = {}
-    for mode in ("eager", "graph"):
-        e = engine(model, plan, mode)
-        e.decoder.compile = compile and plan.compile
-        cache = KVCache(2, 32)
-        e._forward(prompt, cache)
-        # clone: the graphed step returns a view of its static output buffer, valid until the next step
-        logits[mode] = [e._forward(torch.tensor([[t]], device="cuda"), cache).float().clone() for t in (3, 5, 7, 9)]
-    for a, b in zip(logits["graph"], logits["eager"], strict=True):
-        torch.testing.assert_close(a, b, atol=0.05, rtol=0.05)
+def test_cuda_graphs_in_the_plans_dtype_are_as_accurate_as_eager(compile):
+    assert_as_accurate_as_eager(resolve("auto", "cuda"), "graph", "cuda", compile)

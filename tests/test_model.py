@@ -1,12 +1,13 @@
 """Tests of nanochat.gpt and nanochat.optim on tiny CPU models: each checks that two routes agree."""
 
+import copy
 import io
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, attention
 from nanochat.optim import MuonAdamW, zeropower_via_newtonschulz5
 
 V, T = 256, 32
@@ -129,6 +130,30 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
         logits = gqa(x)
         assert logits.shape == (4, T, V)
         torch.testing.assert_close(logits, mha(x), rtol=1e-5, atol=1e-5)
+
+
+def test_single_query_attention_matches_sdpa_with_the_same_mask():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(3, 2, n, 32, generator=g) for n in (1, 10, 10))
+    mask = torch.rand(3, 1, 1, 10, generator=g) > 0.4
+    mask[..., 0] = True  # every row sees at least one key
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(attention(q, k, v, mask, causal=False), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_qkv_projects_like_the_separate_matrices_and_reloads_them():
+    model = tiny_model(n_head=4, n_kv_head=2, n_embd=128)
+    attn = model.transformer.h[0].attn
+    separate = copy.deepcopy(attn)
+    attn.fuse_qkv()
+    assert not hasattr(attn, "c_q") and attn.c_qkv.weight.shape == (128 + 2 * 64, 128)
+    x = torch.randn(2, 5, 128)
+    with torch.no_grad():
+        for a, b in zip(attn.project_qkv(x), separate.project_qkv(x), strict=True):
+            torch.testing.assert_close(a, b)
+        separate.c_k.weight.mul_(2.0)  # the trained model moves on; the fused copy follows on reload
+        attn.load_qkv(separate.c_q, separate.c_k, separate.c_v)
+        torch.testing.assert_close(attn.project_qkv(x)[1], separate.c_k(x))
 
 
 def test_loss_matches_cross_entropy_of_logits_and_ignores_minus_one():
