@@ -13,6 +13,7 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
 CHECK = """
+import torch
 from nanochat.decode_attention import decode_attention
 from nanochat.gpt import attention
 
