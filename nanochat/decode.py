@@ -11,9 +11,9 @@ eager kernels and the two-matmul attention of nanochat.gpt.attention.
 
 A graph replays fixed addresses and shapes, so the step may not depend on Python numbers that
 change between tokens. `StaticStep` stands in for a KVCache inside the graph: the write position is
-a device scalar, the keys/values go into the cache tensors in place (`index_copy_`), and attention
-covers the cache's whole width with a mask (columns past the write position, or before a row's
-left padding, hidden). The model's own forward runs unchanged on it. One graph is captured per
+a device scalar, the keys/values go into the cache tensors in place (`index_copy_`, or inside the
+Triton attention kernel), and attention covers the cache's whole width with a mask (columns past
+the write position, or before a row's left padding, hidden). The model's own forward runs unchanged on it. One graph is captured per
 cache tensor and number of rows on first use, the rows rounded up to a power of two so that a
 continuous batch whose busy rows vary needs only a handful.
 

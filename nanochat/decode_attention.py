@@ -98,7 +98,7 @@ def _merge_and_append(Q, KN, VN, KC, VC, Pos, M, L, Acc, Out, q_row, q_head, k_r
 
 
 def supports(head_dim: int) -> bool:
-    """The kernels take a whole head per program: its width must be a power of two."""
+    """The kernels take a whole head per program: its width must be a power of two, 16 or more."""
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
