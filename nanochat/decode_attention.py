@@ -11,6 +11,14 @@ partials. Here the second kernel also attends to the step's own key/value (read 
 not from the cache) and only then writes them into the cache, so no kernel reads a column that
 another one is writing.
 
+The split kernel multiplies on tensor cores (`tl.dot`): the query heads that share a key/value
+head are the rows of one product, padded to 16, so a cached column is read once per key/value head
+and the scores and weighted sums need no CUDA-core reductions. At depth 20 and 32 rows on an H200
+this took a step's attention from 0.86 to 0.64 ms (2.4 to 3.3 TB/s; a plain read of the same
+bytes runs at 4.3). The weights enter the second product in the cache's dtype, as in flash
+attention; scores, sums and the running maximum stay float32, and float32 caches multiply in full
+precision, not TF32.
+
 Masking is the static cache's (nanochat.decode.StaticStep): row r sees columns pad[r] .. pos - 1
 of the cache, plus its new key at column pos.
 
@@ -27,43 +35,57 @@ import triton.language as tl
 
 BLOCK = 64  # cache columns per inner iteration of a split
 MAX_SPLITS = 64  # partials the merge kernel holds at once; longer caches get longer splits
+MANY_PROGRAMS = 128  # (row, key/value head) pairs that fill a GPU without splitting columns finely
 
 
 @triton.jit
 def _split_partials(Q, KC, VC, Pos, Pad, M, L, Acc, q_row, q_head, c_row, c_head, c_col, scale,
-                    HEADS: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                    STEPS: tl.constexpr):
-    """Program (row x query head, split): softmax statistics of the query over the split's columns."""
-    rh = tl.program_id(0)
+                    KV_HEADS: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, QB: tl.constexpr,
+                    BLOCK: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (row x key/value head, split): softmax statistics of the REP query heads that share
+    the key/value head, over the split's columns. The queries are the rows of one tensor-core
+    product, padded to QB (16, the smallest tile), so each cached column is read once for all of
+    them and the scores and weighted values cost no CUDA-core reductions."""
+    rk = tl.program_id(0)
     split = tl.program_id(1)
-    row = rh // HEADS
-    head = rh % HEADS
+    row = rk // KV_HEADS
+    kv_head = rk % KV_HEADS
     pos = tl.load(Pos)
     pad = tl.load(Pad + row)
     d = tl.arange(0, D)
-    q = tl.load(Q + row * q_row + head * q_head + d).to(tl.float32) * scale
-    cache = row * c_row + (head // REP) * c_head
-    m = tl.zeros([], dtype=tl.float32) - float("inf")
-    total = tl.zeros([], dtype=tl.float32)
-    acc = tl.zeros([D], dtype=tl.float32)
-    for i in range(STEPS):
-        cols = (split * STEPS + i) * BLOCK + tl.arange(0, BLOCK)
+    r = tl.arange(0, QB)
+    real = r < REP
+    heads = kv_head * REP + r
+    q = tl.load(Q + row * q_row + heads[:, None] * q_head + d[None, :], mask=real[:, None], other=0.0)
+    q = q.to(KC.dtype.element_ty)
+    cache = row * c_row + kv_head * c_head
+    m = tl.full([QB], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([QB], dtype=tl.float32)
+    acc = tl.zeros([QB, D], dtype=tl.float32)
+    start = split * STEPS * BLOCK
+    # only blocks holding a column the row sees: a split past pos (or before the padding) does no work
+    lo = tl.maximum(start, pad // BLOCK * BLOCK)
+    hi = tl.minimum(start + STEPS * BLOCK, pos)
+    for c0 in tl.range(lo, hi, BLOCK, num_stages=STAGES):
+        cols = c0 + tl.arange(0, BLOCK)
         seen = (cols >= pad) & (cols < pos)
         offsets = cache + cols[:, None] * c_col + d[None, :]
-        k = tl.load(KC + offsets, mask=seen[:, None], other=0.0).to(tl.float32)
-        v = tl.load(VC + offsets, mask=seen[:, None], other=0.0).to(tl.float32)  # both reads in flight at once
-        s = tl.where(seen, tl.sum(k * q[None, :], axis=1), float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=0))
+        k = tl.load(KC + offsets, mask=seen[:, None], other=0.0)
+        v = tl.load(VC + offsets, mask=seen[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (QB, BLOCK), float32
+        s = tl.where(seen[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep exp() finite
-        p = tl.exp(s - m_safe)
+        p = tl.exp(s - m_safe[:, None])
         decay = tl.exp(m - m_safe)
-        total = total * decay + tl.sum(p, axis=0)
-        acc = acc * decay + tl.sum(p[:, None] * v, axis=0)
+        total = total * decay + tl.sum(p, axis=1)
+        # the weights in the cache's dtype, as flash attention does; the sums stay float32
+        acc = acc * decay[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
-    out = rh * tl.num_programs(1) + split
-    tl.store(M + out, m)
-    tl.store(L + out, total)
-    tl.store(Acc + out * D + d, acc)
+    out = (row * KV_HEADS * REP + heads) * tl.num_programs(1) + split
+    tl.store(M + out, m, mask=real)
+    tl.store(L + out, total, mask=real)
+    tl.store(Acc + out[:, None] * D + d[None, :], acc, mask=real[:, None])
 
 
 @triton.jit
@@ -102,6 +124,23 @@ def supports(head_dim: int) -> bool:
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
+def _split_blocks(rows_x_heads: int, columns: int) -> int:
+    """Blocks per split. One while there are few (row, head) programs, so that many short splits fill
+    the GPU; two once there are many, so that each program streams longer (at depth 20, 32 rows on an
+    H200: 0.65 ms for all layers vs 0.78 with one). Longer caches take more, to stay in MAX_SPLITS."""
+    steps = 1 if rows_x_heads < MANY_PROGRAMS else 2
+    return max(steps, -(-columns // (BLOCK * MAX_SPLITS)))
+
+
+def _pipeline_stages(cache: torch.Tensor) -> int:
+    """Blocks in flight per program: two where both blocks' keys and values fit in half the shared
+    memory a program may take (Ampere, Hopper), else one (a T4 has 64 KB, a V100 96 KB)."""
+    if cache.device.type != "cuda":
+        return 1
+    shared = getattr(torch.cuda.get_device_properties(cache.device), "shared_memory_per_block_optin", 48 * 1024)
+    return 2 if 2 * 2 * BLOCK * cache.size(-1) * cache.element_size() <= shared // 2 else 1
+
+
 @torch.library.custom_op("nanochat::decode_attention", mutates_args=("k_cache", "v_cache"))
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      layer: int, pos: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
@@ -111,17 +150,18 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # any layout with whole heads
     kc, vc = k_cache[layer], v_cache[layer]
     rows, heads, _, dim = q.shape
-    columns = kc.size(2)
-    steps = -(-columns // (BLOCK * MAX_SPLITS))  # iterations per split
+    kv_heads, columns = k.size(1), kc.size(2)
+    steps = _split_blocks(rows * kv_heads, columns)
     splits = -(-columns // (BLOCK * steps))
     partial = dict(device=q.device, dtype=torch.float32)
     m, total = torch.empty(rows * heads, splits, **partial), torch.empty(rows * heads, splits, **partial)
     acc = torch.empty(rows * heads, splits, dim, **partial)
     out = torch.empty_like(q)
-    rep, scale = heads // k.size(1), dim**-0.5
-    _split_partials[(rows * heads, splits)](
+    rep, scale = heads // kv_heads, dim**-0.5
+    _split_partials[(rows * kv_heads, splits)](
         q, kc, vc, pos, pad, m, total, acc, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
-        scale, HEADS=heads, REP=rep, D=dim, BLOCK=BLOCK, STEPS=steps)
+        scale, KV_HEADS=kv_heads, REP=rep, D=dim, QB=max(16, triton.next_power_of_2(rep)), BLOCK=BLOCK, STEPS=steps,
+        STAGES=_pipeline_stages(kc), PRECISION="ieee" if kc.dtype == torch.float32 else "tf32")
     _merge_and_append[(rows * heads,)](
         q, k, v, kc, vc, pos, m, total, acc, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), out.stride(0), out.stride(1), scale, splits,
