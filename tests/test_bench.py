@@ -24,6 +24,17 @@ def test_bench_reports_throughput_and_writes_json(tmp_path):
     assert result["mfu"] is None and result["skipped_steps"] == 0  # CPU: no peak FLOP/s to compare with
 
 
+def test_two_steps_run_the_training_step_and_report_the_model_size():
+    from nanochat.config import parse_config
+    from nanochat.precision import resolve
+
+    cfg = parse_config(bench_train.BenchConfig, TINY)
+    device = torch.device("cpu")
+    expected = GPT(GPTConfig.from_depth(2, 512, 64, head_dim=32)).num_params()
+    assert bench_train.two_steps(cfg, resolve("auto", device), device, batch_size=2) == expected
+    assert bench_train.fits(cfg, resolve("auto", device), device, batch_size=2)
+
+
 def test_find_max_batch_needs_a_gpu():
     with pytest.raises(SystemExit, match="CUDA"):
         bench_train.main([*TINY, "--find-max-batch"])

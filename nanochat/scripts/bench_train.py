@@ -54,22 +54,27 @@ def build(cfg: BenchConfig, plan: PrecisionPlan, device: torch.device, batch_siz
     return model, step, batches, grad_accum
 
 
-def fits(cfg: BenchConfig, plan: PrecisionPlan, device: torch.device, batch_size: int) -> bool:
-    """Two full optimizer steps at this micro-batch (the second one holds the optimizer state): do
-    they run without running out of memory? Everything they allocated is freed afterwards."""
-    step = batches = None
+def two_steps(cfg: BenchConfig, plan: PrecisionPlan, device: torch.device, batch_size: int) -> int | None:
+    """Two full optimizer steps at this micro-batch (the second one holds the optimizer state): the
+    model's parameter count if they ran, None if they ran out of GPU memory. Everything they
+    allocated is freed afterwards (the allocator's peak statistics keep what they used)."""
+    model = step = batches = None
     try:
-        _, step, batches, _ = build(cfg, plan, device, batch_size)
+        model, step, batches, _ = build(cfg, plan, device, batch_size)
         step(batches)
         step(batches)
-        return True
+        return model.num_params()
     except torch.cuda.OutOfMemoryError:
-        return False
+        return None
     finally:
-        step = batches = None
+        model = step = batches = None
         torch._dynamo.reset()  # compiled graphs hold on to their buffers
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def fits(cfg: BenchConfig, plan: PrecisionPlan, device: torch.device, batch_size: int) -> bool:
+    return two_steps(cfg, plan, device, batch_size) is not None
 
 
 def find_max_batch(cfg: BenchConfig, plan: PrecisionPlan, device: torch.device) -> dict:

@@ -18,7 +18,6 @@ No GPU needed to compare or refit the memory model (nanochat/memory.py) on a mea
 
 from __future__ import annotations
 
-import gc
 import json
 import sys
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from nanochat.common import default_device
 from nanochat.config import ModelShapeConfig, option, parse_config
 from nanochat.memory import GiB
 from nanochat.precision import apply_process_settings, resolve
-from nanochat.scripts.bench_train import BenchConfig, build
+from nanochat.scripts.bench_train import BenchConfig, two_steps
 
 
 def int_list(text: str) -> list[int]:
@@ -58,21 +57,11 @@ def measure(cfg: CalibrateConfig, plan, device: torch.device, depth: int, seq_le
              "compile": plan.compile if cfg.compile == "auto" else cfg.compile == "on",
              "gpu": plan.name, "emulating": plan.emulating}
     torch.cuda.reset_peak_memory_stats(device)
-    try:
-        model, step, batches, _ = build(bench_cfg, plan, device, batch)
-        point["num_params"] = model.num_params()
-        step(batches)
-        step(batches)
-        torch.cuda.synchronize(device)
-        point.update(ok=True, peak_allocated=torch.cuda.max_memory_allocated(device),
+    num_params = two_steps(bench_cfg, plan, device, batch)
+    point.update(ok=num_params is not None)
+    if num_params is not None:
+        point.update(num_params=num_params, peak_allocated=torch.cuda.max_memory_allocated(device),
                      peak_reserved=torch.cuda.max_memory_reserved(device))
-    except torch.cuda.OutOfMemoryError:
-        point.update(ok=False)
-    finally:
-        model = step = batches = None
-        torch._dynamo.reset()  # compiled graphs hold on to their buffers
-        gc.collect()
-        torch.cuda.empty_cache()
     return point
 
 
