@@ -75,11 +75,7 @@ def plot_curves(runs: dict[str, list[dict]], out: str | Path, keys: Sequence[str
         ax.grid(alpha=0.3)
         if ax.lines:  # a metric no run recorded (e.g. no evaluation) gets an empty panel
             ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_bars(groups: dict[str, dict[str, float]], out: str | Path, ylabel: str = "score") -> Path:
@@ -96,11 +92,7 @@ def plot_bars(groups: dict[str, dict[str, float]], out: str | Path, ylabel: str 
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def _pyplot():
@@ -111,6 +103,14 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, out: str | Path) -> Path:
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
 
 
 # -----------------------------------------------------------------------------
