@@ -11,9 +11,10 @@ partials. Here the second kernel also attends to the step's own key/value (read 
 not from the cache) and only then writes them into the cache, so no kernel reads a column that
 another one is writing.
 
-The split kernel multiplies on tensor cores (`tl.dot`): the query heads that share a key/value
-head are the rows of one product, padded to 16, so a cached column is read once per key/value head
-and the scores and weighted sums need no CUDA-core reductions. At depth 20 and 32 rows on an H200
+The split kernel multiplies on tensor cores (`tl.dot`) where Triton has them (compute capability
+8.0+): the query heads that share a key/value head are the rows of one product, padded to 16, so a
+cached column is read once per key/value head and the scores and weighted sums need no CUDA-core
+reductions. On a V100 or T4 the same grouping multiplies and sums on CUDA cores. At depth 20 and 32 rows on an H200
 this took a step's attention from 0.86 to 0.64 ms (2.4 to 3.3 TB/s; a plain read of the same
 bytes runs at 4.3). The weights enter the second product in the cache's dtype, as in flash
 attention; scores, sums and the running maximum stay float32, and float32 caches multiply in full
@@ -41,11 +42,13 @@ MANY_PROGRAMS = 128  # (row, key/value head) pairs that fill a GPU without split
 @triton.jit
 def _split_partials(Q, KC, VC, Pos, Pad, M, L, Acc, q_row, q_head, c_row, c_head, c_col, scale,
                     KV_HEADS: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, QB: tl.constexpr,
-                    BLOCK: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr, TENSOR_CORES: tl.constexpr,
+                    PRECISION: tl.constexpr):
     """Program (row x key/value head, split): softmax statistics of the REP query heads that share
-    the key/value head, over the split's columns. The queries are the rows of one tensor-core
-    product, padded to QB (16, the smallest tile), so each cached column is read once for all of
-    them and the scores and weighted values cost no CUDA-core reductions."""
+    the key/value head, over the split's columns, so each cached column is read once for all of
+    them. With TENSOR_CORES the queries are the rows of one product, padded to QB = 16 (the
+    smallest tile); without (QB = REP rounded up to a power of two) the products are
+    multiply-and-sum on CUDA cores."""
     rk = tl.program_id(0)
     split = tl.program_id(1)
     row = rk // KV_HEADS
@@ -72,15 +75,21 @@ def _split_partials(Q, KC, VC, Pos, Pad, M, L, Acc, q_row, q_head, c_row, c_head
         offsets = cache + cols[:, None] * c_col + d[None, :]
         k = tl.load(KC + offsets, mask=seen[:, None], other=0.0)
         v = tl.load(VC + offsets, mask=seen[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (QB, BLOCK), float32
+        if TENSOR_CORES:
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (QB, BLOCK), float32
+        else:
+            s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
+        s = s * scale
         s = tl.where(seen[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep exp() finite
         p = tl.exp(s - m_safe[:, None])
         decay = tl.exp(m - m_safe)
         total = total * decay + tl.sum(p, axis=1)
-        # the weights in the cache's dtype, as flash attention does; the sums stay float32
-        acc = acc * decay[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if TENSOR_CORES:  # the weights in the cache's dtype, as flash attention does; the sums stay float32
+            acc = acc * decay[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        else:
+            acc = acc * decay[:, None] + tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
         m = m_new
     out = (row * KV_HEADS * REP + heads) * tl.num_programs(1) + split
     tl.store(M + out, m, mask=real)
@@ -132,6 +141,14 @@ def _split_blocks(rows_x_heads: int, columns: int) -> int:
     return max(steps, -(-columns // (BLOCK * MAX_SPLITS)))
 
 
+def tensor_cores(device: torch.device) -> bool:
+    """Whether the split kernel multiplies with `tl.dot`: on compute capability 8.0 and up (Triton
+    dropped its Volta tensor-core path in late 2024 and runs `tl.dot` as scalar FMAs below 8.0,
+    where a product padded to 16 rows for one query would cost 16x the arithmetic), and on the CPU
+    (the interpreter)."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def _pipeline_stages(cache: torch.Tensor) -> int:
     """Blocks in flight per program: two where both blocks' keys and values fit in half the shared
     memory a program may take (Ampere, Hopper), else one (a T4 has 64 KB, a V100 96 KB)."""
@@ -157,11 +174,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     m, total = torch.empty(rows * heads, splits, **partial), torch.empty(rows * heads, splits, **partial)
     acc = torch.empty(rows * heads, splits, dim, **partial)
     out = torch.empty_like(q)
-    rep, scale = heads // kv_heads, dim**-0.5
+    rep, scale, tensors = heads // kv_heads, dim**-0.5, tensor_cores(q.device)
     _split_partials[(rows * kv_heads, splits)](
         q, kc, vc, pos, pad, m, total, acc, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
-        scale, KV_HEADS=kv_heads, REP=rep, D=dim, QB=max(16, triton.next_power_of_2(rep)), BLOCK=BLOCK, STEPS=steps,
-        STAGES=_pipeline_stages(kc), PRECISION="ieee" if kc.dtype == torch.float32 else "tf32")
+        scale, KV_HEADS=kv_heads, REP=rep, D=dim, QB=max(16 if tensors else 1, triton.next_power_of_2(rep)), BLOCK=BLOCK,
+        STEPS=steps, STAGES=_pipeline_stages(kc), TENSOR_CORES=tensors, PRECISION="ieee" if kc.dtype == torch.float32 else "tf32")
     _merge_and_append[(rows * heads,)](
         q, k, v, kc, vc, pos, m, total, acc, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), out.stride(0), out.stride(1), scale, splits,

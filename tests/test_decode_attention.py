@@ -14,6 +14,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 CHECK = """
 import torch
+import nanochat.decode_attention as kernels
 from nanochat.decode_attention import decode_attention
 from nanochat.gpt import attention
 
@@ -37,7 +38,8 @@ def check(device, dtype, rows, heads, kv_heads, columns, pos, dim=32):
     torch.testing.assert_close(caches[1], v_ref)
 
 device = "{device}"
-for dtype in {dtypes}:
+for tensor_cores, dtype in [(t, d) for t in (True, False) for d in {dtypes}]:
+    kernels.tensor_cores = lambda device: tensor_cores  # both products: tl.dot and multiply-and-sum
     check(device, dtype, rows=3, heads=4, kv_heads=2, columns=200, pos=150)  # GQA, 4 splits, padded rows
     check(device, dtype, rows=1, heads=2, kv_heads=2, columns=64, pos=0)  # only the new token to see
     check(device, dtype, rows=2, heads=2, kv_heads=1, columns=64 * 64 * 2 + 64, pos=8000, dim=16)  # splits of 3 blocks
