@@ -14,11 +14,11 @@ another one is writing.
 The split kernel multiplies on tensor cores (`tl.dot`) where Triton has them (compute capability
 8.0+): the query heads that share a key/value head are the rows of one product, padded to 16, so a
 cached column is read once per key/value head and the scores and weighted sums need no CUDA-core
-reductions. On a V100 or T4 the same grouping multiplies and sums on CUDA cores. At depth 20 and 32 rows on an H200
-this took a step's attention from 0.86 to 0.64 ms (2.4 to 3.3 TB/s; a plain read of the same
-bytes runs at 4.3). The weights enter the second product in the cache's dtype, as in flash
-attention; scores, sums and the running maximum stay float32, and float32 caches multiply in full
-precision, not TF32.
+reductions. On a V100 or T4 the same grouping multiplies and sums on CUDA cores. At depth 20 and
+32 rows on an H200 this took a step's attention from 0.86 to 0.64 ms (2.4 to 3.3 TB/s; a plain
+read of the same bytes runs at 4.3). The weights enter the second product in the cache's dtype,
+as in flash attention; scores, sums and the running maximum stay float32, and float32 caches
+multiply in full precision, not TF32.
 
 Masking is the static cache's (nanochat.decode.StaticStep): row r sees columns pad[r] .. pos - 1
 of the cache, plus its new key at column pos.
