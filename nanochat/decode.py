@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch._inductor import config as inductor_config
 
 from nanochat.gpt import GPT, KVCache, attention
 from nanochat.precision import PrecisionPlan
@@ -85,7 +86,11 @@ def _one_token(model: nn.Module, ids: torch.Tensor, step: StaticStep) -> torch.T
     return model(ids, kv_cache=step)[:, -1, :]
 
 
-_compiled_one_token = torch.compile(_one_token, dynamic=None)  # compiled lazily, on its first call
+# Compiled lazily, on its first call. Programmatic dependent launch (compute capability 9.0+, where
+# this torch has the option) lets each generated kernel launch while the one before it ends, as
+# nanochat.decode_matmul's and nanochat.decode_attention's kernels do.
+_PDL = {"triton.enable_pdl": True} if hasattr(inductor_config.triton, "enable_pdl") else {}
+_compiled_one_token = torch.compile(_one_token, dynamic=None, options=_PDL)
 
 
 @dataclass
@@ -145,6 +150,12 @@ class Decoder:
             for module in self._copy.modules():
                 if isinstance(module, nn.Linear):
                     module.to(self.plan.torch_dtype)
+            if self.compile:  # Triton is there: few-row steps multiply with nanochat.decode_matmul
+                from nanochat.decode_matmul import FewRowLinear
+
+                for module in self._copy.modules():
+                    if type(module) is nn.Linear:
+                        module.__class__ = FewRowLinear  # same module tree and parameter names, for sync_weights
         return self._copy
 
     @torch.no_grad()

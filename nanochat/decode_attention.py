@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanochat.decode_matmul import pdl_options, programmatic_launch
+
 BLOCK = 64  # cache columns per inner iteration of a split
 MAX_SPLITS = 64  # partials the merge kernel holds at once; longer caches get longer splits
 MANY_PROGRAMS = 128  # (row, key/value head) pairs that fill a GPU without splitting columns finely
@@ -43,12 +45,15 @@ MANY_PROGRAMS = 128  # (row, key/value head) pairs that fill a GPU without split
 def _split_partials(Q, KC, VC, Pos, Pad, M, L, Acc, q_row, q_head, c_row, c_head, c_col, scale,
                     KV_HEADS: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, QB: tl.constexpr,
                     BLOCK: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr, TENSOR_CORES: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Program (row x key/value head, split): softmax statistics of the REP query heads that share
     the key/value head, over the split's columns, so each cached column is read once for all of
     them. With TENSOR_CORES the queries are the rows of one product, padded to QB = 16 (the
     smallest tile); without (QB = REP rounded up to a power of two) the products are
     multiply-and-sum on CUDA cores."""
+    if PDL:  # q comes from the kernel before: wait for it, then let the next kernel launch
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     rk = tl.program_id(0)
     split = tl.program_id(1)
     row = rk // KV_HEADS
@@ -100,9 +105,12 @@ def _split_partials(Q, KC, VC, Pos, Pad, M, L, Acc, q_row, q_head, c_row, c_head
 @triton.jit
 def _merge_and_append(Q, KN, VN, KC, VC, Pos, M, L, Acc, Out, q_row, q_head, k_row, k_head, v_row, v_head,
                       c_row, c_head, c_col, o_row, o_head, scale, splits, HEADS: tl.constexpr, REP: tl.constexpr,
-                      D: tl.constexpr, SPLITS: tl.constexpr):
+                      D: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
     """Program (row x query head): merge the splits' partials with the new key/value into the
     output; the first query head of each key/value head then stores them in the cache."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     rh = tl.program_id(0)
     row = rh // HEADS
     head = rh % HEADS
@@ -175,14 +183,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     acc = torch.empty(rows * heads, splits, dim, **partial)
     out = torch.empty_like(q)
     rep, scale, tensors = heads // kv_heads, dim**-0.5, tensor_cores(q.device)
+    pdl = programmatic_launch(q.device)
     _split_partials[(rows * kv_heads, splits)](
         q, kc, vc, pos, pad, m, total, acc, q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
         scale, KV_HEADS=kv_heads, REP=rep, D=dim, QB=max(16 if tensors else 1, triton.next_power_of_2(rep)), BLOCK=BLOCK,
-        STEPS=steps, STAGES=_pipeline_stages(kc), TENSOR_CORES=tensors, PRECISION="ieee" if kc.dtype == torch.float32 else "tf32")
+        STEPS=steps, STAGES=_pipeline_stages(kc), TENSOR_CORES=tensors, PRECISION="ieee" if kc.dtype == torch.float32 else "tf32",
+        PDL=pdl, **pdl_options(pdl))
     _merge_and_append[(rows * heads,)](
         q, k, v, kc, vc, pos, m, total, acc, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), out.stride(0), out.stride(1), scale, splits,
-        HEADS=heads, REP=rep, D=dim, SPLITS=triton.next_power_of_2(splits))
+        HEADS=heads, REP=rep, D=dim, SPLITS=triton.next_power_of_2(splits), PDL=pdl, **pdl_options(pdl))
     return out
 
 

@@ -121,3 +121,12 @@ def test_static_step_in_bf16_is_as_accurate_as_eager():
 @pytest.mark.parametrize("compile", [False, True])
 def test_cuda_graphs_in_the_plans_dtype_are_as_accurate_as_eager(compile):
     assert_as_accurate_as_eager(resolve("auto", "cuda"), "graph", "cuda", compile)
+
+
+@pytest.mark.gpu
+def test_compiled_decode_steps_multiply_with_the_few_row_kernel():
+    from nanochat.decode_matmul import FewRowLinear
+
+    e = engine(random_model(128).cuda(), resolve("auto", "cuda"), "graph")
+    linears = [m for m in e.decoder.weights.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, FewRowLinear) for m in linears) == e.decoder.compile
