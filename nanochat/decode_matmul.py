@@ -1,34 +1,37 @@
 """The matmuls of a one- or two-row decode step as a Triton matrix-vector kernel: `decode_linear`
 (a torch custom op, opaque to torch.compile and capturable in a CUDA graph).
 
-Why: with one row, a decode step's matmuls read 2-13 MB of weights each and do almost no
-arithmetic, so each is bound by how fast its reads get going, not by bandwidth: on an H200,
-cuBLAS's 49 matmuls of a depth-12 step (220 MB) take 260 us in a CUDA graph (0.85 TB/s of the
-4.8 the GPU has), the 81 of depth 20 (870 MB) 530 us (1.6 TB/s).
+Why: with one row, a decode step's matmuls read 1-84 MB of weights each and do almost no
+arithmetic, so each is bound by how soon its reads get going, not by bandwidth. The figures below
+are `python -m nanochat.scripts.bench_matvec --depth 12|20 --rows 1,2,4` on an H200 (bf16, all of a
+step's matmuls chained in one CUDA graph; docs/performance.md): cuBLAS takes 259 us for the 49
+matmuls of a depth-12 step (220 MB, 0.85 TB/s) and 526 us for the 81 of depth 20 (870 MB, 1.65 TB/s).
 
-Two things close most of that gap (`.device/pdl.py`-style chains of dependent one-row matmuls,
-H200, measured side by side: docs/performance.md):
+Two things close much of that gap:
 - One program per few output features, holding its whole slice of the weight matrix at once, so
-  every load of a program is in flight together (depth 12: 260 -> 167 us, depth 20: 530 -> 447).
+  all of a program's loads are in flight together: depth 12 211 us, depth 20 503 us.
 - Programmatic dependent launch (compute capability 9.0+): each program loads its weights, which
   no kernel of the step writes, before it waits for the kernel ahead of it to finish, and lets the
-  next kernel launch as soon as it has waited. So a matmul's weight reads overlap the previous
-  kernel's tail and the launch gaps disappear (depth 12: 112 us, depth 20: 376-390 us, 1.3-2.0x
-  faster than cuBLAS). A kernel only lets the next one launch after it has itself waited, which is
-  the rule torch.compile's own kernels keep with `triton.enable_pdl`: so when any kernel passes
-  its wait, every kernel before it has finished, and what it reads before waiting (weights) is
-  never being written.
+  next kernel launch as soon as it has waited. A matmul's weight reads then overlap the kernel
+  before it and the launch gaps go: depth 12 111 us (2.34x cuBLAS), depth 20 390 us (1.35x). A
+  kernel lets the next one launch only after it has itself waited, the rule torch.compile's own
+  kernels keep under `triton.enable_pdl`: so once any kernel is past its wait, every kernel before
+  it has finished, and what a kernel reads before waiting (weights) is never being written.
+With two rows the gain is smaller (1.75x and 1.10x with the launch; without it, 0.92x at depth 20)
+and with four cuBLAS wins at depth 20 (0.73x): each weight now serves several rows, so the matmul
+is less about latency. Hence at most two rows with programmatic launch, one without.
 
 Imports Triton; the kernel also runs on CPU tensors under TRITON_INTERPRET=1 (the tests).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-MAX_ROWS = 2  # at 4 rows cuBLAS is as fast again at depth 20 (each weight is reused, arithmetic grows)
 TILE = 16384  # weight elements per program: with 4 warps, 128 per thread held in registers
 
 
@@ -53,12 +56,15 @@ def _padded(in_features: int) -> int:
     return triton.next_power_of_2(in_features)
 
 
-def supports(rows: int, in_features: int, dtype: torch.dtype) -> bool:
-    """Where the kernel is the faster choice: 16-bit weights (fp32 ones keep cuBLAS, and with it
-    the eager step's exact results), at most MAX_ROWS rows, and a weight row that fits a program."""
-    return dtype in (torch.bfloat16, torch.float16) and 1 <= rows <= MAX_ROWS and _padded(in_features) <= TILE
+def supports(rows: int, in_features: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Where the kernel is the faster choice (measured: see above): 16-bit weights (fp32 ones keep
+    cuBLAS, and with it the eager step's exact results), one row (two with programmatic dependent
+    launch), and a weight row short enough for a program to hold."""
+    max_rows = 2 if programmatic_launch(device) else 1
+    return dtype in (torch.bfloat16, torch.float16) and 1 <= rows <= max_rows and _padded(in_features) <= TILE
 
 
+@functools.cache
 def programmatic_launch(device: torch.device) -> bool:
     """Whether kernels launch with programmatic dependent launch: compute capability 9.0+ (Hopper)
     and a Triton that has it."""
@@ -103,6 +109,6 @@ class FewRowLinear(torch.nn.Linear):
     as autocast would; everything else is nn.Linear's (cuBLAS)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if supports(x.numel() // x.size(-1), self.in_features, self.weight.dtype):
+        if supports(x.numel() // x.size(-1), self.in_features, self.weight.dtype, x.device):
             return decode_linear(x.to(self.weight.dtype), self.weight)
         return super().forward(x)

@@ -32,9 +32,11 @@ for rows, n, k in [(1, 37, 80), (2, 100, 3000), (2, 9, 16)]:
 torch.library.opcheck(decode_linear, (rand(2, 1, 40, dtype=torch.bfloat16), rand(30, 40, dtype=torch.bfloat16)))
 
 # FewRowLinear: the kernel where supports() says so, nn.Linear's matmul elsewhere
-assert supports(1, 1280, torch.bfloat16) and supports(2, 5120, torch.float16)
-assert not supports(4, 1280, torch.bfloat16) and not supports(1, 1280, torch.float32)
-assert not supports(1, 20000, torch.bfloat16)  # a weight row too long for one program
+two = 2 if programmatic_launch(torch.device(device)) else 1  # rows the kernel takes
+assert supports(1, 1280, torch.bfloat16, torch.device(device)) and supports(two, 5120, torch.float16, torch.device(device))
+assert not supports(two + 1, 1280, torch.bfloat16, torch.device(device))
+assert not supports(1, 1280, torch.float32, torch.device(device))
+assert not supports(1, 20000, torch.bfloat16, torch.device(device))  # a weight row too long for one program
 linear = torch.nn.Linear(48, 20, bias=False, device=device).to(torch.bfloat16)
 linear.__class__ = FewRowLinear
 for rows in (1, 2, 4):
