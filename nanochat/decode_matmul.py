@@ -26,8 +26,6 @@ Imports Triton; the kernel also runs on CPU tensors under TRITON_INTERPRET=1 (th
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -64,7 +62,6 @@ def supports(rows: int, in_features: int, dtype: torch.dtype, device: torch.devi
     return dtype in (torch.bfloat16, torch.float16) and 1 <= rows <= max_rows and _padded(in_features) <= TILE
 
 
-@functools.cache
 def programmatic_launch(device: torch.device) -> bool:
     """Whether kernels launch with programmatic dependent launch: compute capability 9.0+ (Hopper)
     and a Triton that has it."""
