@@ -68,3 +68,12 @@ def test_bench_infer_refuses_bad_batch_lists(args, message):
 
     with pytest.raises(SystemExit, match=message):
         bench_infer.main(["--device", "cpu", "--depth", "1", *args])
+
+
+@pytest.mark.parametrize("args, message", [(["--rows", "1,x"], "positive row counts"), (["--rows", "0"], "positive row counts"),
+                                           ([], "run it on a GPU")])
+def test_bench_matvec_refuses_bad_rows_and_the_cpu(args, message):
+    from nanochat.scripts import bench_matvec
+
+    with pytest.raises(SystemExit, match=message):
+        bench_matvec.main(["--device", "cpu", *args])

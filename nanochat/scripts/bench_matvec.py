@@ -94,22 +94,33 @@ def measure(matrices: list[torch.Tensor], rows: int, repeats: int, device: torch
     return results
 
 
+def row_counts(cfg: BenchMatvecConfig) -> list[int]:
+    """--rows as numbers; a bad list is refused before anything runs."""
+    try:
+        counts = [int(r) for r in cfg.rows.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"--rows {cfg.rows!r}: give comma-separated positive row counts, e.g. 1,2,4")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(BenchMatvecConfig, argv, description=__doc__.splitlines()[0])
+    counts = row_counts(cfg)
     device, plan = init_process(cfg)
     if device.type != "cuda":
-        raise SystemExit("bench_matvec times CUDA graphs: run it on a GPU (it chose --device cpu)")
-    try:
-        row_counts = [int(r) for r in cfg.rows.split(",")]
-    except ValueError:
-        raise SystemExit(f"--rows {cfg.rows!r}: give comma-separated row counts, e.g. 1,2,4") from None
-    dtype = plan.torch_dtype if plan.torch_dtype != torch.float32 else torch.bfloat16
+        raise SystemExit(f"bench_matvec times CUDA graphs: run it on a GPU (the device here is {device.type})")
+    dtype = plan.torch_dtype
+    if dtype == torch.float32:
+        raise SystemExit("the few-row kernel is for 16-bit weights and this plan computes in float32: "
+                         "pass --dtype bfloat16 or --dtype float16 to time it anyway")
     model_cfg = GPTConfig.from_depth(cfg.depth, cfg.vocab_size, 2048)
     matrices = step_matrices(model_cfg, dtype, device)
     mb = sum(w.numel() * w.element_size() for w in matrices) / 1e6
     print(f"depth {cfg.depth}: {len(matrices)} matmuls per step, {mb:,.0f} MB of {dtype} weights, "
           f"{torch.cuda.get_device_name(device)}")
-    results = [r for rows in row_counts for r in measure(matrices, rows, cfg.repeats, device)]
+    results = [r for rows in counts for r in measure(matrices, rows, cfg.repeats, device)]
     for r in results:
         print(f"rows {r['rows']} {r['way']:>11}: {r['us_per_chain']:7.1f} us per step's matmuls | "
               f"{r['tb_per_s']:.2f} TB/s | {r['vs_cublas']:.2f}x cuBLAS | max rel. error {r['max_rel_error']:.1e}")
