@@ -34,6 +34,23 @@ class CommonConfig:
     seed: int = option(42, "random seed for init and sampling")
 
 
+def int_list(text: str) -> list[int]:
+    """A comma-separated option as integers (empty parts skipped)."""
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def row_counts(text: str, flag: str, example: str) -> list[int]:
+    """A comma-separated option of row counts (e.g. --num-samples 1,32) as numbers; anything but
+    positive integers is refused, naming the option."""
+    try:
+        counts = [int(n) for n in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"{flag} {text!r}: give comma-separated positive row counts, e.g. {example}")
+    return counts
+
+
 def _flag_type(tp: Any) -> Any:
     if tp in (int, float, str):
         return tp

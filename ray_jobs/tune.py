@@ -42,7 +42,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from nanochat import memory
 from nanochat.common import base_dir
-from nanochat.config import option, parse_config
+from nanochat.config import int_list, option, parse_config
 from nanochat.precision import DTYPE_CHOICES, GB, DeviceInfo, PrecisionPlan, node_labels, plan_for, resolve
 from nanochat.scripts import base_train
 from nanochat.tokenizer import Tokenizer
@@ -93,10 +93,6 @@ class TuneOptions:
 def config_class() -> type:
     """base_train's settings + ray_jobs.train's Ray options + the sweep's own: one set of flags."""
     return dataclasses.make_dataclass("TuneConfig", [], bases=(TuneOptions, base_train.Config, train.RayOptions))
-
-
-def int_list(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
 
 
 def lr_range(text: str, flag: str) -> tuple[float, float]:

@@ -27,7 +27,7 @@ import torch
 
 from nanochat import checkpoint
 from nanochat.common import init_process, write_json
-from nanochat.config import CommonConfig, option, parse_config
+from nanochat.config import CommonConfig, option, parse_config, row_counts
 from nanochat.decode import MODES
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
@@ -133,12 +133,7 @@ def profile_step(engine: Engine, prompt: list[int]) -> str:
 
 def batch_sizes(cfg: BenchInferConfig) -> list[int]:
     """--num-samples as numbers; a bad list or --repeats is refused before any model is built."""
-    try:
-        sizes = [int(n) for n in cfg.num_samples.split(",")]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        raise SystemExit(f"--num-samples {cfg.num_samples!r}: give comma-separated positive row counts, e.g. 1,32")
+    sizes = row_counts(cfg.num_samples, "--num-samples", "1,32")
     if cfg.repeats < 1:
         raise SystemExit(f"--repeats {cfg.repeats}: at least one timed run is needed")
     return sizes

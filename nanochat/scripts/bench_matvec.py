@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from nanochat.common import init_process, write_json
-from nanochat.config import CommonConfig, option, parse_config
+from nanochat.config import CommonConfig, option, parse_config, row_counts
 from nanochat.gpt import GPTConfig
 
 
@@ -94,20 +94,9 @@ def measure(matrices: list[torch.Tensor], rows: int, repeats: int, device: torch
     return results
 
 
-def row_counts(cfg: BenchMatvecConfig) -> list[int]:
-    """--rows as numbers; a bad list is refused before anything runs."""
-    try:
-        counts = [int(r) for r in cfg.rows.split(",")]
-    except ValueError:
-        counts = []
-    if not counts or min(counts) < 1:
-        raise SystemExit(f"--rows {cfg.rows!r}: give comma-separated positive row counts, e.g. 1,2,4")
-    return counts
-
-
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(BenchMatvecConfig, argv, description=__doc__.splitlines()[0])
-    counts = row_counts(cfg)
+    counts = row_counts(cfg.rows, "--rows", "1,2,4")  # refused before anything runs
     device, plan = init_process(cfg)
     if device.type != "cuda":
         raise SystemExit(f"bench_matvec times CUDA graphs: run it on a GPU (the device here is {device.type})")

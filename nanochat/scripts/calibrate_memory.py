@@ -27,14 +27,10 @@ import torch
 
 from nanochat import memory
 from nanochat.common import default_device
-from nanochat.config import ModelShapeConfig, option, parse_config
+from nanochat.config import ModelShapeConfig, int_list, option, parse_config
 from nanochat.memory import GiB
 from nanochat.precision import apply_process_settings, resolve
 from nanochat.scripts.bench_train import BenchConfig, two_steps
-
-
-def int_list(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
 
 
 @dataclass
