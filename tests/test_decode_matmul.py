@@ -92,3 +92,11 @@ def test_bench_matvec_times_every_way(tmp_path):
     assert {(1, "cublas"), (1, "triton"), (2, "cublas"), (2, "triton")} <= ways
     assert all(r["us_per_chain"] > 0 and r["max_rel_error"] < 2e-2 for r in out["results"])
     assert (tmp_path / "m.json").exists()
+
+
+@pytest.mark.gpu
+def test_bench_matvec_refuses_a_float32_plan():
+    from nanochat.scripts import bench_matvec
+
+    with pytest.raises(SystemExit, match="16-bit weights"):
+        bench_matvec.main(["--dtype", "float32", "--depth", "2"])
