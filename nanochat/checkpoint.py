@@ -37,6 +37,8 @@ from torch import nn
 from torch.amp import GradScaler
 from torch.optim import Optimizer
 
+from nanochat.common import base_dir
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -434,6 +436,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
+def stage_run_dir(stage: str, depth: int, root: str | Path | None = None) -> Path:
+    """<root>/<stage>_d<depth>: where a stage writes and where the next stage (and evaluation) looks
+    for it; root defaults to $NANOCHAT_BASE_DIR/runs, where the plain scripts write."""
+    return Path(root or base_dir() / "runs") / f"{stage}_d{depth}"
+
+
 def run_dir_of(step_dir: str | Path) -> Path:
     """The run directory a checkpoint belongs to: <run>/checkpoints/step_N (plain scripts) or
     <run>/step_N (Ray Train storage). Evaluation results and reports are written there."""
@@ -453,23 +461,25 @@ def load_model_state(path: str | Path, map_location: Any = "cpu") -> tuple[dict,
 
 
 def load_for_inference(path: str | Path, device: str | torch.device, tokenizer_dir: str | Path | None = None) -> tuple:
-    """(model in eval mode, its tokenizer, the step dir, meta) for evaluation and chat.
-
-    Refuses a tokenizer other than the one the checkpoint was trained with: its ids would mean
-    other strings, and every answer would be garbage without any error."""
-    from nanochat.tokenizer import (  # this module stays free of tokenizer logic
-        Tokenizer,
-        default_tokenizer_dir,
-    )
+    """(model in eval mode, its tokenizer, the step dir, meta) for evaluation and chat (refusing
+    another tokenizer than the checkpoint's)."""
+    # imported here: this module stays free of tokenizer logic
+    from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
 
     step_dir = resolve_checkpoint(path)
     model, meta = load_model(step_dir, device)
     tokenizer_dir = tokenizer_dir or default_tokenizer_dir()
     tokenizer = Tokenizer.load(tokenizer_dir)
-    if meta.get("tokenizer") not in (None, tokenizer.fingerprint()):
+    check_tokenizer(meta, tokenizer.fingerprint(), tokenizer_dir, step_dir)
+    return model, tokenizer, step_dir, meta
+
+
+def check_tokenizer(meta: dict, fingerprint: str, tokenizer_dir: str | Path, step_dir: Path) -> None:
+    """Refuse a tokenizer other than the one the checkpoint was trained with: its ids would mean
+    other strings, and every answer would be garbage without any error."""
+    if meta.get("tokenizer") not in (None, fingerprint):
         raise CheckpointError(f"the tokenizer in {tokenizer_dir} is not the one {step_dir} was trained with; "
                               "pass the right --tokenizer-dir")
-    return model, tokenizer, step_dir, meta
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

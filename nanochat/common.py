@@ -35,6 +35,15 @@ def write_json(path: str | Path, result: dict) -> None:
         Path(path).write_text(json.dumps(result, indent=2))
 
 
+def save_result(result: dict, out: str, default: Path) -> Path:
+    """An evaluation's JSON record: to `out` (a script's --out), else to `default` next to the run."""
+    path = Path(out) if out else default
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+    return path
+
+
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")

@@ -1,8 +1,9 @@
-"""One definition per stage: a dataclass of settings turned into command-line flags.
+"""The one configuration mechanism of every entry point: a dataclass of settings turned into flags.
 
 Each field becomes `--field-name` with its default and the help text from `field(metadata=...)`;
-booleans get `--x/--no-x`; a `choices` entry in the metadata restricts values. `--config FILE.json`
-loads values (e.g. a tuned `best_config.json`) that explicit flags still override.
+booleans get `--x/--no-x`, lists a repeatable flag; other metadata (`choices`, `metavar`) goes to
+argparse as is. `--config FILE.json` loads values (e.g. a tuned `best_config.json`) that explicit
+flags still override. Entry points with subcommands give one dataclass per command (`parse_command`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from nanochat.precision import DTYPE_CHOICES
-
 T = TypeVar("T")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # --dtype; nanochat/precision.py maps them to torch
 
 
 def option(default: Any, help: str, **metadata: Any) -> Any:
-    """A dataclass field with its command-line help (and optional `choices`)."""
+    """A dataclass field with its command-line help (and optional `choices`, `metavar`)."""
+    if isinstance(default, list):  # a repeatable flag: each instance gets its own list
+        return field(default_factory=lambda: list(default), metadata={"help": help, **metadata})
     return field(default=default, metadata={"help": help, **metadata})
 
 
@@ -60,36 +62,57 @@ def _flag_type(tp: Any) -> Any:
     raise TypeError(f"config field type {tp!r} has no command-line form")
 
 
-def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """`--config` and one flag per field of the dataclass `cls`."""
     parser.add_argument("--config", type=Path, help="JSON file of settings (e.g. best_config.json); flags override it")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         name = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         # argparse %-formats help strings (for %(default)s): a literal % must be doubled
-        kwargs: dict[str, Any] = {"default": f.default, "help": f.metadata.get("help", "").replace("%", "%%"), "dest": f.name}
+        kwargs: dict[str, Any] = {"default": default, "help": f.metadata.get("help", "").replace("%", "%%"), "dest": f.name}
+        kwargs.update({k: v for k, v in f.metadata.items() if k != "help"})
         if hints[f.name] is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, **kwargs)
-            continue
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(name, type=_flag_type(hints[f.name]), **kwargs)
-    return parser
+        elif typing.get_origin(hints[f.name]) is list:
+            parser.add_argument(name, action="append", type=_flag_type(typing.get_args(hints[f.name])[0]), **kwargs)
+        else:
+            parser.add_argument(name, type=_flag_type(hints[f.name]), **kwargs)
 
 
 def parse_config(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:
     """Parse argv into an instance of the dataclass `cls` (defaults < --config JSON < flags)."""
-    parser = build_parser(cls, description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_flags(parser, cls)
+    return _settings(cls, parser, parser, argv)
+
+
+def parse_command(commands: dict[str, type], argv: list[str] | None = None,
+                  description: str | None = None) -> tuple[str, Any]:
+    """`COMMAND --flags`, one dataclass per command: (the command, its settings)."""
+    parser = argparse.ArgumentParser(description=description)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, cls in commands.items():
+        summary = (cls.__doc__ or "").strip().splitlines()[0]
+        add_flags(subparsers.add_parser(name, help=summary, description=summary,
+                                        formatter_class=argparse.ArgumentDefaultsHelpFormatter), cls)
+    command = parser.parse_args(argv).command
+    return command, _settings(commands[command], parser, subparsers.choices[command], argv)
+
+
+def _settings(cls: type[T], parser: argparse.ArgumentParser, flags: argparse.ArgumentParser,
+              argv: list[str] | None) -> T:
+    """The dataclass from parsed flags; a --config file's values become the defaults of `flags`."""
     args = parser.parse_args(argv)
+    known = {f.name for f in dataclasses.fields(cls)}
     if args.config is not None:
         values = json.loads(args.config.read_text())
-        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            parser.error(f"{args.config}: unknown settings {unknown}; known: {sorted(known)}")
-        parser.set_defaults(**values)
+            flags.error(f"{args.config}: unknown settings {unknown}; known: {sorted(known)}")
+        flags.set_defaults(**values)
         args = parser.parse_args(argv)
-    return cls(**{k: v for k, v in vars(args).items() if k != "config"})
+    return cls(**{k: v for k, v in vars(args).items() if k in known})
 
 
 @dataclass

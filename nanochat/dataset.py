@@ -23,19 +23,20 @@ Default output dir: `$NANOCHAT_DATA`, else `$NANOCHAT_BASE_DIR/data` (~/.cache/n
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
 from collections import deque
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.common import base_dir
+from nanochat.config import option, parse_command
 from nanochat.corpus import embedded_corpus
 
 SHARD_GLOB = "shard_[0-9][0-9][0-9][0-9][0-9].parquet"
@@ -301,25 +302,44 @@ def _limit(docs: Iterator[str], max_docs: int | None) -> Iterator[str]:
         yield doc
 
 
-def _cmd_build(args: argparse.Namespace) -> None:
+@dataclass
+class BuildOptions:
+    """write shards from a source"""
+
+    source: str = option("embedded", "embedded | FILE.txt/.jsonl/.parquet | DIR | hf:NAME[:CONFIG][:SPLIT]")
+    out: str = option("", "output dir; empty = $NANOCHAT_DATA or $NANOCHAT_BASE_DIR/data")
+    docs_per_row_group: int | None = option(None, "None = 1000 (32 for embedded)")
+    row_groups_per_shard: int | None = option(None, "None = 10 (8 for embedded)")
+    val_docs: int | None = option(None, "documents in the val shard; None = one row group (64 for embedded)")
+    max_docs: int | None = option(None, "stop after this many documents")
+    overwrite: bool = option(False, "replace shards already in --out")
+
+
+@dataclass
+class ListOptions:
+    """print shards, rows, row groups, bytes"""
+
+    data_dir: str = option("", "shards; empty = $NANOCHAT_DATA or $NANOCHAT_BASE_DIR/data")
+
+
+def build(cfg: BuildOptions) -> None:
     layout = (
         dict(EMBEDDED_LAYOUT)
-        if args.source == "embedded"
+        if cfg.source == "embedded"
         else {"docs_per_row_group": 1000, "row_groups_per_shard": 10}
     )
     for key in ("docs_per_row_group", "row_groups_per_shard", "val_docs"):
-        if getattr(args, key) is not None:
-            layout[key] = getattr(args, key)
-    out = args.out or default_data_dir()
+        if getattr(cfg, key) is not None:
+            layout[key] = getattr(cfg, key)
+    out = Path(cfg.out or default_data_dir())
     shards = build_shards(
-        _limit(iter_source(args.source), args.max_docs), out, overwrite=args.overwrite, **layout
+        _limit(iter_source(cfg.source), cfg.max_docs), out, overwrite=cfg.overwrite, **layout
     )
     print(f"wrote {len(shards)} shards ({len(shards) - 1} train + 1 val) to {out}")
-    _cmd_list(argparse.Namespace(data_dir=out))
+    print_shards(out)
 
 
-def _cmd_list(args: argparse.Namespace) -> None:
-    data_dir = args.data_dir or default_data_dir()
+def print_shards(data_dir: Path) -> None:
     shards = list_shards(data_dir)
     print(f"{data_dir}:")
     print(f"{'shard':<22}{'split':>6}{'rows':>10}{'row groups':>12}{'bytes':>14}")
@@ -332,36 +352,11 @@ def _cmd_list(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m nanochat.dataset", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build", help="write shards from a source")
-    build.add_argument(
-        "--source",
-        default="embedded",
-        help="embedded | FILE.txt/.jsonl/.parquet | DIR | hf:NAME[:CONFIG][:SPLIT]",
-    )
-    build.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="output dir (default: $NANOCHAT_DATA or $NANOCHAT_BASE_DIR/data)",
-    )
-    build.add_argument("--docs-per-row-group", type=int, default=None, help="default 1000 (32 for embedded)")
-    build.add_argument("--row-groups-per-shard", type=int, default=None, help="default 10 (8 for embedded)")
-    build.add_argument(
-        "--val-docs",
-        type=int,
-        default=None,
-        help="documents in the val shard (default: one row group; 64 for embedded)",
-    )
-    build.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
-    build.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
-    build.set_defaults(run=_cmd_build)
-    listing = commands.add_parser("list", help="print shards, rows, row groups, bytes")
-    listing.add_argument("--data-dir", type=Path, default=None)
-    listing.set_defaults(run=_cmd_list)
-    args = parser.parse_args(argv)
-    args.run(args)
+    command, cfg = parse_command({"build": BuildOptions, "list": ListOptions}, argv, __doc__.split("\n")[0])
+    if command == "build":
+        build(cfg)
+    else:
+        print_shards(Path(cfg.data_dir or default_data_dir()))
 
 
 if __name__ == "__main__":

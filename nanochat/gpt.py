@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -73,112 +74,21 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-class KVCache:
-    """Keys and values of every layer for the tokens seen so far, for incremental decoding.
+class AttentionCache(Protocol):
+    """What the forward asks of a KV cache (`pos`: tokens cached before this forward; `positions`:
+    rotary positions of the new tokens, None if every row starts at 0; `attend`: store a layer's new
+    keys/values, attend to all cached). Implemented by nanochat.infer.cache.KVCache (prompts, eager
+    steps) and nanochat.infer.graphs.StaticStep (a decode step captured in a CUDA graph)."""
 
-    Allocated on the first insert (so it takes the autocast dtype of the keys) for `max_len`
-    positions; `pos` counts the cached tokens and advances once per forward, after the last layer."""
+    pos: int
 
-    def __init__(self, num_layers: int, max_len: int, pad: torch.Tensor | None = None):
-        self.num_layers, self.max_len = num_layers, max_len
-        self.k: torch.Tensor | None = None  # (layers, B, kv_heads, max_len, head_dim)
-        self.v: torch.Tensor | None = None
-        self.pos = 0
-        # Prompts of different lengths decoded together are left-padded: row r starts with pad[r]
-        # filler tokens, which no query attends to and which do not count as positions.
-        self.pad = pad
+    def positions(self, num_tokens: int, rows: int | None = None) -> torch.Tensor | None: ...
 
-    def positions(self, num_tokens: int, rows: int | None = None) -> torch.Tensor | None:
-        """(B, T) rotary position of each new token, or None when every row is unpadded. A forward
-        of fewer rows than the cache holds uses its first `rows` rows (a batch with free slots)."""
-        if self.pad is None:
-            return None
-        steps = torch.arange(self.pos, self.pos + num_tokens, device=self.pad.device)
-        return (steps[None, :] - self.pad[:rows, None]).clamp(min=0)
+    def attention_mask(self, num_tokens: int, device: torch.device, rows: int | None = None) -> tuple[torch.Tensor | None, bool]: ...
 
-    def attention_mask(self, num_tokens: int, device: torch.device, rows: int | None = None) -> tuple[torch.Tensor | None, bool]:
-        """(mask, is_causal) for SDPA when `num_tokens` new tokens follow the `pos` cached ones;
-        the same for every layer, so the model computes it once per forward.
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor: ...
 
-        Left-padded rows get a (B, 1, T, S) mask: causal, padding hidden (a padding query sees itself
-        only: a row of nothing but -inf would make softmax NaN)."""
-        if self.pad is not None:
-            queries = torch.arange(self.pos, self.pos + num_tokens, device=device)[:, None]  # (T, 1)
-            keys = torch.arange(self.pos + num_tokens, device=device)[None, :]  # (1, S)
-            real = keys >= self.pad[:rows].to(device)[:, None, None]  # (B, 1, S)
-            return ((real | (keys == queries)) & (keys <= queries))[:, None], False
-        if self.pos == 0:
-            return None, True  # a prompt from scratch: plain causal attention
-        if num_tokens == 1:
-            return None, False  # one new token attends to everything cached
-        # new tokens after cached ones: query i (at position pos + i) sees keys 0..pos + i
-        return torch.ones(num_tokens, self.pos + num_tokens, dtype=torch.bool, device=device).tril(diagonal=self.pos), False
-
-    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new keys/values (B, kv_heads, T, head_dim); return all of them so far."""
-        B, H, T, D = k.shape
-        if self.k is None:
-            self.k = k.new_zeros(self.num_layers, B, H, self.max_len, D)
-            self.v = v.new_zeros(self.num_layers, B, H, self.max_len, D)
-        end = self.pos + T
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
-        self.k[layer, :B, :, self.pos : end] = k
-        self.v[layer, :B, :, self.pos : end] = v
-        return self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-               causal: bool) -> torch.Tensor:
-        """Store this layer's new keys/values, then attend q to everything cached so far."""
-        k, v = self.insert(layer, k, v)
-        return attention(q, k, v, mask, causal)
-
-    def advance(self, num_tokens: int) -> None:
-        self.pos += num_tokens
-
-    def place(self, rows: torch.Tensor, other: KVCache) -> None:
-        """Copy the padded cache `other` (one row per entry of `rows`) into those rows of this one so
-        that its tokens end at this cache's `pos`: a prefilled request joining a running batch."""
-        start = self.pos - other.pos
-        if start < 0:
-            raise ValueError(f"{other.pos} prefilled positions do not fit before position {self.pos}")
-        if self.k is None:
-            _, _, heads, _, dim = other.k.shape
-            self.k = other.k.new_zeros(self.num_layers, self.pad.numel(), heads, self.max_len, dim)
-            self.v = torch.zeros_like(self.k)
-        self.k[:, rows, :, start : self.pos] = other.k[:, :, :, : other.pos]
-        self.v[:, rows, :, start : self.pos] = other.v[:, :, :, : other.pos]
-        self.pad[rows] = start + other.pad
-
-    def shift(self, delta: int, start: int = 0) -> None:
-        """Move the cached columns [start, pos) by `delta` (left when negative), and every row's
-        padding and the write position with them: frees columns no row needs any more, or makes
-        room in front for a longer prompt to join."""
-        end = self.pos
-        if not (0 <= start + delta and end + delta <= self.max_len):
-            raise ValueError(f"cannot shift columns [{start}, {end}) by {delta} in a cache of {self.max_len}")
-        if self.k is not None and end > start:
-            for t in (self.k, self.v):
-                t[:, :, :, start + delta : end + delta] = t[:, :, :, start:end].clone()  # clone: ranges overlap
-        self.pad += delta
-        self.pos += delta
-
-    def repeat(self, num_rows: int, into: KVCache | None = None) -> KVCache:
-        """A cache with this one-row cache copied into `num_rows` rows: prefill a prompt once, then
-        sample several continuations of it in one batch. `into` (allocated, enough rows and columns)
-        receives the copy instead of new tensors."""
-        assert self.pad is None, "repeat() copies a single unpadded prompt"
-        out = into if into is not None else KVCache(self.num_layers, self.max_len)
-        out.pos = self.pos
-        if self.k is None:
-            return out
-        if into is None:
-            out.k = self.k.expand(-1, num_rows, -1, -1, -1).contiguous()
-            out.v = self.v.expand(-1, num_rows, -1, -1, -1).contiguous()
-        else:
-            out.k[:, :num_rows, :, : self.pos] = self.k[:, :, :, : self.pos]
-            out.v[:, :num_rows, :, : self.pos] = self.v[:, :, :, : self.pos]
-        return out
+    def advance(self, num_tokens: int) -> None: ...
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
@@ -192,9 +102,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if q.size(2) == 1 and mask is not None:
         # One query per row, over a masked cache (a graphed decode step, a continuous batch): SDPA's
         # fused kernels share out work by blocks of queries, so a single query runs one thread block
-        # per head over the whole cache. Two matmuls and a softmax keep the GPU busy instead (at
-        # depth 12 on an H200: 35 us per layer with the memory-efficient kernel, 19.6 us like this,
-        # 8.5 us compiled). The scores are rounded to the compute dtype by the matmul, as q and k are.
+        # per head over the whole cache; two matmuls and a softmax keep the GPU busy instead (about
+        # 2x faster). The scores are rounded to the compute dtype by the matmul, as q and k are.
         scores = (q @ k.mT).float() * q.size(-1) ** -0.5
         weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
         return weights.to(v.dtype) @ v
@@ -216,7 +125,7 @@ class CausalSelfAttention(nn.Module):
         self.c_qkv: nn.Linear | None = None  # c_q, c_k, c_v in one, after fuse_qkv()
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: AttentionCache | None = None, layer: int = 0,
         mask: torch.Tensor | None = None, causal: bool = True,
     ) -> torch.Tensor:
         B, T, C = x.size()
@@ -269,7 +178,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: AttentionCache | None = None, layer: int = 0,
         mask: torch.Tensor | None = None, causal: bool = True,
     ) -> torch.Tensor:
         x = x + self.attn(norm(x), cos, sin, cache, layer, mask, causal)
@@ -338,7 +247,7 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         loss_reduction: str = "mean",
-        kv_cache: KVCache | None = None,
+        kv_cache: AttentionCache | None = None,
     ) -> torch.Tensor:
         """idx: (B, T) token ids with T <= 10 * sequence_len.
 

@@ -23,12 +23,13 @@ Usage:
     NANOCHAT_EMULATE=p100 python -m nanochat.precision   # behave as a 16 GB P100 on any GPU
 
 `plan_for()` is a pure function of a `DeviceInfo`, so the whole table is testable without hardware;
-`detect()` is the only place that probes.
+`detect()` is the only place that probes. `GPUS` is the one table of GPU facts (peak FLOP/s,
+bandwidth, memory, emulation presets, Ray accelerator types) that MFU, the decode bound, the
+scheduler and Tune read.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -39,9 +40,9 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-DTYPE_CHOICES = ("auto", *DTYPES)
+from nanochat.config import DTYPE_CHOICES, option, parse_config
+
+DTYPES = {name: getattr(torch, name) for name in DTYPE_CHOICES if name != "auto"}
 GB = 1024**3
 
 
@@ -63,62 +64,86 @@ class DeviceInfo:
 
 
 # -----------------------------------------------------------------------------
-# Peak dense FLOP/s per GPU, for MFU. Vendor datasheets; tensor-core rates without sparsity.
-# fp16 on Pascal is the plain (non-tensor) rate: Pascal has no tensor cores. fp32 on >= 8.0 is
-# the TF32 tensor-core rate, since we let matmuls use TF32 there. More specific names first.
-_PEAKS: tuple[tuple[tuple[str, ...], dict[str, float]], ...] = (
-    (("b200",), {"bf16": 2250e12, "fp16": 2250e12, "fp32": 1100e12}),
-    (("h200",), {"bf16": 989e12, "fp16": 989e12, "fp32": 494.7e12}),
-    (("h100", "pcie"), {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
-    (("h100",), {"bf16": 989e12, "fp16": 989e12, "fp32": 494.7e12}),
-    (("a100",), {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
-    (("a10",), {"bf16": 125e12, "fp16": 125e12, "fp32": 62.5e12}),
-    (("l4",), {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12}),
-    (("4090",), {"bf16": 165.2e12, "fp16": 165.2e12, "fp32": 82.6e12}),
-    (("3090",), {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12}),
-    (("v100", "pcie"), {"fp16": 112e12, "fp32": 14e12}),
-    (("v100",), {"fp16": 125e12, "fp32": 15.7e12}),
-    (("t4",), {"fp16": 65e12, "fp32": 8.1e12}),
-    (("p100", "pcie"), {"fp16": 18.7e12, "fp32": 9.3e12}),
-    (("p100",), {"fp16": 21.2e12, "fp32": 10.6e12}),  # SXM2
-    (("p40",), {"fp16": 0.18e12, "fp32": 11.8e12}),
-    (("p4",), {"fp16": 0.09e12, "fp32": 5.5e12}),
-    (("1080 ti",), {"fp16": 0.17e12, "fp32": 11.3e12}),
-    (("1080",), {"fp16": 0.14e12, "fp32": 8.9e12}),
+# GPU facts, one row per family. A row matches a device name containing all its fragments
+# (lowercase); a lookup takes the first matching row that has the fact (None = ask the next row),
+# so more specific rows come first. Peak dense FLOP/s (for MFU) are vendor figures for tensor cores
+# without sparsity; fp16 on Pascal is the plain rate (no tensor cores); fp32 on >= 8.0 is the TF32
+# rate, since matmuls may use TF32 there. Bandwidth (bytes/s) bounds one-token decoding, which
+# reads every weight and the whole KV cache once per step. GB: memory, for names that do not carry
+# it ("NVIDIA L4"; "Tesla P100-PCIE-16GB" does). An unlabelled Ray node of one of the family's
+# accelerator types is taken to be `device`; NANOCHAT_EMULATE=<emulate> makes any GPU act as
+# `device`, capped to its memory.
+@dataclass(frozen=True)
+class GPU:
+    match: tuple[str, ...]
+    capability: tuple[int, int]
+    bf16: float | None
+    fp16: float | None
+    fp32: float | None
+    bandwidth: float | None
+    memory_gb: int | None = None
+    ray_types: tuple[str, ...] = ()
+    device: str = ""
+    emulate: str = ""
+
+
+GPUS = (
+    #   fragments          sm        bf16       fp16       fp32       bytes/s    GB     Ray types                  device                         emulate
+    GPU(("b200",),         (10, 0),  2250e12,   2250e12,   1100e12,   8.0e12,    180,   ("B200",),                 "NVIDIA B200"),
+    GPU(("h200",),         (9, 0),   989e12,    989e12,    494.7e12,  4.8e12,    141,   ("H200",),                 "NVIDIA H200"),
+    GPU(("h20",),          (9, 0),   None,      None,      None,      None,      96,    ("H20",),                  "NVIDIA H20"),
+    GPU(("h100", "pcie"),  (9, 0),   756e12,    756e12,    378e12,    2.0e12),
+    GPU(("h100",),         (9, 0),   989e12,    989e12,    494.7e12,  3.35e12,   None,  ("H100",),                 "NVIDIA H100 80GB HBM3"),
+    GPU(("a100", "40gb"),  (8, 0),   None,      None,      None,      1.555e12,  None,  ("A100-40G",),             "NVIDIA A100-SXM4-40GB"),
+    GPU(("a100",),         (8, 0),   312e12,    312e12,    156e12,    2.039e12,  None,  ("A100", "A100-80G"),      "NVIDIA A100-SXM4-80GB"),
+    GPU(("a10g",),         (8, 6),   None,      None,      None,      None,      None,  ("A10G",),                 "NVIDIA A10G"),
+    GPU(("a10",),          (8, 6),   125e12,    125e12,    62.5e12,   0.6e12,    24,    ("A10",),                  "NVIDIA A10"),
+    GPU(("l40s",),         (8, 9),   None,      None,      None,      None,      48,    ("L40S",),                 "NVIDIA L40S"),
+    GPU(("l4",),           (8, 9),   121e12,    121e12,    60e12,     0.3e12,    24,    ("L4",),                   "NVIDIA L4"),
+    GPU(("4090",),         (8, 9),   165.2e12,  165.2e12,  82.6e12,   1.008e12,  24,    ("GeForce-RTX-4090",),     "NVIDIA GeForce RTX 4090"),
+    GPU(("3090",),         (8, 6),   71e12,     71e12,     35.6e12,   0.936e12,  24,    ("GeForce-RTX-3090",),     "NVIDIA GeForce RTX 3090"),
+    GPU(("v100", "pcie"),  (7, 0),   None,      112e12,    14e12,     0.9e12),
+    GPU(("v100",),         (7, 0),   None,      125e12,    15.7e12,   0.9e12,    None,  ("V100",),                 "Tesla V100-SXM2-16GB",        "v100"),
+    GPU(("t4",),           (7, 5),   None,      65e12,     8.1e12,    0.32e12,   15,    ("T4",),                   "Tesla T4",                    "t4"),
+    GPU(("p100", "pcie"),  (6, 0),   None,      18.7e12,   9.3e12,    0.732e12,  None,  ("P100",),                 "Tesla P100-PCIE-16GB",        "p100"),
+    GPU(("p100",),         (6, 0),   None,      21.2e12,   10.6e12,   0.732e12),  # SXM2
+    GPU(("p40",),          (6, 1),   None,      0.18e12,   11.8e12,   0.346e12,  24,    ("P40",),                  "Tesla P40"),
+    GPU(("p4",),           (6, 1),   None,      0.09e12,   5.5e12,    None,      8,     ("P4",),                   "Tesla P4"),
+    GPU(("k80",),          (3, 7),   None,      None,      None,      None,      12,    ("K80",),                  "Tesla K80"),
+    GPU(("1080 ti",),      (6, 1),   None,      0.17e12,   11.3e12,   0.484e12,  11,    ("GeForce-GTX-1080-Ti",),  "NVIDIA GeForce GTX 1080 Ti"),
+    GPU(("1080",),         (6, 1),   None,      0.14e12,   8.9e12,    0.32e12,   8,     ("GeForce-GTX-1080",),     "NVIDIA GeForce GTX 1080"),
 )
-
-# What NANOCHAT_EMULATE turns a modern GPU into: name, capability and the memory cap.
-EMULATED = {
-    "p100": ("Tesla P100-PCIE-16GB", (6, 0), 16 * GB),
-    "v100": ("Tesla V100-SXM2-16GB", (7, 0), 16 * GB),
-    "t4": ("Tesla T4", (7, 5), 15 * GB),
-}
+# Ray accelerator type -> (device name, compute capability): what the scheduler assumes of an unlabelled node
+ACCELERATOR_TYPES = {ray_type: (gpu.device, gpu.capability) for gpu in GPUS for ray_type in gpu.ray_types}
+EMULATED = {gpu.emulate: gpu for gpu in GPUS if gpu.emulate}  # NANOCHAT_EMULATE presets
 
 
-# Memory bandwidth in bytes/s (vendor figures): the bound of one-token decoding, which reads every
-# weight and the whole KV cache once per step. Matched like _PEAKS, most specific first.
-_BANDWIDTH: tuple[tuple[tuple[str, ...], float], ...] = (
-    (("b200",), 8.0e12), (("h200",), 4.8e12), (("h100", "pcie"), 2.0e12), (("h100",), 3.35e12),
-    (("a100", "40gb"), 1.555e12), (("a100",), 2.039e12), (("a10",), 0.6e12), (("l4",), 0.3e12),
-    (("4090",), 1.008e12), (("3090",), 0.936e12), (("v100",), 0.9e12), (("t4",), 0.32e12),
-    (("p100",), 0.732e12), (("p40",), 0.346e12), (("1080 ti",), 0.484e12), (("1080",), 0.32e12),
-)
-
-
-def _lookup(table: tuple, name: str):
-    lowered = name.lower()
-    return next((value for keys, value in table if all(k in lowered for k in keys)), None)
+def _gpu_fact(lowered: str, fact: str):
+    rows = (gpu for gpu in GPUS if all(k in lowered for k in gpu.match) and getattr(gpu, fact) is not None)
+    return next((getattr(gpu, fact) for gpu in rows), None)
 
 
 def peak_flops(name: str, dtype: str) -> float | None:
     """Peak dense FLOP/s of the GPU called `name` in `dtype`, or None when unknown."""
-    rates = _lookup(_PEAKS, name)
-    return rates.get(SHORT[dtype]) if rates else None
+    return _gpu_fact(name.lower(), precision_label(dtype))
 
 
 def peak_bandwidth(name: str) -> float | None:
     """Memory bandwidth (bytes/s) of the GPU called `name`, or None when unknown."""
-    return _lookup(_BANDWIDTH, name)
+    return _gpu_fact(name.lower(), "bandwidth")
+
+
+def gpu_memory(name: str) -> int | None:
+    """Memory (bytes) of the GPU called `name`: the size its name carries, else the table's; None when unknown."""
+    lowered = name.lower().replace("-", " ")
+    found = re.search(r"(\d+)\s*gb", lowered)
+    size = int(found.group(1)) if found else _gpu_fact(lowered, "memory_gb")
+    return None if size is None else size * GB
+
+
+def precision_label(dtype: str) -> str:
+    """bf16 | fp16 | fp32 for a dtype name: the precision group Ray nodes advertise."""
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
 
 
 # -----------------------------------------------------------------------------
@@ -144,7 +169,7 @@ class PrecisionPlan:
     @property
     def short(self) -> str:
         """bf16 | fp16 | fp32: the label Ray nodes advertise as their precision group."""
-        return SHORT[self.dtype]
+        return precision_label(self.dtype)
 
     def sdpa_backends(self) -> list:
         from torch.nn.attention import SDPBackend
@@ -279,8 +304,9 @@ def _emulated(info: DeviceInfo, emulate: str) -> tuple[DeviceInfo, int]:
         raise PrecisionError(
             f"NANOCHAT_EMULATE={emulate} needs a CUDA GPU to emulate on, but this device is {info.type}; unset it."
         )
-    name, cap, memory = EMULATED[key]
-    return DeviceInfo("cuda", name, cap, memory, info.index), memory
+    gpu = EMULATED[key]
+    memory = gpu_memory(gpu.device)
+    return DeviceInfo("cuda", gpu.device, gpu.capability, memory, info.index), memory
 
 
 # -----------------------------------------------------------------------------
@@ -346,27 +372,21 @@ def _label_value(text: str) -> str:
     return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", value) or "unknown"
 
 
-def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
-    """The one `--dtype` flag every training, eval and chat script shares."""
-    parser.add_argument(
-        "--dtype",
-        choices=DTYPE_CHOICES,
-        default="auto",
-        help="compute dtype: auto picks per device (bf16 on sm80+, fp16+GradScaler on P100/V100/T4, "
-        "fp32 on CPU and slow-fp16 GPUs); env NANOCHAT_DTYPE is used when this is auto",
-    )
-
-
 # -----------------------------------------------------------------------------
+@dataclass
+class PrecisionOptions:
+    """Print the precision plan for this machine (or a simulated one)."""
+
+    dtype: str = option("auto", "compute dtype: auto picks per device (bf16 on sm80+, fp16+GradScaler on P100/V100/T4, "
+                        "fp32 on CPU and slow-fp16 GPUs); env NANOCHAT_DTYPE is used when this is auto",
+                        choices=DTYPE_CHOICES)
+    simulate: str = option("", "plan for another device: cpu, mps or 'GPU NAME:MAJOR.MINOR'")
+    json: bool = option(False, "print one JSON object")
+    labels: bool = option(False, "print the Ray node labels for the plan, as `ray start --labels` takes them")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Print the precision plan for this machine (or a simulated one).")
-    add_dtype_argument(parser)
-    parser.add_argument("--simulate", help="plan for another device: cpu, mps or 'GPU NAME:MAJOR.MINOR'")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument(
-        "--labels", action="store_true", help="print the Ray node labels for the plan, as `ray start --labels` takes them"
-    )
-    args = parser.parse_args(argv)
+    args = parse_config(PrecisionOptions, argv, description=PrecisionOptions.__doc__)
     try:
         device = parse_simulated(args.simulate) if args.simulate else None
         plan = resolve(args.dtype, device)

@@ -1,9 +1,6 @@
-"""Run records and the pipeline report card.
+"""The pipeline report card, read back from what the stages leave on disk.
 
-Per run: a JSON-lines metrics log (`MetricsLog`, `read_metrics`) and loss-curve plots (`plot_curves`).
-
-Per pipeline: the report card, like upstream nanochat's report.md but read back from what the
-stages leave on disk, so it can be rebuilt at any time (also while a stage still runs):
+Like upstream nanochat's report.md, but it can be rebuilt at any time (also while a stage still runs):
 
     python -m nanochat.report                                   # $NANOCHAT_BASE_DIR/runs -> runs/report/report.md
     python -m nanochat.report --runs-dir /data/runs --gpu-hourly-cost 2.5
@@ -26,7 +23,6 @@ and the headline numbers go to an MLflow run named "report".
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -37,81 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class MetricsLog:
-    """Appends one JSON object per line; `step` counts optimizer steps done. Opening it with
-    `resume_step` drops records after that step, so a resumed run's log stays continuous with no
-    step recorded twice."""
-
-    def __init__(self, path: str | Path, resume_step: int | None = None):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r.get("step", -1) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-    def log(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def plot_curves(runs: dict[str, list[dict]], out: str | Path, keys: Sequence[str] = ("loss", "val_bpb")) -> Path:
-    """One panel per metric in `keys`, one line per run ({label: per-step records}); saved as a PNG."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
-        for label, records in runs.items():
-            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points, strict=True), label=label)
-        ax.set_xlabel("step")
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3)
-        if ax.lines:  # a metric no run recorded (e.g. no evaluation) gets an empty panel
-            ax.legend()
-    return _save(plt, fig, out)
-
-
-def plot_bars(groups: dict[str, dict[str, float]], out: str | Path, ylabel: str = "score") -> Path:
-    """Grouped bars: one group per metric ({metric: {series: value}}), one colour per series."""
-    plt = _pyplot()
-    series = list(dict.fromkeys(s for values in groups.values() for s in values))
-    width = 0.8 / max(len(series), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) + 2), 4))
-    for i, name in enumerate(series):
-        xs = [g + (i - (len(series) - 1) / 2) * width for g, values in enumerate(groups.values()) if name in values]
-        ys = [values[name] for values in groups.values() if name in values]
-        ax.bar(xs, ys, width, label=name)
-    ax.set_xticks(range(len(groups)), list(groups), rotation=20, ha="right")
-    ax.set_ylabel(ylabel)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend()
-    return _save(plt, fig, out)
-
-
-def _pyplot():
-    """matplotlib without a display (Agg): reports are built on headless nodes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(plt, fig, out: str | Path) -> Path:
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
-
+from nanochat.config import option, parse_config
+from nanochat.runlog import plot_bars, plot_curves
 
 # -----------------------------------------------------------------------------
 # Collecting a runs root
@@ -214,7 +137,7 @@ def _read_json(path: Path, notes: list[str]) -> dict:
 
 
 def _read_records(path: Path, notes: list[str]) -> list[dict]:
-    """Like read_metrics, but skips lines it cannot parse: a running stage may be mid-write."""
+    """Like runlog.read_metrics, but skips lines it cannot parse: a running stage may be mid-write."""
     if not path.exists():
         return []
     records, bad = [], 0
@@ -601,7 +524,7 @@ def log_to_mlflow(pipelines: Sequence[Pipeline], files: Sequence[Path], out_dir:
                   experiment: str = "nanochat", gpu_hourly_cost: float | None = None) -> str:
     """A run named "report": the markdown and PNGs as artifacts (folders kept), headline numbers as
     metrics at step 0. Returns the run id."""
-    from nanochat.tracking import Tracker  # tracking imports this module: import it when used
+    from nanochat.tracking import Tracker  # imports mlflow: only when the report goes to MLflow
 
     params = {"runs": {p.label: str(p.root) for p in pipelines}, "depth": {p.label: p.depth for p in pipelines},
               "gpu_hourly_cost": gpu_hourly_cost}
@@ -628,35 +551,34 @@ def parse_runs_dir(spec: str) -> tuple[str | None, Path]:
     return None, Path(spec).expanduser()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs-dir", action="append", default=[], metavar="[LABEL=]DIR",
-                        help="a runs root (repeat with labels to compare); default $NANOCHAT_BASE_DIR/runs")
-    parser.add_argument("--out", type=Path, help="where report.md and the PNGs go; default <first runs root>/report")
-    parser.add_argument("--depth", type=int, help="which <stage>_d<depth> folders; default the latest written")
-    parser.add_argument("--gpu-hourly-cost", type=float, help="USD per GPU-hour, for the cost line")
-    mlflow = parser.add_mutually_exclusive_group()
-    mlflow.add_argument("--mlflow-uri", help="MLflow tracking URI; default sqlite:///<first runs root>/mlflow.db")
-    mlflow.add_argument("--no-mlflow", action="store_true", help="write the files only")
-    parser.add_argument("--mlflow-experiment", default="nanochat", help="MLflow experiment of the report run")
-    return parser
+@dataclass
+class ReportConfig:
+    runs_dir: list[str] = option([], "a runs root (repeat with labels to compare); default $NANOCHAT_BASE_DIR/runs",
+                                 metavar="[LABEL=]DIR")
+    out: str = option("", "where report.md and the PNGs go; empty = <first runs root>/report")
+    depth: int | None = option(None, "which <stage>_d<depth> folders; None = the latest written")
+    gpu_hourly_cost: float | None = option(None, "USD per GPU-hour, for the cost line")
+    mlflow_uri: str = option("", "MLflow tracking URI; empty = sqlite:///<first runs root>/mlflow.db")
+    mlflow: bool = option(True, "log the report to MLflow (--no-mlflow: write the files only)")
+    mlflow_experiment: str = option("nanochat", "MLflow experiment of the report run")
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
+    args = parse_config(ReportConfig, argv, description=__doc__.splitlines()[0])
+    if args.mlflow_uri and not args.mlflow:
+        raise SystemExit("report: --mlflow-uri and --no-mlflow exclude each other")
     from nanochat.common import base_dir  # imports torch: only the CLI needs it
 
     specs = [parse_runs_dir(s) for s in args.runs_dir] or [(None, base_dir() / "runs")]
     pipelines = [collect(root, label, args.depth) for label, root in specs]
     _unique_labels(pipelines)
-    out_dir = args.out or specs[0][1] / "report"
+    out_dir = Path(args.out) if args.out else specs[0][1] / "report"
     if len(pipelines) == 1:
         files = write_card(pipelines[0], out_dir, args.gpu_hourly_cost)
     else:
         files = write_comparison(pipelines, out_dir, args.gpu_hourly_cost)
     print(f"report: {files[0]}")
-    if not args.no_mlflow:
+    if args.mlflow:
         from nanochat.tracking import default_uri
 
         uri = args.mlflow_uri or default_uri(specs[0][1])

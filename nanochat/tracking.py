@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from nanochat.report import plot_curves
+from nanochat.runlog import plot_curves
 
 
 def default_uri(directory: str | Path) -> str:

@@ -10,41 +10,35 @@ tracking -> evaluation and samples -> a short SFT on Ray -> one chat answer. A f
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
-from nanochat.scripts.demo import (
-    DEMO_QUESTION,
-    chat,
-    evaluate,
-    parse_args,
-    prepare,
-    sft_args,
-    stage,
-    train_args,
-)
+from nanochat.config import option, parse_config
+from nanochat.scripts import demo
 from ray_jobs import train
 
 
+@dataclass
+class RayDemoConfig(demo.DemoConfig):
+    num_workers: int = option(1, "data-parallel training workers (gloo)")
+
+
 def main(argv: list[str] | None = None) -> dict:
-    extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--num-workers", type=int, default=1)
-    known, rest = extra.parse_known_args(argv)
-    args = parse_args(rest, __doc__.splitlines()[0])
-    out, data, tok = prepare(args)
+    args = parse_config(RayDemoConfig, argv, description=__doc__.splitlines()[0])
+    out, data, tok = demo.prepare(args)
     storage = out / "ray_results"
-    summary = stage("base training on Ray", "ray_jobs.train", train.main, [
-        *train_args(args, data, tok), "--num-workers", str(known.num_workers),
+    summary = demo.stage("base training on Ray", "ray_jobs.train", train.main, [
+        *demo.train_args(args, data, tok), "--num-workers", str(args.num_workers),
         "--storage-path", str(storage), "--name", "demo",
-        "--total-batch-size", str(1024 * known.num_workers),
+        "--total-batch-size", str(1024 * args.num_workers),
     ])
-    evaluation = evaluate(data, tok, storage / "demo")
-    sft = stage("chat fine-tuning (SFT) on Ray", "ray_jobs.train", train.main, [
-        "--stage", "sft", *sft_args(args, tok, storage / "demo", out / "sft"), "--num-workers", str(known.num_workers),
+    evaluation = demo.evaluate(data, tok, storage / "demo")
+    sft = demo.stage("chat fine-tuning (SFT) on Ray", "ray_jobs.train", train.main, [
+        "--stage", "sft", *demo.sft_args(args, tok, storage / "demo", out / "sft"), "--num-workers", str(args.num_workers),
         "--storage-path", str(storage), "--name", "demo_sft",
     ])
-    answer = chat(tok, storage / "demo_sft")
+    answer = demo.chat(tok, storage / "demo_sft")
     print(f"\ndemo finished: val bpb {evaluation['val_bpb']:.3f}, final train loss {summary['final_loss']:.3f}, "
-          f"SFT val loss {sft['val_loss']:.3f}\n{DEMO_QUESTION!r} -> {answer!r}\n"
+          f"SFT val loss {sft['val_loss']:.3f}\n{demo.DEMO_QUESTION!r} -> {answer!r}\n"
           f"files in {out}; the runs in MLflow: mlflow ui --backend-store-uri {summary['mlflow_uri']}")
     return {"train": summary, "eval": evaluation, "sft": sft, "answer": answer}
 

@@ -21,7 +21,6 @@ node with wrong labels aborts the run with a table instead of silently training 
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass, field
@@ -29,41 +28,16 @@ from dataclasses import dataclass, field
 import ray
 from ray.train import ScalingConfig
 
-from nanochat.precision import DeviceInfo, peak_flops, plan_for
+from nanochat.config import option, parse_config
+from nanochat.precision import ACCELERATOR_TYPES, DTYPES, DeviceInfo, peak_flops, plan_for, precision_label
 
 LABEL_PRECISION = "nanochat/precision"
 LABEL_GPU = "nanochat/gpu"
 LABEL_ACCELERATOR = "ray.io/accelerator-type"  # set by Ray on GPU nodes it recognises
 LABEL_NODE_ID = "ray.io/node-id"  # set by Ray on every node
 PRECISIONS = ("bf16", "fp16", "fp32")
-LONG_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+LONG_DTYPE = {precision_label(dtype): dtype for dtype in DTYPES}  # bf16 -> bfloat16, ...
 UNKNOWN = "unknown"  # a GPU node with neither our labels nor an accelerator type we know
-
-# Ray accelerator type -> (a representative device name, compute capability): enough for the
-# precision policy to pick the dtype and for peak_flops to find the card.
-ACCELERATOR_TYPES: dict[str, tuple[str, tuple[int, int]]] = {
-    "K80": ("Tesla K80", (3, 7)),
-    "P4": ("Tesla P4", (6, 1)),
-    "P40": ("Tesla P40", (6, 1)),
-    "P100": ("Tesla P100-PCIE-16GB", (6, 0)),
-    "V100": ("Tesla V100-SXM2-16GB", (7, 0)),
-    "T4": ("Tesla T4", (7, 5)),
-    "A10": ("NVIDIA A10", (8, 6)),
-    "A10G": ("NVIDIA A10G", (8, 6)),
-    "A100": ("NVIDIA A100-SXM4-80GB", (8, 0)),
-    "A100-40G": ("NVIDIA A100-SXM4-40GB", (8, 0)),
-    "A100-80G": ("NVIDIA A100-SXM4-80GB", (8, 0)),
-    "L4": ("NVIDIA L4", (8, 9)),
-    "L40S": ("NVIDIA L40S", (8, 9)),
-    "H100": ("NVIDIA H100 80GB HBM3", (9, 0)),
-    "H200": ("NVIDIA H200", (9, 0)),
-    "H20": ("NVIDIA H20", (9, 0)),
-    "B200": ("NVIDIA B200", (10, 0)),
-    "GeForce-GTX-1080": ("NVIDIA GeForce GTX 1080", (6, 1)),
-    "GeForce-GTX-1080-Ti": ("NVIDIA GeForce GTX 1080 Ti", (6, 1)),
-    "GeForce-RTX-3090": ("NVIDIA GeForce RTX 3090", (8, 6)),
-    "GeForce-RTX-4090": ("NVIDIA GeForce RTX 4090", (8, 9)),
-}
 
 
 class PrecisionGroupError(RuntimeError):
@@ -321,10 +295,15 @@ def check_worker_precisions(records: list[dict], expected: str) -> None:
 
 
 # -----------------------------------------------------------------------------
+@dataclass
+class SchedulerOptions:
+    """Print the precision groups of a running Ray cluster."""
+
+    address: str = option("", "Ray cluster address; empty = RAY_ADDRESS or auto")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Print the precision groups of a running Ray cluster.")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or auto)")
-    args = parser.parse_args(argv)
+    args = parse_config(SchedulerOptions, argv, description=SchedulerOptions.__doc__)
     ray.init(address=args.address or "auto", logging_level="ERROR", ignore_reinit_error=True)
     print(format_groups(groups(nodes_from_ray(ray.nodes()))))
     return 0

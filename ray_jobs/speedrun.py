@@ -20,29 +20,28 @@ on the next invocation; the training stages always run with `--resume`, so an in
 from its latest checkpoint with the horizon its time budget fixed. The time already spent by finished
 stages is taken off the budget.
 
-Settings (environment; the defaults are the single-P100 run):
-    NANOCHAT_TIME_BUDGET 10h     total wall time (6h, 90m, 45s, ...)
-    NANOCHAT_RUN        $NANOCHAT_BASE_DIR/speedrun   everything this run writes
-    NANOCHAT_DATA       (unset)  a directory of parquet shards; unset = build the embedded corpus
-    NANOCHAT_DEPTH 12, NANOCHAT_SEQ_LEN 2048, NANOCHAT_VOCAB 32768, NANOCHAT_DEVICE_BATCH 4 (16 GB at depth 12),
-    NANOCHAT_TOTAL_BATCH 131072 (tokens per step), NANOCHAT_SAVE_EVERY 200, NANOCHAT_DEVICE (auto),
-    NANOCHAT_EVAL_EXAMPLES (per task; default sized to the eval stages' share), NANOCHAT_MID_MIXTURE,
-    NANOCHAT_SFT_MIXTURE (default: the stages' own mixtures)
+Settings are the flags of SpeedrunConfig (`--help`; the defaults are the single-P100 run); each flag
+takes its default from the environment variable NANOCHAT_<FLAG> when that is set (NANOCHAT_DEPTH=12,
+NANOCHAT_TIME_BUDGET=10h, NANOCHAT_DATA=/shards, ...), so the shell wrapper needs no flags at all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat.budget import format_duration, parse_duration
+from nanochat.checkpoint import stage_run_dir
 from nanochat.common import base_dir
+from nanochat.config import option, parse_config
+from nanochat.train.budget import format_duration, parse_duration
 
 # (stage, share of the budget). Base training gets most: it is where the model learns; the
 # evaluation shares are what 500 CORE examples per task / 200 chat problems per task take at depth 12.
@@ -55,51 +54,48 @@ STARTUP_S = 20.0  # interpreter + torch import + data/tokenizer load before a st
 
 
 @dataclass
-class Settings:
-    run: Path
-    budget_s: float
-    data: Path | None
-    depth: int
-    seq_len: int
-    vocab: int
-    device_batch: int
-    total_batch: int
-    save_every: int
-    device: str
-    eval_examples: int | None
-    mid_mixture: str
-    sft_mixture: str
+class SpeedrunConfig:
+    time_budget: str = option("10h", "total wall time (6h, 90m, 45s, ...)")
+    run: str = option("", "everything this run writes; empty = $NANOCHAT_BASE_DIR/speedrun")
+    data: str = option("", "a directory of parquet shards; empty = build the embedded corpus")
+    depth: int = option(12, "model depth")
+    seq_len: int = option(2048, "context length")
+    vocab: int = option(32768, "tokenizer vocabulary size")
+    device_batch: int = option(4, "rows per micro-batch (4 fits 16 GB at depth 12)")
+    total_batch: int = option(131072, "tokens per optimizer step")
+    save_every: int = option(200, "checkpoint every N steps")
+    device: str = option("", "cuda | cpu | mps; empty = auto")
+    eval_examples: int | None = option(None, "examples per evaluation task; unset = sized to the eval stages' share")
+    mid_mixture: str = option("", "mid-training mixture; empty = the stage's own")
+    sft_mixture: str = option("", "SFT mixture; empty = the stage's own")
 
-    @classmethod
-    def from_env(cls, env: dict[str, str] | os._Environ = os.environ) -> Settings:
-        def get(name: str, default: str) -> str:
-            return env.get(name) or default
+    @property
+    def root(self) -> Path:
+        return Path(self.run or base_dir() / "speedrun").resolve()
 
-        examples = env.get("NANOCHAT_EVAL_EXAMPLES")
-        return cls(
-            run=Path(get("NANOCHAT_RUN", str(base_dir() / "speedrun"))).resolve(),
-            budget_s=parse_duration(get("NANOCHAT_TIME_BUDGET", "10h")),
-            data=Path(env["NANOCHAT_DATA"]).resolve() if env.get("NANOCHAT_DATA") else None,
-            depth=int(get("NANOCHAT_DEPTH", "12")), seq_len=int(get("NANOCHAT_SEQ_LEN", "2048")),
-            vocab=int(get("NANOCHAT_VOCAB", "32768")), device_batch=int(get("NANOCHAT_DEVICE_BATCH", "4")),
-            total_batch=int(get("NANOCHAT_TOTAL_BATCH", "131072")), save_every=int(get("NANOCHAT_SAVE_EVERY", "200")),
-            device=get("NANOCHAT_DEVICE", ""), eval_examples=int(examples) if examples else None,
-            mid_mixture=get("NANOCHAT_MID_MIXTURE", ""), sft_mixture=get("NANOCHAT_SFT_MIXTURE", ""),
-        )
+    @property
+    def budget_s(self) -> float:
+        return parse_duration(self.time_budget)
 
     @property
     def data_dir(self) -> Path:
-        return self.data or self.run / "data"
+        return Path(self.data).resolve() if self.data else self.root / "data"
 
     def stage_dir(self, stage: str) -> Path:
-        return self.run / "runs" / f"{stage}_d{self.depth}"
+        return stage_run_dir(stage, self.depth, self.root / "runs")
 
 
-def marker(s: Settings, stage: str) -> Path:
-    return s.run / "stages" / f"{stage}.done"
+def env_flags(env: Mapping[str, str]) -> list[str]:
+    """The NANOCHAT_<FLAG> environment variables that are set, as flags (explicit flags after them win)."""
+    names = {f.name: f"NANOCHAT_{f.name.upper()}" for f in dataclasses.fields(SpeedrunConfig)}
+    return [arg for name, var in names.items() if env.get(var) for arg in (f"--{name.replace('_', '-')}", env[var])]
 
 
-def spent(s: Settings) -> dict[str, float]:
+def marker(s: SpeedrunConfig, stage: str) -> Path:
+    return s.root / "stages" / f"{stage}.done"
+
+
+def spent(s: SpeedrunConfig) -> dict[str, float]:
     """Wall seconds of the stages finished by earlier invocations."""
     return {stage: json.loads(marker(s, stage).read_text())["seconds"] for stage, _ in STAGES if marker(s, stage).exists()}
 
@@ -111,7 +107,7 @@ def split_budget(remaining_s: float, todo: list[str]) -> dict[str, float]:
     return {t: remaining_s * shares[t] / total for t in todo}
 
 
-def plan_text(s: Settings, done: dict[str, float], todo_budget: dict[str, float]) -> str:
+def plan_text(s: SpeedrunConfig, done: dict[str, float], todo_budget: dict[str, float]) -> str:
     rows = [f"{'stage':<10} {'share':>6} {'seconds':>9}  status"]
     for stage, share in STAGES:
         if stage in done:
@@ -119,10 +115,10 @@ def plan_text(s: Settings, done: dict[str, float], todo_budget: dict[str, float]
         else:
             rows.append(f"{stage:<10} {share:>6.0%} {todo_budget[stage]:>9.0f}  to run")
     return (f"speedrun plan: {format_duration(s.budget_s)} in all, depth {s.depth}, data "
-            f"{s.data or 'embedded corpus'}, output {s.run}\n" + "\n".join(rows))
+            f"{s.data_dir if s.data else 'embedded corpus'}, output {s.root}\n" + "\n".join(rows))
 
 
-def eval_examples(s: Settings, seconds: float) -> int:
+def eval_examples(s: SpeedrunConfig, seconds: float) -> int:
     """Examples per task for an evaluation stage: NANOCHAT_EVAL_EXAMPLES, else what its share allows
     (about 500 per task at the share of a 10 h depth-12 run; at least 8)."""
     if s.eval_examples is not None:
@@ -130,10 +126,10 @@ def eval_examples(s: Settings, seconds: float) -> int:
     return int(max(8, min(500, 500 * seconds / (0.04 * 36000))))
 
 
-def stage_command(s: Settings, stage: str, seconds: float) -> list[str]:
+def stage_command(s: SpeedrunConfig, stage: str, seconds: float) -> list[str]:
     """The project's own entry point for `stage` with this run's settings (a `python -m` argv)."""
     common = ["--dtype", "auto", *(["--device", s.device] if s.device else [])]
-    tok = ["--tokenizer-dir", str(s.run / "tokenizer")]
+    tok = ["--tokenizer-dir", str(s.root / "tokenizer")]
     budget = ["--time-budget", f"{max(seconds - STARTUP_S, 1.0):.0f}s"]
     loop = ["--device-batch-size", str(s.device_batch), "--save-every", str(s.save_every), "--resume",
             "--sample-every", "-1", *budget]
@@ -141,7 +137,7 @@ def stage_command(s: Settings, stage: str, seconds: float) -> list[str]:
         return ["nanochat.dataset", "build", "--source", "embedded", "--out", str(s.data_dir), "--overwrite"]
     if stage == "tokenizer":
         return ["nanochat.scripts.tok_train", "--vocab-size", str(s.vocab), "--data-dir", str(s.data_dir),
-                "--out", str(s.run / "tokenizer")]
+                "--out", str(s.root / "tokenizer")]
     if stage == "base":
         return ["nanochat.scripts.base_train", *common, *tok, *loop, "--depth", str(s.depth),
                 "--max-seq-len", str(s.seq_len), "--total-batch-size", str(s.total_batch),
@@ -161,24 +157,22 @@ def stage_command(s: Settings, stage: str, seconds: float) -> list[str]:
         return ["nanochat.scripts.chat_eval", *common, *tok, "--checkpoint", str(s.stage_dir("sft")),
                 "--max-problems", str(eval_examples(s, seconds)), "--max-new-tokens", "128"]
     if stage == "report":
-        return ["nanochat.report", "--runs-dir", str(s.run / "runs"), "--depth", str(s.depth)]
+        return ["nanochat.report", "--runs-dir", str(s.root / "runs"), "--depth", str(s.depth)]
     raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(t for t, _ in STAGES)}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    if argv:
-        raise SystemExit("speedrun takes no arguments: set NANOCHAT_* environment variables (see ray_jobs/speedrun.py)")
-    s = Settings.from_env()
+    s = parse_config(SpeedrunConfig, [*env_flags(os.environ), *(argv or [])], description=__doc__.splitlines()[0])
     done = spent(s)
-    if s.data is not None:
-        if not s.data.is_dir():
-            raise SystemExit(f"NANOCHAT_DATA={s.data} is not a directory; point it at parquet shards "
+    if s.data:
+        if not s.data_dir.is_dir():
+            raise SystemExit(f"--data / NANOCHAT_DATA {s.data_dir} is not a directory; point it at parquet shards "
                              "(python -m nanochat.dataset build --out DIR) or unset it for the embedded corpus")
         done.setdefault("shards", 0.0)  # nothing to build
     todo = [t for t, _ in STAGES if t not in done]
     remaining = s.budget_s - sum(done.values())
     print(plan_text(s, done, split_budget(remaining, todo)), flush=True)
-    (s.run / "stages").mkdir(parents=True, exist_ok=True)
+    (s.root / "stages").mkdir(parents=True, exist_ok=True)
     # every stage's process imports this checkout, also under `ray job submit`'s working dir
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parent.parent),
                                                                      os.environ.get("PYTHONPATH", "")) if p)}
@@ -198,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     total = sum(done.values())
     print(f"\nspeedrun finished: {format_duration(total)} of {format_duration(s.budget_s)}; "
           + ", ".join(f"{t} {done[t]:.0f}s" for t, _ in STAGES if t in done)
-          + f"\nreport card: {s.run / 'runs' / 'report' / 'report.md'}", flush=True)
+          + f"\nreport card: {s.root / 'runs' / 'report' / 'report.md'}", flush=True)
     return done
 
 

@@ -9,8 +9,8 @@
 #       --entrypoint-label-selector '{"nanochat/precision": "fp16"}' -- bash ray_jobs/speedrun_p100.sh
 #
 # Rerunning it skips finished stages and resumes an interrupted training stage from its checkpoint.
-# Settings are NANOCHAT_* environment variables (NANOCHAT_DEPTH, NANOCHAT_DATA, NANOCHAT_RUN, ...):
-# the list and the budget split live in ray_jobs/speedrun.py, which this wrapper runs.
+# Settings are NANOCHAT_* environment variables (NANOCHAT_DEPTH, NANOCHAT_DATA, NANOCHAT_RUN, ...) or the same as flags:
+# `python -m ray_jobs.speedrun --help` lists them; the budget split lives there too.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"

@@ -12,20 +12,20 @@ shards, checkpoints through Ray Train, MLflow tracking from rank 0.
     ray job submit --working-dir . -- python -m ray_jobs.train --depth 12 --num-workers 8
 
 Takes every flag of the stage's own script (e.g. nanochat/scripts/base_train.py) plus the Ray flags
-below. The workers run the stage's own `setup()` and `train()`; this file adds scheduling, gradient
-all-reduce, Ray Data, Ray Train checkpoints and MLflow.
+below. The workers run the stage's setup and loop from the registry (nanochat/train/stages.py); this
+file adds scheduling, gradient all-reduce, Ray Data, Ray Train checkpoints and MLflow.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,18 +40,15 @@ from nanochat import checkpoint
 from nanochat.common import base_dir
 from nanochat.config import option, parse_config
 from nanochat.dataset import default_data_dir, list_shards, split_shards
-from nanochat.precision import node_labels, resolve
-from nanochat.scripts import base_train, chat_rl, chat_sft, mid_train
 from nanochat.tokenizer import default_tokenizer_dir
 from nanochat.tracking import Tracker, default_uri
-from nanochat.training import AllReduceGradients
+from nanochat.train.loop import Run, restore_run, save_run
+from nanochat.train.stages import STAGES, Stage
+from nanochat.train.step import AllReduceGradients
+from ray_jobs.cluster import connect
 from ray_jobs.data import build_dataset, data_config, iter_train_batches, resume_position
 from ray_jobs.scheduler import check_worker_precisions, format_groups, groups, nodes_from_ray, plan_cluster
 
-# stage name -> the module that defines its Config dataclass, setup() and train(). Base training
-# streams parquet shards through Ray Data; the other stages' data is small (conversations,
-# problems) and each worker reads its own share through the module's make_batches().
-STAGES = {"base": base_train, "mid": mid_train, "sft": chat_sft, "rl": chat_rl}
 # Fault injection for tests: "RANK:STEP" SIGKILLs that worker right after that step, in a run that
 # did not start from a checkpoint (so the restarted run goes through).
 FAULT_ENV = "NANOCHAT_FAULT_INJECT"
@@ -74,7 +71,7 @@ class RayOptions:
 
 def config_class(stage: str) -> type:
     """The stage's own Config dataclass extended with the Ray options: one set of flags."""
-    return dataclasses.make_dataclass(f"Ray{stage.title()}Config", [], bases=(STAGES[stage].Config, RayOptions))
+    return dataclasses.make_dataclass(f"Ray{stage.title()}Config", [], bases=(STAGES[stage].config, RayOptions))
 
 
 def stage_from_argv(argv: list[str]) -> str:
@@ -117,7 +114,7 @@ def gather(obj: object) -> list:
     return out
 
 
-def check_group(run: base_train.Run, rank: int, expected: str) -> None:
+def check_group(run: Run, rank: int, expected: str) -> None:
     """Defense in depth: every worker's own probe must agree with the group the scheduler chose."""
     mine = {"rank": rank, "host": socket.gethostname(), "gpu": run.plan.name, "dtype": run.plan.short}
     print(f"[worker {rank} on {mine['host']}] precision plan: {run.plan.name}, {run.plan.dtype}, "
@@ -141,17 +138,17 @@ def fault_hook(rank: int, restored: bool):
     return maybe_kill
 
 
-def stage_batches(stage, run, rank: int, world: int, position: dict | None):
-    """Ray Data batches for base training; the stage's own per-worker loader for the others, whose
-    checkpointed position holds one entry per worker (their shares advance at different paces)."""
-    if not hasattr(stage, "make_batches"):
+def stage_batches(stage: Stage, run: Run, rank: int, world: int, position: dict | None) -> Iterator:
+    """Ray Data batches for a stage that trains on the shards; the stage's own per-worker batches for the
+    others, whose checkpointed position holds one entry per worker (their shares advance at different paces)."""
+    if stage.shards:
         return RayBatches(run.device, run.cfg.device_batch_size, position)
     mine = None
     if position is not None and len(position["workers"]) == world:
         mine = position["workers"][rank]
     elif position is not None and rank == 0:
         print(f"the checkpoint was written by {len(position['workers'])} workers, not {world}: this stage's data restarts", flush=True)
-    return stage.make_batches(run, rank, world, mine)
+    return stage.batches(run, rank, world, mine)
 
 
 def data_position_of(batches) -> dict:
@@ -163,7 +160,7 @@ def data_position_of(batches) -> dict:
 
 def train_loop_per_worker(config: dict) -> None:
     stage = STAGES[config["stage"]]
-    cfg = stage.Config(**config["stage_config"])
+    cfg = stage.config(**config["stage_config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run = stage.setup(cfg, ray.train.torch.get_device(), world, rank)
@@ -175,7 +172,7 @@ def train_loop_per_worker(config: dict) -> None:
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as directory:
-            start_step, position = run.restore(Path(directory))
+            start_step, position = restore_run(run, Path(directory))
         if rank == 0:
             print(f"resumed at step {start_step}, data position {position}", flush=True)
     batches = stage_batches(stage, run, rank, world, position)
@@ -197,10 +194,10 @@ def train_loop_per_worker(config: dict) -> None:
             return
         tracker.flush()  # metrics reach MLflow only with their checkpoint: no step is ever logged twice
         with tempfile.TemporaryDirectory() as tmp:
-            path = run.save(Path(tmp), step, data_position)
+            path = save_run(run, Path(tmp), step, data_position)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(path), checkpoint_dir_name=path.name)
 
-    summary = stage.train(run, batches, start_step, log, save)
+    summary = stage.loop(run, batches, start_step, log, save)
     if rank == 0:
         tracker.log_json("summary.json", summary)
         Path(config["summary_path"]).write_text(json.dumps(summary, indent=2))
@@ -233,13 +230,13 @@ def quiet(ds: ray.data.Dataset) -> ray.data.Dataset:
     return ds
 
 
-def resolve_paths(cfg) -> None:
+def resolve_paths(cfg, stage: Stage) -> None:
     """Absolute paths, so workers on any node (and `ray job submit` working dirs) find the same files."""
-    if hasattr(cfg, "data_dir"):
+    if stage.shards:
         cfg.data_dir = str(Path(cfg.data_dir or default_data_dir()).resolve())
-    if hasattr(cfg, "init_checkpoint"):
+    if stage.previous:
         # by default the previous stage's run in this storage, else the plain scripts' one
-        in_storage = Path(cfg.storage_path or base_dir() / "ray_results") / f"{cfg.PREVIOUS}_d{cfg.depth}"
+        in_storage = checkpoint.stage_run_dir(stage.previous, cfg.depth, cfg.storage_path or base_dir() / "ray_results")
         found = not cfg.init_from and checkpoint.find_latest(in_storage)
         cfg.init_from = str((found or cfg.init_checkpoint()).resolve())
     cfg.tokenizer_dir = str(Path(cfg.tokenizer_dir or default_tokenizer_dir()).resolve())
@@ -255,44 +252,28 @@ def ray_datasets(cfg, run_dir: Path) -> dict:
     return {"datasets": datasets, "dataset_config": data_config()}
 
 
-def connect(cfg) -> None:
-    """Join the cluster at --address / $RAY_ADDRESS, or start a local one big enough for this run.
-
-    A local Ray counts the machine's cores as its CPUs; on a laptop the training workers would take
-    them all and the tokenizer actors would wait forever, so ask for what the run needs (Ray's CPUs
-    are logical: a small machine is simply oversubscribed)."""
-    if cfg.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.address or None, ignore_reinit_error=True)
-        return
-    needed = cfg.num_workers * cfg.cpus_per_worker + cfg.tokenize_workers + 1  # + the packing actor
-    # the local node joins the precision group this machine's own plan names (with --dtype and
-    # NANOCHAT_EMULATE applied), as cluster/start_node.sh does for real nodes
-    labels = node_labels(resolve(cfg.dtype, cfg.device or None))
-    # address="local": never join some other cluster that happens to run on this host
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), labels=labels, ignore_reinit_error=True)
-
-
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     stage = stage_from_argv(argv)
     if stage not in STAGES:
         raise SystemExit(f"unknown --stage {stage!r}; choose one of {', '.join(STAGES)}")
     cfg = parse_config(config_class(stage), argv, description=__doc__.splitlines()[0])
-    resolve_paths(cfg)
-    connect(cfg)
+    resolve_paths(cfg, STAGES[stage])
+    connect(cfg.address, cfg.dtype, cfg.device,
+            cfg.num_workers * cfg.cpus_per_worker + cfg.tokenize_workers + 1)  # + the packing actor
 
     group, scaling = plan_cluster(cfg.precision, cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker)
     print(f"cluster precision groups:\n{format_groups(groups(nodes_from_ray(ray.nodes())))}\n"
           f"training on the {group.precision} group: {cfg.num_workers} worker(s) on {', '.join(sorted(group.gpu_names))}")
     storage = Path(cfg.storage_path or base_dir() / "ray_results").resolve()
-    name = cfg.name or f"{stage}_d{cfg.depth}"
+    name = cfg.name or checkpoint.stage_run_dir(stage, cfg.depth).name
     latest = checkpoint.find_latest(storage / name) if (storage / name).exists() else None
     # Ray Train resumes a run from its storage folder by itself (same --name and --storage-path);
     # make that an explicit choice rather than a surprise
     if latest is not None and not cfg.resume:
         raise SystemExit(f"{storage / name} already holds checkpoints (latest: {latest.name}); pass --resume to "
                          "continue that run, or --name / --storage-path for a new one")
-    stage_fields = {f.name for f in dataclasses.fields(STAGES[stage].Config)}
+    stage_fields = {f.name for f in dataclasses.fields(STAGES[stage].config)}
     stage_config = {k: v for k, v in dataclasses.asdict(cfg).items() if k in stage_fields}
     uri = cfg.mlflow_uri or default_uri(storage)
     tracker = Tracker.create(uri, cfg.mlflow_experiment, name, {**dataclasses.asdict(cfg), "precision_group": group.precision})
@@ -310,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last),
         ),
-        **(ray_datasets(cfg, storage / name) if stage == "base" else {}),
+        **(ray_datasets(cfg, storage / name) if STAGES[stage].shards else {}),
     )
     try:
         result = trainer.fit()

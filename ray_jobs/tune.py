@@ -25,7 +25,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,15 +39,17 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from nanochat import memory
 from nanochat.common import base_dir
-from nanochat.config import int_list, option, parse_config
-from nanochat.precision import DTYPE_CHOICES, GB, DeviceInfo, PrecisionPlan, node_labels, plan_for, resolve
-from nanochat.scripts import base_train
+from nanochat.config import DTYPE_CHOICES, int_list, option, parse_config
+from nanochat.precision import ACCELERATOR_TYPES, GB, DeviceInfo, PrecisionPlan, gpu_memory, plan_for, resolve
 from nanochat.tokenizer import Tokenizer
 from nanochat.tracking import Tracker, artifact_location, default_uri
+from nanochat.train import memory
+from nanochat.train.base import BaseTrainConfig
+from nanochat.train.stages import STAGES
 from ray_jobs import train
-from ray_jobs.scheduler import ACCELERATOR_TYPES, Group, format_groups, groups, nodes_from_ray, plan_cluster
+from ray_jobs.cluster import connect
+from ray_jobs.scheduler import Group, format_groups, groups, nodes_from_ray, plan_cluster
 
 METRIC = "val_bpb"
 TIME_ATTR = "tokens"  # ASHA's clock: trials with different batch sizes take different steps per token
@@ -57,14 +58,6 @@ TUNED = ("device_batch_size", "total_batch_size", "matrix_lr", "embedding_lr", "
 # them BaseTrainConfig fields, so `base_train --config best_config.json` accepts the file)
 BEST_KEYS = (*TUNED, "depth", "max_seq_len", "aspect_ratio", "head_dim")
 RUN_ID_FILE = "mlflow_run_id"
-
-# GPU memory in GB by name fragment (lowercase, more specific first), for names that do not carry
-# it ("Tesla P100-PCIE-16GB" does; "NVIDIA L4" does not). Used only when --gpu-memory is not given.
-GPU_MEMORY_GB = (
-    ("h200", 141), ("h20", 96), ("b200", 180), ("l40s", 48), ("l4", 24), ("a10", 24), ("t4", 15),
-    ("p40", 24), ("p4", 8), ("k80", 12), ("4090", 24), ("3090", 24), ("1080 ti", 11), ("1080", 8),
-)
-
 
 @dataclass
 class TuneOptions:
@@ -92,7 +85,7 @@ class TuneOptions:
 
 def config_class() -> type:
     """base_train's settings + ray_jobs.train's Ray options + the sweep's own: one set of flags."""
-    return dataclasses.make_dataclass("TuneConfig", [], bases=(TuneOptions, base_train.Config, train.RayOptions))
+    return dataclasses.make_dataclass("TuneConfig", [], bases=(TuneOptions, BaseTrainConfig, train.RayOptions))
 
 
 def lr_range(text: str, flag: str) -> tuple[float, float]:
@@ -149,16 +142,8 @@ def describe_drops(dropped: list[tuple[tuple[int, int], str]], total: int) -> st
 
 def gpu_memory_of(names: set[str]) -> int | None:
     """The smallest memory among these GPU names (bytes), or None when a name does not tell."""
-    sizes = []
-    for name in names:
-        lowered = name.lower().replace("-", " ")
-        found = re.search(r"(\d+)\s*gb", lowered)
-        known = next((gb for key, gb in GPU_MEMORY_GB if key in lowered), None)
-        size = int(found.group(1)) if found else known
-        if size is None:
-            return None
-        sizes.append(size * GB)
-    return min(sizes) if sizes else None
+    sizes = [gpu_memory(name) for name in names]
+    return None if None in sizes else min(sizes, default=None)
 
 
 def target_plan(cfg, group: Group) -> PrecisionPlan:
@@ -387,17 +372,6 @@ def plot_bpb_vs_params(rows: list[dict], out: Path) -> Path | None:
 # The driver
 
 
-def connect(cfg, concurrent: int) -> None:
-    """Join --address / $RAY_ADDRESS, or start a local Ray sized for `concurrent` trials (as ray_jobs.train does)."""
-    if cfg.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.address or None, ignore_reinit_error=True)
-        return
-    per_trial = 1 + cfg.num_workers * cfg.cpus_per_worker + cfg.tokenize_workers + 1  # trial driver + workers + data
-    labels = node_labels(resolve(cfg.dtype, cfg.device or None))
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(concurrent * per_trial)), labels=labels,
-             ignore_reinit_error=True)
-
-
 def concurrency(cfg, group: Group) -> int:
     if cfg.max_concurrent > 0:
         return cfg.max_concurrent
@@ -413,8 +387,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("ray_jobs.tune tunes base pretraining only; drop --stage (the tuned values carry over to later stages)")
     if not 0 < cfg.grace_evals < cfg.evals_per_trial:
         raise SystemExit(f"--grace-evals must be between 1 and --evals-per-trial - 1 (= {cfg.evals_per_trial - 1})")
-    train.resolve_paths(cfg)
-    connect(cfg, cfg.max_concurrent or 2)
+    train.resolve_paths(cfg, STAGES["base"])
+    per_trial = 1 + cfg.num_workers * cfg.cpus_per_worker + cfg.tokenize_workers + 1  # trial driver + workers + data
+    connect(cfg.address, cfg.dtype, cfg.device, (cfg.max_concurrent or 2) * per_trial)
 
     group, scaling = plan_cluster(cfg.precision, cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker)
     concurrent = concurrency(cfg, group)
@@ -441,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
         "embedding_lr": tune.loguniform(*lr_range(cfg.embedding_lr_range, "--embedding-lr-range")),
         "unembedding_lr": tune.loguniform(*lr_range(cfg.unembedding_lr_range, "--unembedding-lr-range")),
     }
-    defaults = base_train.Config()
+    defaults = BaseTrainConfig()
     baseline = []
     if cfg.with_default:
         # nanochat's own learning rates with its total batch (else the nearest candidate) and the
@@ -456,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
     name = cfg.name or f"tune_d{cfg.depth}"
     exp_dir = storage / name
     uri = cfg.mlflow_uri or default_uri(exp_dir)
-    stage_fields = {f.name for f in dataclasses.fields(base_train.Config)}
+    stage_fields = {f.name for f in dataclasses.fields(BaseTrainConfig)}
     fixed = {
         "stage_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k in stage_fields},
         "token_budget": cfg.token_budget, "evals_per_trial": cfg.evals_per_trial, "precision": group.precision,

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from nanochat import precision
-from nanochat.engine import generate
 from nanochat.eval.core import (
     FEWSHOT_SEPARATOR,
     NOT_REPRODUCED,
@@ -25,6 +24,7 @@ from nanochat.eval.core import (
 )
 from nanochat.eval.offline import MissingDataError
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.infer.engine import generate
 from nanochat.scripts import base_eval, base_train
 
 CPU_PLAN = precision.plan_for(precision.DeviceInfo("cpu", "CPU"), "float32")  # whatever $NANOCHAT_DTYPE says
@@ -218,7 +218,7 @@ def test_language_modeling_agrees_with_greedy_generation(tokenizer):
         ex = Example([context], [cont], gold=0)
         cont_ids = tokenizer.encode(cont)
         prompt = tokenizer.encode(context, prepend=tokenizer.bos_token_id)
-        generated = list(generate(model, CPU_PLAN, prompt, len(cont_ids)))
+        generated = list(generate(model, CPU_PLAN, prompt, len(cont_ids), temperature=0.0))
         reproduced = generated == cont_ids
         assert scorer(ex) == (0 if reproduced else NOT_REPRODUCED)
         assert reproduced == (cont == continuation)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint import find_latest
-from nanochat.report import read_metrics
+from nanochat.runlog import read_metrics
 from nanochat.scripts import base_loss, base_train
 
 

@@ -1,13 +1,13 @@
-"""Continuous batching (nanochat/batching.py): requests that join a running batch at different steps,
+"""Continuous batching (nanochat/infer/batch.py): requests that join a running batch at different steps,
 in a cache small enough to be compacted, decode exactly as they would alone."""
 
 from __future__ import annotations
 
 import pytest
 
-from nanochat.batching import DecodeBatch, Request
-from nanochat.engine import Engine
-from nanochat.gpt import KVCache
+from nanochat.infer.batch import DecodeBatch, Request
+from nanochat.infer.cache import KVCache
+from nanochat.infer.engine import Engine
 from tests.test_engine import PLAN, random_model
 
 
@@ -47,12 +47,12 @@ def test_requests_joining_at_different_steps_decode_as_alone(engine, tokenizer, 
     shifts = []
     original = KVCache.shift
     monkeypatch.setattr(KVCache, "shift", lambda self, delta, start=0: (shifts.append(delta), original(self, delta, start)))
-    short = Request(prompt(tokenizer, "In"), 6)
-    medium = Request(prompt(tokenizer, "And God said, Let there be light"), 20)
-    long = Request(prompt(tokenizer, "In the beginning God created the heaven and the earth. And the earth was"), 12)
+    short = Request(prompt(tokenizer, "In"), 6, temperature=0.0)
+    medium = Request(prompt(tokenizer, "And God said, Let there be light"), 20, temperature=0.0)
+    long = Request(prompt(tokenizer, "In the beginning God created the heaven and the earth. And the earth was"), 12, temperature=0.0)
     # `long` joins when fewer columns are cached than its prompt has: the running rows move right;
     # the 48-column cache fills up and is compacted while `medium` is still running
-    schedule = {0: [short], 2: [medium], 4: [long], 9: [Request(prompt(tokenizer, "He"), 25)]}
+    schedule = {0: [short], 2: [medium], 4: [long], 9: [Request(prompt(tokenizer, "He"), 25, temperature=0.0)]}
     got, batch = run_schedule(engine, schedule, slots=3, capacity=48)
     expected = [alone(engine, r) for requests in schedule.values() for r in requests]
     assert got == expected
@@ -61,22 +61,22 @@ def test_requests_joining_at_different_steps_decode_as_alone(engine, tokenizer, 
 
 
 def test_a_full_batch_queues_and_admits_as_slots_free(engine, tokenizer):
-    requests = [Request(prompt(tokenizer, text), n) for text, n in (("And", 3), ("He said", 9), ("Then", 5), ("So", 4))]
+    requests = [Request(prompt(tokenizer, text), n, temperature=0.0) for text, n in (("And", 3), ("He said", 9), ("Then", 5), ("So", 4))]
     got, _ = run_schedule(engine, {0: requests}, slots=2, capacity=32)
     assert got == [alone(engine, r) for r in requests]
 
 
 def test_sampling_follows_each_requests_seed_whatever_shares_the_batch(engine, tokenizer):
     sampled = Request(prompt(tokenizer, "And God"), 10, temperature=1.0, top_k=20, seed=7)
-    others = [Request(prompt(tokenizer, "In the"), 8, temperature=0.8, seed=1), Request(prompt(tokenizer, "He"), 12)]
+    others = [Request(prompt(tokenizer, "In the"), 8, temperature=0.8, top_k=None, seed=1), Request(prompt(tokenizer, "He"), 12, temperature=0.0)]
     got, _ = run_schedule(engine, {0: others, 3: [sampled]}, slots=3, capacity=40)
     assert got[2] == alone(engine, sampled)
 
 
 def test_cancel_frees_the_slot_for_a_waiting_request(engine, tokenizer):
     batch = DecodeBatch(engine, slots=1, capacity=40)
-    first = batch.add(Request(prompt(tokenizer, "And"), 30))
-    batch.add(Request(prompt(tokenizer, "He said"), 4))
+    first = batch.add(Request(prompt(tokenizer, "And"), 30, temperature=0.0))
+    batch.add(Request(prompt(tokenizer, "He said"), 4, temperature=0.0))
     assert set(batch.step()) == {first}  # the second waits for the only slot
     batch.cancel(first)
     tokens = []
@@ -84,19 +84,19 @@ def test_cancel_frees_the_slot_for_a_waiting_request(engine, tokenizer):
         step = batch.step()
         assert first not in step
         tokens += step.values()
-    assert tokens == alone(engine, Request(prompt(tokenizer, "He said"), 4))
+    assert tokens == alone(engine, Request(prompt(tokenizer, "He said"), 4, temperature=0.0))
 
 
 def test_requests_that_cannot_fit_are_refused(engine, tokenizer):
     batch = DecodeBatch(engine, slots=2, capacity=16)
     with pytest.raises(ValueError, match="exceeds the 16 positions"):
-        batch.add(Request(prompt(tokenizer, "And God said"), 15))
+        batch.add(Request(prompt(tokenizer, "And God said"), 15, temperature=0.0))
     with pytest.raises(ValueError, match="rotary tables"):
         DecodeBatch(engine, slots=1, capacity=10**6)
 
 
 def test_warm_up_leaves_an_empty_batch_that_decodes_as_a_fresh_one(engine, tokenizer):
-    request = Request(prompt(tokenizer, "In the beginning"), max_tokens=8)
+    request = Request(prompt(tokenizer, "In the beginning"), max_tokens=8, temperature=0.0)
     batch = DecodeBatch(engine, slots=3, capacity=32)
     batch.warm_up()  # one busy slot, then all three
     assert not batch.busy and batch.active() == set() and batch.cache.pos == 0

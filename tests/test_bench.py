@@ -9,6 +9,7 @@ import torch
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.scripts import bench_train
+from nanochat.train.memory import fits, two_steps
 
 TINY = ["--device", "cpu", "--depth", "2", "--head-dim", "32", "--max-seq-len", "64", "--vocab-size", "512",
         "--device-batch-size", "2", "--steps", "2", "--warmup", "1"]
@@ -31,8 +32,8 @@ def test_two_steps_run_the_training_step_and_report_the_model_size():
     cfg = parse_config(bench_train.BenchConfig, TINY)
     device = torch.device("cpu")
     expected = GPT(GPTConfig.from_depth(2, 512, 64, head_dim=32)).num_params()
-    assert bench_train.two_steps(cfg, resolve("auto", device), device, batch_size=2) == expected
-    assert bench_train.fits(cfg, resolve("auto", device), device, batch_size=2)
+    assert two_steps(cfg, resolve("auto", device), device, batch_size=2) == expected
+    assert fits(cfg, resolve("auto", device), device, batch_size=2)
 
 
 def test_find_max_batch_needs_a_gpu():

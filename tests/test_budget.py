@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from nanochat.budget import Costs, due_between, fit_iterations, parse_duration
-from nanochat.report import read_metrics
+from nanochat.runlog import read_metrics
 from nanochat.scripts import base_train
+from nanochat.train.budget import Costs, due_between, fit_iterations, parse_duration
 
 
 def test_durations():

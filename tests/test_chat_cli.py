@@ -12,15 +12,16 @@ import pytest
 
 from nanochat.chat import render_conversation, render_for_completion
 from nanochat.checkpoint import load_model
-from nanochat.engine import Engine
+from nanochat.infer.engine import Engine
+from nanochat.infer.stream import AnswerStream
 from nanochat.precision import resolve
 from nanochat.scripts import chat_cli
 from nanochat.tokenizer import Tokenizer
 from tests.test_chat_eval import tiny_run  # noqa: F401  (the shared tiny checkpoint fixture)
 
 
-def stream_all(tokenizer: Tokenizer, tokens: list[int]) -> tuple[list[str], chat_cli.AnswerStream]:
-    stream = chat_cli.AnswerStream(tokenizer)
+def stream_all(tokenizer: Tokenizer, tokens: list[int]) -> tuple[list[str], AnswerStream]:
+    stream = AnswerStream(tokenizer)
     pieces = [stream.feed(t) for t in tokens] + [stream.finish()]
     return pieces, stream
 

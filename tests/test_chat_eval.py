@@ -12,9 +12,11 @@ import torch
 from nanochat.checkpoint import find_latest
 from nanochat.eval.offline import MissingDataError
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.infer.engine import context_length
 from nanochat.precision import resolve
 from nanochat.scripts import base_train, chat_eval
-from nanochat.tasks import Task, load_task, reference_response
+from nanochat.tasks import Task, load_task
+from nanochat.tasks.base import reference_response
 
 PLAN = resolve("float32", "cpu")
 LETTERS = ["A", "B", "C", "D"]
@@ -112,7 +114,7 @@ def random_gpt(vocab_size: int, sequence_len: int = 64) -> GPT:
 
 
 def test_batched_letter_choice_equals_per_prompt_forwards(tokenizer):
-    model = random_gpt(tokenizer.vocab_size)
+    model = random_gpt(tokenizer.vocab_size, sequence_len=640)  # a context that holds every prompt
     conversations = [LetterTask(10)[i] for i in range(10)]
     prompts = [chat_eval.render_for_completion(tokenizer, c) for c in conversations]
     assert len({len(p) for p in prompts}) > 1, "the batch must need padding"
@@ -131,8 +133,8 @@ def test_batched_letter_choice_equals_per_prompt_forwards(tokenizer):
 def test_prompts_past_the_context_are_not_answered(tokenizer):
     conversations = [LetterTask(5)[i] for i in (0, 4)]
     lengths = [len(chat_eval.render_for_completion(tokenizer, c)) for c in conversations]
-    model = random_gpt(tokenizer.vocab_size, sequence_len=lengths[0] // 10 + 1)  # rotary tables: 10x that
-    assert lengths[0] <= chat_eval.context_limit(model) < lengths[1]
+    model = random_gpt(tokenizer.vocab_size, sequence_len=lengths[0])  # the context it was trained on
+    assert lengths[0] <= context_length(model) < lengths[1]
     answers = chat_eval.categorical_answers(model, tokenizer, PLAN)(conversations)
     assert answers[0] in LETTERS and answers[1] is None
 

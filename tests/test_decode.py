@@ -5,9 +5,10 @@ through captured and replayed CUDA graphs, with and without torch.compile."""
 import pytest
 import torch
 
-from nanochat.decode import Decoder
-from nanochat.engine import Engine
-from nanochat.gpt import KVCache
+from nanochat.infer.batch import decode_many
+from nanochat.infer.cache import KVCache
+from nanochat.infer.engine import Engine
+from nanochat.infer.graphs import Decoder
 from nanochat.precision import resolve
 from tests.test_engine import random_model
 
@@ -41,7 +42,7 @@ def run_generate(e: Engine, prompt: list[int]) -> list[list[int]]:
 
 def run_batch(e: Engine, prompts: list[list[int]]) -> list[list[int | None]]:
     """Requests of different lengths that join and leave the batch at different steps."""
-    return list(e.generate_many(prompts, [10, 14, 6], [0.0] * 3, [None] * 3, [0, 1, 2]))
+    return list(decode_many(e, prompts, [10, 14, 6], [0.0] * 3, [None] * 3, [0, 1, 2]))
 
 
 PROMPTS = [[5, 9, 11, 3, 7, 2, 8], [4, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
@@ -96,9 +97,9 @@ def decode_logits(model, plan, mode: str, device: str, compile: bool = False) ->
     e = engine(model, plan, mode)
     e.decoder.compile = compile and plan.compile
     cache = KVCache(2, 32)
-    e._forward(torch.tensor([PROMPTS[0]], device=device), cache)
+    e.last_logits(torch.tensor([PROMPTS[0]], device=device), cache)
     # clone: the graphed step returns a view of its static output buffer, valid until the next step
-    return torch.stack([e._forward(torch.tensor([[t]], device=device), cache).float().clone() for t in (3, 5, 7, 9)])
+    return torch.stack([e.last_logits(torch.tensor([[t]], device=device), cache).float().clone() for t in (3, 5, 7, 9)])
 
 
 def assert_as_accurate_as_eager(plan, mode: str, device: str, compile: bool = False) -> None:
@@ -125,7 +126,7 @@ def test_cuda_graphs_in_the_plans_dtype_are_as_accurate_as_eager(compile):
 
 @pytest.mark.gpu
 def test_compiled_decode_steps_multiply_with_the_few_row_kernel():
-    from nanochat.decode_matmul import FewRowLinear
+    from nanochat.infer.matvec_kernel import FewRowLinear
 
     e = engine(random_model(128).cuda(), resolve("auto", "cuda"), "graph")
     linears = [m for m in e.decoder.weights.modules() if isinstance(m, torch.nn.Linear)]

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 CHECK = """
 import torch
-import nanochat.decode_attention as kernels
-from nanochat.decode_attention import decode_attention
+import nanochat.infer.attention_kernel as kernels
+from nanochat.infer.attention_kernel import decode_attention
 from nanochat.gpt import attention
 
 def check(device, dtype, rows, heads, kv_heads, columns, pos, dim=32):

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 CHECK = """
 import torch
 import torch.nn.functional as F
-from nanochat.decode_matmul import FewRowLinear, decode_linear, matvec, programmatic_launch, supports
+from nanochat.infer.matvec_kernel import FewRowLinear, decode_linear, matvec, programmatic_launch, supports
 
 device = "{device}"
 g = torch.Generator().manual_seed(0)

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from nanochat.calculator import calculate
-from nanochat.engine import Engine, generate
-from nanochat.gpt import GPT, GPTConfig, KVCache
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.infer.batch import decode_many
+from nanochat.infer.cache import KVCache
+from nanochat.infer.engine import Engine, generate
 from nanochat.precision import resolve
 
 PLAN = resolve("float32", "cpu")
@@ -41,7 +43,7 @@ def test_engine_greedy_equals_reference_without_cache(tokenizer):
     model = random_model(tokenizer.vocab_size)
     engine = Engine(model, tokenizer, PLAN)
     prompt = tokenizer.encode("In the beginning God", prepend=tokenizer.bos_token_id)
-    expected = list(generate(model, PLAN, prompt, 12))
+    expected = list(generate(model, PLAN, prompt, 12, temperature=0.0))
     stop = engine.stop_ids
     cut = next((i + 1 for i, t in enumerate(expected) if t in stop), len(expected))
     results, masks = engine.generate_batch(prompt, num_samples=3, max_tokens=12, temperature=0.0)
@@ -67,6 +69,7 @@ class ScriptedModel(torch.nn.Module):
         self.script, self.vocab_size, self.calls = script, vocab_size, 0
         self.transformer = torch.nn.ModuleDict({"h": torch.nn.ModuleList([torch.nn.Identity()])})
         self.register_buffer("cos", torch.zeros(1, 1, 256, 1))
+        self.config = GPTConfig(sequence_len=256)  # the engine's context rule reads it
         self.weight = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, idx, kv_cache=None):
@@ -117,7 +120,7 @@ def test_prompts_of_different_lengths_decode_together_as_they_do_alone(tokenizer
         rows, _ = engine.generate_batch(prompt, 1, max_tokens=limit, temperature=0.0)
         alone.append(rows[0][len(prompt):])
     together: list[list[int]] = [[] for _ in prompts]
-    for step in engine.generate_many(prompts, limits, [0.0] * 3, [None] * 3, [0] * 3):
+    for step in decode_many(engine, prompts, limits, [0.0] * 3, [None] * 3, [0] * 3):
         for r, token in enumerate(step):
             if token is not None:
                 together[r].append(token)
@@ -129,7 +132,7 @@ def test_batched_sampling_follows_each_rows_seed(tokenizer):
     prompt = tokenizer.encode("And", prepend=tokenizer.bos_token_id)
 
     def run(seeds):
-        return [step for step in engine.generate_many([prompt, prompt], [6, 6], [1.0, 1.0], [50, 50], seeds)]
+        return [step for step in decode_many(engine, [prompt, prompt], [6, 6], [1.0, 1.0], [50, 50], seeds)]
 
     assert run([1, 1]) == run([1, 1])
     same = run([3, 3])

@@ -1,4 +1,4 @@
-"""The training memory model (nanochat/memory.py) against measured peaks, and --device-batch-size auto."""
+"""The training memory model (nanochat/train/memory.py) against measured peaks, and --device-batch-size auto."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from nanochat import memory
-from nanochat.memory import GiB
 from nanochat.scripts import base_train
+from nanochat.train import memory
+from nanochat.train.memory import GiB
 
 CALIBRATIONS = sorted((Path(__file__).parent.parent / "docs" / "memory").glob("calibration_*.json"))
 P100 = dict(seq_len=2048, vocab_size=32768, dtype="float16", compile=False)

@@ -11,7 +11,7 @@ import pytest
 import ray
 
 from nanochat import checkpoint, report
-from nanochat.report import read_metrics
+from nanochat.runlog import read_metrics
 from nanochat.scripts import base_eval, base_train, chat_eval, chat_rl, chat_sft, mid_train
 from ray_jobs import train as ray_train
 

@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from nanochat.checkpoint import find_latest
-from nanochat.report import read_metrics
+from nanochat.runlog import read_metrics
 from nanochat.scripts import base_train
 from nanochat.tracking import Tracker
 from ray_jobs import train as ray_train

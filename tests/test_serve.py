@@ -20,10 +20,10 @@ from ray import serve
 
 from nanochat.chat import render_for_completion
 from nanochat.checkpoint import load_model
-from nanochat.engine import Engine
+from nanochat.infer.engine import Engine
+from nanochat.infer.stream import AnswerStream
 from nanochat.precision import resolve
 from nanochat.scripts import bench_serve
-from nanochat.scripts.chat_cli import AnswerStream
 from nanochat.tokenizer import Tokenizer
 from ray_jobs import serve as serve_app
 from tests.test_chat_eval import tiny_run  # noqa: F401  (the shared tiny checkpoint fixture)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nanochat.checkpoint import find_latest, load_checkpoint
-from nanochat.report import read_metrics
+from nanochat.runlog import read_metrics
 from ray_jobs.speedrun import STAGES, split_budget
 
 REPO = Path(__file__).resolve().parent.parent

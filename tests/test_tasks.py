@@ -14,17 +14,8 @@ import pytest
 from nanochat.calculator import calculate
 from nanochat.chat import render_conversation, render_for_completion
 from nanochat.eval.offline import EVAL_DATA_ENV, MissingDataError
-from nanochat.tasks import (
-    EVAL_TASK_NAMES,
-    TASK_NAMES,
-    TRAIN_TASK_NAMES,
-    Task,
-    chosen_letter,
-    final_number,
-    load_mixture,
-    load_task,
-    reference_response,
-)
+from nanochat.tasks import EVAL_TASK_NAMES, TASK_NAMES, TRAIN_TASK_NAMES, load_mixture, load_task
+from nanochat.tasks.base import Task, chosen_letter, final_number, reference_response
 from nanochat.tasks.humaneval import extract_code
 
 DATA_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "mmlu_aux")

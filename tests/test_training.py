@@ -9,7 +9,7 @@ import torch
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.precision import DeviceInfo, plan_for
-from nanochat.training import TrainingDiverged, TrainStep, lr_multiplier
+from nanochat.train.step import TrainingDiverged, TrainStep, lr_multiplier
 
 CPU = DeviceInfo("cpu", "CPU")
 
@@ -95,7 +95,7 @@ def test_fp32_nan_loss_is_skipped_without_touching_parameters():
 def _all_reduce_worker(rank: int, init_file: str, rows: torch.Tensor, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from nanochat.training import AllReduceGradients
+    from nanochat.train.step import AllReduceGradients
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     model = tiny_model()

@@ -11,10 +11,11 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
-from nanochat import memory
 from nanochat.config import parse_config
 from nanochat.precision import GB
 from nanochat.scripts import base_train
+from nanochat.train import memory
+from nanochat.train.base import BaseTrainConfig
 from ray_jobs import tune as ray_tune
 
 P100 = {"depth": 12, "seq_len": 2048, "vocab_size": 32768, "dtype": "float16", "compile": False}
@@ -95,7 +96,7 @@ def test_tiny_sweep_stops_early_logs_everything_and_its_best_config_trains(local
     assert all(t["tokens"] < BUDGET for t in stopped)
     assert any(t["status"] == "completed" and t["tokens"] == BUDGET for t in trials)
     # the first trial is nanochat's defaults: the baseline the sweep reports against
-    defaults = base_train.Config()
+    defaults = BaseTrainConfig()
     assert any(t["matrix_lr"] == defaults.matrix_lr and t["embedding_lr"] == defaults.embedding_lr for t in trials)
 
     # every trial is one MLflow run with its parameters and its bpb; ASHA's stops are marked
@@ -119,7 +120,7 @@ def test_tiny_sweep_stops_early_logs_everything_and_its_best_config_trains(local
     best_file = exp / "best_config.json"
     best = json.loads(best_file.read_text())
     assert best == out["best_config"]
-    assert set(best) <= {f.name for f in dataclasses.fields(base_train.Config)}
+    assert set(best) <= {f.name for f in dataclasses.fields(BaseTrainConfig)}
     winner = min((t for t in trials if t["status"] == "completed"), key=lambda t: t["val_bpb"])
     assert {k: best[k] for k in ray_tune.TUNED} == {k: winner[k] for k in ray_tune.TUNED}
     assert (exp / "trials.csv").read_text().count("\n") == SAMPLES + 1
@@ -127,7 +128,7 @@ def test_tiny_sweep_stops_early_logs_everything_and_its_best_config_trains(local
     tiny = ["--config", str(best_file), "--device", "cpu", "--data-dir", str(data_dir), "--tokenizer-dir",
             str(tokenizer_dir), "--num-iterations", "2", "--eval-every", "-1", "--sample-every", "-1",
             "--save-every", "-1", "--eval-tokens", "1024", "--run-dir", str(tmp_path / "from_best")]
-    loaded = parse_config(base_train.Config, tiny)
+    loaded = parse_config(BaseTrainConfig, tiny)
     assert {k: getattr(loaded, k) for k in best} == best
     summary = base_train.main(tiny)
     assert summary["steps"] == 2 and summary["final_loss"] > 0

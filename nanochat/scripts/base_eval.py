@@ -14,14 +14,12 @@ Writes base_eval.json into the checkpoint's run dir (or --out).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from nanochat.checkpoint import CheckpointError, load_for_inference, run_dir_of
-from nanochat.common import base_dir, init_process
+from nanochat.checkpoint import CheckpointError, load_for_inference, run_dir_of, stage_run_dir
+from nanochat.common import init_process, save_result
 from nanochat.config import CommonConfig, option, parse_config
 from nanochat.eval.core import TASKS, ModelScorer, evaluate_core, load_task
 from nanochat.eval.offline import MissingDataError
@@ -54,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     device, plan = init_process(cfg)
     print(plan.summary())
     try:
-        model, tokenizer, step_dir, _ = load_for_inference(cfg.checkpoint or base_dir() / "runs" / f"base_d{cfg.depth}",
+        model, tokenizer, step_dir, _ = load_for_inference(cfg.checkpoint or stage_run_dir("base", cfg.depth),
                                                            device, cfg.tokenizer_dir)
     except CheckpointError as e:
         raise SystemExit(f"base_eval: {e}") from None
@@ -87,10 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, r in record["tasks"].items():
         print(f"{name:<18} {r['format']:<18} {r['num_fewshot']:>5} {r['n']:>5} {r['accuracy']:>9.4f} {r['centered']:>9.4f}")
     print(f"{'CORE':<18} {'':<18} {'':>5} {'':>5} {'':>9} {record['core']:>9.4f}")
-    out = Path(cfg.out) if cfg.out else run_dir_of(step_dir) / "base_eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    print(f"wrote {out}")
+    save_result(record, cfg.out, run_dir_of(step_dir) / "base_eval.json")
     return record
 
 

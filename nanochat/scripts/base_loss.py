@@ -13,13 +13,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat.checkpoint import CheckpointError, load_for_inference
-from nanochat.common import base_dir, init_process
+from nanochat.checkpoint import CheckpointError, load_for_inference, stage_run_dir
+from nanochat.common import init_process
 from nanochat.config import CommonConfig, option, parse_config
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import default_data_dir, list_shards, split_shards
-from nanochat.engine import sample_text
 from nanochat.eval.bpb import evaluate_bpb
+from nanochat.infer.engine import sample_text
 
 PROMPTS = ["In the beginning", "The meaning of life is", "He said to them,", "The king of"]
 
@@ -38,7 +38,7 @@ class BaseLossConfig(CommonConfig):
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(BaseLossConfig, argv, description=__doc__.splitlines()[0])
     device, plan = init_process(cfg)
-    source = Path(cfg.checkpoint or Path(cfg.run_dir or base_dir() / "runs" / "base_d12") / "checkpoints")
+    source = Path(cfg.checkpoint or Path(cfg.run_dir or stage_run_dir("base", 12)) / "checkpoints")
     try:
         model, tokenizer, source, _ = load_for_inference(source, device, cfg.tokenizer_dir)
     except CheckpointError as e:

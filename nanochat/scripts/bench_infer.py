@@ -9,11 +9,8 @@ share of the GPU's memory-bandwidth bound.
 The defaults are the shapes of upstream nanochat's own benchmark: a 512-token prompt prefilled once
 and shared by every row, 256 new tokens per row, greedy, 1 and 32 rows. Speed does not depend on
 the weights, so without --checkpoint a freshly initialized model of the given depth is timed.
-Every row decodes exactly --new-tokens tokens (stop tokens are not honoured here).
-
-Bound: one decode step reads every matrix weight once (in the compute dtype) and each row's KV
-cache; at the mid-decode context (prompt + new/2) that gives bound tok/s = rows x bandwidth /
-bytes per step, with the vendor bandwidth of the GPU that runs (nanochat.precision).
+Every row decodes exactly --new-tokens tokens (stop tokens are not honoured here). The bound is
+the memory bandwidth's (see `bound`), at the mid-decode context (prompt + new/2).
 """
 
 from __future__ import annotations
@@ -28,9 +25,9 @@ import torch
 from nanochat import checkpoint
 from nanochat.common import init_process, write_json
 from nanochat.config import CommonConfig, option, parse_config, row_counts
-from nanochat.decode import MODES
-from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.infer.engine import Engine
+from nanochat.infer.graphs import MODES
 from nanochat.precision import peak_bandwidth
 from nanochat.tokenizer import SPECIAL_TOKENS
 
@@ -93,8 +90,8 @@ def time_decode(engine: Engine, prompt: list[int], rows: int, cfg: BenchInferCon
 
 
 def bound(model: GPT, rows: int, context: int, dtype_bytes: int, bandwidth: float | None) -> dict:
-    """Bytes one decode step must read (matrix weights once, the KV cache of every row) and the
-    tokens/s that the memory bandwidth allows at most."""
+    """Bytes one decode step must read (matrix weights once in the compute dtype, the KV cache of
+    every row) and the tokens/s that the GPU's vendor bandwidth (nanochat.precision) allows at most."""
     cfg = model.config
     weights = model.num_matrix_params() * dtype_bytes
     kv_per_row = cfg.n_layer * 2 * cfg.n_kv_head * (cfg.n_embd // cfg.n_head) * context * dtype_bytes

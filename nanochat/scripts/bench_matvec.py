@@ -1,4 +1,4 @@
-"""Speed of a decode step's few-row matmuls: cuBLAS vs nanochat.decode_matmul, chained as in a step.
+"""Speed of a decode step's few-row matmuls: cuBLAS vs nanochat.infer.matvec_kernel, chained as in a step.
 
     python -m nanochat.scripts.bench_matvec --depth 20 --rows 1,2,4
 
@@ -70,12 +70,12 @@ def graph_time(fn: Callable[[], None], repeats: int) -> float:
 
 
 def ways(device: torch.device) -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]]:
-    from nanochat import decode_matmul  # imports Triton
+    from nanochat.infer import matvec_kernel  # imports Triton
 
     found = {"cublas": lambda x, w, y: torch.mm(x, w.t(), out=y),
-             "triton": lambda x, w, y: decode_matmul.matvec(x, w, pdl=False, out=y)}
-    if decode_matmul.programmatic_launch(device):
-        found["triton+pdl"] = lambda x, w, y: decode_matmul.matvec(x, w, pdl=True, out=y)
+             "triton": lambda x, w, y: matvec_kernel.matvec(x, w, pdl=False, out=y)}
+    if matvec_kernel.programmatic_launch(device):
+        found["triton+pdl"] = lambda x, w, y: matvec_kernel.matvec(x, w, pdl=True, out=y)
     return found
 
 

@@ -13,68 +13,26 @@ the forward+backward / optimizer split, peak memory; `--out FILE.json` writes th
 
 from __future__ import annotations
 
-import gc
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from nanochat.common import default_device, seed_everything, write_json
-from nanochat.config import ModelShapeConfig, option, parse_config
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.common import default_device, write_json
+from nanochat.config import option, parse_config
+from nanochat.gpt import GPT
 from nanochat.precision import PrecisionPlan, apply_process_settings, resolve
-from nanochat.training import TrainStep, maybe_compile
+from nanochat.train.memory import ProbeConfig, fits, probe_setup
+from nanochat.train.step import TrainStep
 
 
 @dataclass
-class BenchConfig(ModelShapeConfig):
-    vocab_size: int = option(32768, "vocabulary size")
-    device_batch_size: int = option(32, "rows per micro-batch")
-    total_batch_size: int = option(-1, "tokens per optimizer step (gradient accumulation); -1 = one micro-batch")
+class BenchConfig(ProbeConfig):
     steps: int = option(20, "timed optimizer steps")
     warmup: int = option(5, "untimed steps first (compilation, allocator warm-up)")
-    compile: str = option("auto", "torch.compile: auto, on, off", choices=("auto", "on", "off"))
     find_max_batch: bool = option(False, "instead of timing, report the largest micro-batch (power of two, then +50%) that fits")
     out: str = option("", "write the result as JSON here")
-
-
-def build(cfg: BenchConfig, plan: PrecisionPlan, device: torch.device, batch_size: int):
-    seed_everything(cfg.seed)
-    config = GPTConfig.from_depth(cfg.depth, cfg.vocab_size, cfg.max_seq_len, cfg.aspect_ratio, cfg.head_dim)
-    model = GPT(config).to(device)
-    model.init_weights()
-    optimizer = model.setup_optimizer(ns_dtype=getattr(torch, plan.muon_dtype))
-    tokens_per_micro = batch_size * cfg.max_seq_len
-    grad_accum = 1 if cfg.total_batch_size == -1 else max(1, cfg.total_batch_size // tokens_per_micro)
-    step = TrainStep(maybe_compile(model, plan, cfg.compile), optimizer, plan, grad_accum, plan.make_grad_scaler())
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
-    data = [torch.randint(0, cfg.vocab_size, (batch_size, cfg.max_seq_len + 1), device=device, generator=g) for _ in range(4)]
-    batches = ((row[:, :-1], row[:, 1:]) for i in range(10**9) for row in [data[i % 4]])
-    return model, step, batches, grad_accum
-
-
-def two_steps(cfg: BenchConfig, plan: PrecisionPlan, device: torch.device, batch_size: int) -> int | None:
-    """Two full optimizer steps at this micro-batch (the second one holds the optimizer state): the
-    model's parameter count if they ran, None if they ran out of GPU memory. Everything they
-    allocated is freed afterwards (the allocator's peak statistics keep what they used)."""
-    model = step = batches = None
-    try:
-        model, step, batches, _ = build(cfg, plan, device, batch_size)
-        step(batches)
-        step(batches)
-        return model.num_params()
-    except torch.cuda.OutOfMemoryError:
-        return None
-    finally:
-        model = step = batches = None
-        torch._dynamo.reset()  # compiled graphs hold on to their buffers
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
-def fits(cfg: BenchConfig, plan: PrecisionPlan, device: torch.device, batch_size: int) -> bool:
-    return two_steps(cfg, plan, device, batch_size) is not None
 
 
 def find_max_batch(cfg: BenchConfig, plan: PrecisionPlan, device: torch.device) -> dict:
@@ -115,7 +73,7 @@ def _timed(fn, event):
 
 
 def bench(cfg: BenchConfig, plan: PrecisionPlan, device: torch.device) -> dict:
-    model, step, batches, grad_accum = build(cfg, plan, device, cfg.device_batch_size)
+    model, step, batches, grad_accum = probe_setup(cfg, plan, device, cfg.device_batch_size)
     for _ in range(cfg.warmup):
         step(batches)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

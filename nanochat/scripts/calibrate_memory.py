@@ -10,7 +10,7 @@ torch.cuda.max_memory_allocated and max_memory_reserved, or that it ran out of m
 size that runs out of memory ends the sweep for that shape (larger ones cannot fit either).
 The points are appended to --out as they finish, so a sweep cut short keeps what it measured.
 
-No GPU needed to compare or refit the memory model (nanochat/memory.py) on a measured file:
+No GPU needed to compare or refit the memory model (nanochat/train/memory.py) on a measured file:
 
     python -m nanochat.scripts.calibrate_memory --check docs/memory/calibration_p100_fp16.json
     python -m nanochat.scripts.calibrate_memory --fit docs/memory/calibration_p100_fp16.json
@@ -25,12 +25,11 @@ from pathlib import Path
 
 import torch
 
-from nanochat import memory
 from nanochat.common import default_device
 from nanochat.config import ModelShapeConfig, int_list, option, parse_config
-from nanochat.memory import GiB
 from nanochat.precision import apply_process_settings, resolve
-from nanochat.scripts.bench_train import BenchConfig, two_steps
+from nanochat.train import memory
+from nanochat.train.memory import GiB, ProbeConfig, two_steps
 
 
 @dataclass
@@ -46,14 +45,14 @@ class CalibrateConfig(ModelShapeConfig):
 
 
 def measure(cfg: CalibrateConfig, plan, device: torch.device, depth: int, seq_len: int, vocab: int, batch: int) -> dict:
-    bench_cfg = BenchConfig(depth=depth, max_seq_len=seq_len, vocab_size=vocab, device_batch_size=batch,
-                            aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim, compile=cfg.compile, seed=cfg.seed)
+    shape = ProbeConfig(depth=depth, max_seq_len=seq_len, vocab_size=vocab, device_batch_size=batch,
+                        aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim, compile=cfg.compile, seed=cfg.seed)
     point = {"depth": depth, "seq_len": seq_len, "vocab_size": vocab, "device_batch_size": batch,
              "aspect_ratio": cfg.aspect_ratio, "head_dim": cfg.head_dim, "dtype": plan.dtype,
              "compile": plan.compile if cfg.compile == "auto" else cfg.compile == "on",
              "gpu": plan.name, "emulating": plan.emulating}
     torch.cuda.reset_peak_memory_stats(device)
-    num_params = two_steps(bench_cfg, plan, device, batch)
+    num_params = two_steps(shape, plan, device, batch)
     point.update(ok=num_params is not None)
     if num_params is not None:
         point.update(num_params=num_params, peak_allocated=torch.cuda.max_memory_allocated(device),
@@ -76,7 +75,7 @@ def check(path: str) -> list[dict]:
 
 
 def print_fit(path: str) -> list[dict]:
-    """Print the fitted coefficients; copy them into nanochat/memory.py (with the data's name) to adopt them."""
+    """Print the fitted coefficients; copy them into nanochat/train/memory.py (with the data's name) to adopt them."""
     points = memory.load_calibration(path)
     if all(p["compile"] for p in points):
         print(f"COMPILED_TRANSIENT = {memory.fit_compiled_transient(points):.3f}")

@@ -23,8 +23,8 @@ from nanochat.chat import render_for_completion
 from nanochat.checkpoint import CheckpointError, load_for_inference
 from nanochat.common import init_process
 from nanochat.config import CommonConfig, option, parse_config
-from nanochat.engine import Engine
-from nanochat.tokenizer import Tokenizer
+from nanochat.infer.engine import SAMPLING, Engine, context_length
+from nanochat.infer.stream import AnswerStream
 
 QUIT_COMMANDS = ("quit", "exit")
 CLEAR_COMMAND = "clear"
@@ -34,8 +34,8 @@ CLEAR_COMMAND = "clear"
 class ChatCliConfig(CommonConfig):
     checkpoint: str = option("", "a step_* directory, or a run dir / checkpoint root (its latest complete checkpoint)")
     prompt: str = option("", "answer this one prompt and exit (short: -p)")
-    temperature: float = option(0.6, "sampling temperature; 0 = greedy")
-    top_k: int = option(50, "sample among the k most likely tokens; 0 = all")
+    temperature: float = option(SAMPLING.temperature, "sampling temperature; 0 = greedy")
+    top_k: int = option(SAMPLING.top_k, "sample among the k most likely tokens; 0 = all")
     max_tokens: int = option(512, "most tokens per answer")
     tokenizer_dir: str = option("", "trained tokenizer; empty = $NANOCHAT_BASE_DIR/tokenizer")
 
@@ -44,73 +44,14 @@ class ContextFull(ValueError):
     """The conversation leaves no room in the model's context for an answer."""
 
 
-# -----------------------------------------------------------------------------
-# streaming
-
-
-class AnswerStream:
-    """Turns the engine's tokens, one at a time, into text to print and into the assistant message.
-
-    Each segment (text, a calculator call, its output) is decoded as a whole every time a token
-    arrives and only the new suffix is printed; trailing U+FFFD (a character whose UTF-8 bytes
-    are split across tokens) is held back until it completes, so multi-byte characters print right.
-    """
-
-    _OPEN = {"python": "[calculator: ", "python_output": " [= "}
-    _CLOSE = {"text": "", "python": "]", "python_output": "]"}
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        special = tokenizer.encode_special
-        self._starts = {special("<|python_start|>"): "python", special("<|output_start|>"): "python_output"}
-        self._ends = {special("<|python_end|>"): "python", special("<|output_end|>"): "python_output"}
-        self.tokens: list[int] = []  # the whole answer, markers included
-        self.parts: list[dict] = []  # finished segments, as an assistant message's content parts
-        self._kind, self._segment, self._shown = "text", [], 0
-
-    def _new_text(self, final: bool = False) -> str:
-        text = self.tokenizer.decode(self._segment)
-        ready = text if final else text.rstrip("\ufffd")
-        piece, self._shown = ready[self._shown:], max(self._shown, len(ready))
-        return piece
-
-    def _close_segment(self) -> str:
-        piece = self._new_text(final=True)
-        if self._segment:
-            self.parts.append({"type": self._kind, "text": self.tokenizer.decode(self._segment)})
-        piece += self._CLOSE[self._kind]
-        self._kind, self._segment, self._shown = "text", [], 0
-        return piece
-
-    def feed(self, token: int) -> str:
-        """Take the next answer token; return the text to print now."""
-        self.tokens.append(token)
-        if token in self._starts:
-            piece = self._close_segment()
-            self._kind = self._starts[token]
-            return piece + self._OPEN[self._kind]
-        if token in self._ends and self._ends[token] == self._kind:
-            return self._close_segment()
-        self._segment.append(token)
-        return self._new_text()
-
-    def finish(self) -> str:
-        """Flush what is held back; return the last text to print."""
-        return self._close_segment() if self._segment or self._kind != "text" else ""
-
-    @property
-    def text(self) -> str:
-        """The answer as Engine.complete writes it: tool calls in their special-token text."""
-        return self.tokenizer.decode(self.tokens)
-
-
 def respond(engine: Engine, messages: list[dict], write: Callable[[str], object], max_tokens: int = 512,
-            temperature: float = 0.6, top_k: int | None = 50, seed: int = 42) -> tuple[str, list[dict]]:
+            temperature: float = SAMPLING.temperature, top_k: int | None = SAMPLING.top_k,
+            seed: int = SAMPLING.seed) -> tuple[str, list[dict]]:
     """Generate the next assistant turn of `messages`, passing printable pieces to `write` as they come.
 
     Returns (answer text as Engine.complete writes it, the assistant message's content parts)."""
     prompt = render_for_completion(engine.tokenizer, {"messages": messages})
-    limit = engine.model.cos.size(2)
+    limit = context_length(engine.model)
     if len(prompt) >= limit:
         raise ContextFull(f"the conversation is {len(prompt)} tokens, the model's context ends at {limit}")
     stream = AnswerStream(engine.tokenizer)

@@ -20,13 +20,11 @@ Writes chat_eval.json (see `main`) into the checkpoint's run directory unless --
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -34,10 +32,10 @@ from tqdm import tqdm
 
 from nanochat.chat import Conversation, render_for_completion
 from nanochat.checkpoint import CheckpointError, load_for_inference, run_dir_of
-from nanochat.common import init_process
+from nanochat.common import init_process, save_result
 from nanochat.config import CommonConfig, option, parse_config
-from nanochat.engine import Engine
 from nanochat.eval.offline import MissingDataError
+from nanochat.infer.engine import SAMPLING, Engine, context_length
 from nanochat.precision import PrecisionPlan
 from nanochat.tasks import Task, load_task
 from nanochat.tokenizer import Tokenizer
@@ -59,8 +57,8 @@ class ChatEvalConfig(CommonConfig):
     batch_size: int = option(8, "prompts per forward pass for categorical tasks (memory grows with it)")
     num_samples: int = option(1, "answers sampled per generative problem; solved if any is right (pass@k)")
     max_new_tokens: int = option(256, "tokens per generated answer")
-    temperature: float = option(0.0, "sampling temperature for generative tasks; 0 = greedy")
-    top_k: int = option(50, "sample among the k most likely tokens; 0 = all")
+    temperature: float = option(0.0, "sampling temperature for generative tasks; 0 = greedy (scores that repeat)")
+    top_k: int = option(SAMPLING.top_k, "sample among the k most likely tokens; 0 = all")
     tokenizer_dir: str = option("", "trained tokenizer; empty = $NANOCHAT_BASE_DIR/tokenizer")
     out: str = option("", "output JSON file; empty = <run dir of the checkpoint>/chat_eval.json")
 
@@ -123,11 +121,6 @@ def chatcore(results: dict[str, dict]) -> float:
 # answer functions built from a model
 
 
-def context_limit(model: nn.Module) -> int:
-    """Positions the model can attend over (its rotary tables cover 10x the training length)."""
-    return model.cos.size(2)
-
-
 def letter_token_ids(tokenizer: Tokenizer, letters: list[str]) -> list[int]:
     """The token id of each answer letter; categorical scoring needs every letter to be one token."""
     ids = []
@@ -160,7 +153,7 @@ def last_position_logits(model: nn.Module, plan: PrecisionPlan, prompts: list[li
 
 def categorical_answers(model: nn.Module, tokenizer: Tokenizer, plan: PrecisionPlan) -> AnswerFn:
     """Answer each multiple-choice conversation with the letter whose token has the highest logit."""
-    limit = context_limit(model)
+    limit = context_length(model)
 
     def answer(conversations: list[Conversation]) -> list[Response]:
         prompts = [render_for_completion(tokenizer, c) for c in conversations]
@@ -179,10 +172,10 @@ def categorical_answers(model: nn.Module, tokenizer: Tokenizer, plan: PrecisionP
 
 
 def generative_answers(engine: Engine, num_samples: int = 1, max_new_tokens: int = 256, temperature: float = 0.0,
-                       top_k: int | None = 50, seed: int = 42) -> AnswerFn:
+                       top_k: int | None = SAMPLING.top_k, seed: int = SAMPLING.seed) -> AnswerFn:
     """Sample `num_samples` answers per conversation with the engine (tool calls in their special-token text)."""
     tokenizer = engine.tokenizer
-    limit = context_limit(engine.model)
+    limit = context_length(engine.model)
 
     def answer(conversations: list[Conversation]) -> list[Response]:
         responses: list[Response] = []
@@ -191,14 +184,8 @@ def generative_answers(engine: Engine, num_samples: int = 1, max_new_tokens: int
             if len(prompt) >= limit:
                 responses.append(None)
                 continue
-            rows, _ = engine.generate_batch(prompt, num_samples, max_tokens=max_new_tokens, temperature=temperature,
-                                            top_k=top_k, seed=seed)
-            texts = []
-            for row in rows:
-                generated = row[len(prompt):]
-                if generated and generated[-1] in engine.stop_ids:
-                    generated = generated[:-1]
-                texts.append(tokenizer.decode(generated))
+            texts = engine.answers(prompt, num_samples, max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                   seed=seed)
             responses.append(texts[0] if num_samples == 1 else texts)
         return responses
 
@@ -277,10 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_time_s": time.perf_counter() - started,
         "plan": plan.to_dict(),
     }
-    out = Path(cfg.out) if cfg.out else run_dir_of(step_dir) / "chat_eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    save_result(result, cfg.out, run_dir_of(step_dir) / "chat_eval.json")
     return result
 
 

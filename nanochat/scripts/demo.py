@@ -10,15 +10,16 @@ Each stage prints the command line that runs it on its own.
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat import dataset
 from nanochat.common import base_dir
+from nanochat.config import option, parse_config
 from nanochat.scripts import base_loss, base_train, chat_cli, chat_sft, tok_train
 
 
@@ -30,18 +31,17 @@ def stage(name: str, module: str, entry: Callable, argv: list[str]):
     return result
 
 
-def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--out", type=Path, default=None, help="demo directory (default $NANOCHAT_BASE_DIR/demo); wiped first")
-    parser.add_argument("--steps", type=int, default=300, help="base training steps")
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--vocab-size", type=int, default=2048)
-    return parser.parse_args(argv)
+@dataclass
+class DemoConfig:
+    out: str = option("", "demo directory (empty = $NANOCHAT_BASE_DIR/demo); wiped first")
+    steps: int = option(300, "base training steps")
+    depth: int = option(4, "model depth")
+    vocab_size: int = option(2048, "tokenizer vocabulary size")
 
 
-def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path]:
+def prepare(args: DemoConfig) -> tuple[Path, Path, Path]:
     """Fresh demo directory, shards of the embedded corpus and a tokenizer: (out, data, tokenizer)."""
-    out = args.out or base_dir() / "demo"
+    out = Path(args.out) if args.out else base_dir() / "demo"
     shutil.rmtree(out, ignore_errors=True)
     data, tok = out / "data", out / "tokenizer"
     stage("shards", "nanochat.dataset", dataset.main, ["build", "--source", "embedded", "--out", str(data)])
@@ -50,7 +50,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     return out, data, tok
 
 
-def train_args(args: argparse.Namespace, data: Path, tok: Path) -> list[str]:
+def train_args(args: DemoConfig, data: Path, tok: Path) -> list[str]:
     """The base-training flags of the demo: a small model that learns visibly in a few minutes on CPU."""
     return [
         "--device", "cpu", "--data-dir", str(data), "--tokenizer-dir", str(tok),
@@ -71,7 +71,7 @@ DEMO_MIXTURE = "identity:300,arithmetic:300,spelling:200"
 DEMO_QUESTION = "Who are you?"
 
 
-def sft_args(args: argparse.Namespace, tok: Path, start: Path, depth_dir: Path) -> list[str]:
+def sft_args(args: DemoConfig, tok: Path, start: Path, depth_dir: Path) -> list[str]:
     """SFT flags of the demo: a short run on synthetic conversations, from the demo's base model."""
     return [
         "--device", "cpu", "--tokenizer-dir", str(tok), "--depth", str(args.depth), "--init-from", str(start),
@@ -90,7 +90,7 @@ def chat(tok: Path, checkpoint: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv, __doc__.splitlines()[0])
+    args = parse_config(DemoConfig, argv, description=__doc__.splitlines()[0])
     out, data, tok = prepare(args)
     run = out / "run"
     summary = stage("base training", "nanochat.scripts.base_train", base_train.main,

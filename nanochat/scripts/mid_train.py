@@ -11,37 +11,13 @@ rates, with the loss on assistant tokens only. fp16 devices use the same GradSca
 training. --num-iterations -1 = --num-epochs passes over the mixture.
 """
 
-from __future__ import annotations
-
 import sys
-from dataclasses import dataclass
-from typing import ClassVar
 
-import torch
-
-from nanochat.common import default_device
-from nanochat.config import option, parse_config
-from nanochat.finetune import FinetuneConfig, make_batches, setup  # noqa: F401  (ray_jobs.train runs these)
-from nanochat.finetune import main as finetune_main
-from nanochat.scripts.base_train import train  # noqa: F401  (the loop every training stage shares)
-from nanochat.tasks import MID_MIXTURE
-
-
-@dataclass
-class MidTrainConfig(FinetuneConfig):
-    STAGE: ClassVar[str] = "mid"
-    PREVIOUS: ClassVar[str] = "base"
-    PACK: ClassVar[bool] = True
-
-    mixture: str = option(MID_MIXTURE, "conversation mixture (see nanochat/tasks): name[:count],...,jsonl=PATH")
-
-
-Config = MidTrainConfig  # the name ray_jobs/train.py looks up in every stage module
+from nanochat.train.stages import run_plain
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(MidTrainConfig, argv, description=__doc__.splitlines()[0])
-    return finetune_main(cfg, torch.device(cfg.device or default_device()))
+    return run_plain("mid", argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

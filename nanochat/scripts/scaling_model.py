@@ -12,13 +12,15 @@ link; compute per step = FLOPs/token x tokens per GPU per step / (peak x MFU).
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
 import torch
 
+from nanochat.config import option, parse_config
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.precision import peak_flops
 
-P100_PEAK_FP16 = 18.7e12  # PCIe card, FLOP/s (SXM2: 21.2e12)
+P100_PEAK_FP16 = peak_flops("Tesla P100-PCIE-16GB", "float16")  # the PCIe card (the SXM2 is faster)
 LINKS_GBPS = {  # usable bytes/s per direction, in GB/s
     "PCIe 3 x16": 12.0,
     "10 GbE": 1.25,
@@ -66,12 +68,15 @@ def tables(depths: tuple[int, ...], total_batch: int, mfu: float, peak: float = 
     return "\n".join(out)
 
 
+@dataclass
+class ScalingConfig:
+    depths: str = option("12,20,26", "comma-separated depths")
+    total_batch_size: int = option(524288, "tokens per optimizer step, all GPUs together")
+    mfu: float = option(0.40, "achieved fraction of the P100's fp16 peak")
+
+
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depths", default="12,20,26", help="comma-separated depths")
-    parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all GPUs together")
-    parser.add_argument("--mfu", type=float, default=0.40, help="achieved fraction of the P100's fp16 peak")
-    args = parser.parse_args(argv)
+    args = parse_config(ScalingConfig, argv, description=__doc__.splitlines()[0])
     text = tables(tuple(int(d) for d in args.depths.split(",")), args.total_batch_size, args.mfu)
     print(text)
     return text

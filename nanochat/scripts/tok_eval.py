@@ -13,11 +13,12 @@ skipped with a note (ours is always evaluated).
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import tiktoken
 
+from nanochat.config import option, parse_config
 from nanochat.dataset import default_data_dir, list_shards, num_row_groups, read_row_group, split_shards
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
 
@@ -37,25 +38,16 @@ def bytes_per_token(encode_batch, texts: list[str]) -> tuple[int, float]:
     return num_tokens, num_bytes / max(num_tokens, 1)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="Compression ratio of our tokenizer vs GPT-2 and GPT-4 (cl100k_base)."
-    )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="shards (default: $NANOCHAT_DATA or $NANOCHAT_BASE_DIR/data)",
-    )
-    parser.add_argument(
-        "--tokenizer-dir", type=Path, default=None, help="default: $NANOCHAT_BASE_DIR/tokenizer"
-    )
-    parser.add_argument(
-        "--max-docs", type=int, default=None, help="evaluate on at most this many val documents"
-    )
-    args = parser.parse_args(argv)
+@dataclass
+class TokEvalConfig:
+    data_dir: str = option("", "shards; empty = $NANOCHAT_DATA or $NANOCHAT_BASE_DIR/data")
+    tokenizer_dir: str = option("", "empty = $NANOCHAT_BASE_DIR/tokenizer")
+    max_docs: int | None = option(None, "evaluate on at most this many val documents")
 
-    texts = validation_texts(args.data_dir or default_data_dir(), args.max_docs)
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_config(TokEvalConfig, argv, description="Compression ratio of our tokenizer vs GPT-2 and GPT-4 (cl100k_base).")
+    texts = validation_texts(Path(args.data_dir or default_data_dir()), args.max_docs)
     ours = Tokenizer.load(args.tokenizer_dir or default_tokenizer_dir())
     print(f"{len(texts)} val documents, {sum(len(t.encode('utf-8')) for t in texts):,} bytes")
     print(f"{'tokenizer':<14}{'vocab':>9}{'tokens':>12}{'bytes/token':>13}")

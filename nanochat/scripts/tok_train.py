@@ -13,11 +13,12 @@ Reads `--data-dir` (default $NANOCHAT_DATA or $NANOCHAT_BASE_DIR/data) and write
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+from nanochat.config import option, parse_config
 from nanochat.dataset import default_data_dir, list_shards, num_row_groups, read_row_group, split_shards
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
 
@@ -35,28 +36,20 @@ def training_texts(shards: list[Path], max_chars: int, doc_cap: int) -> Iterator
                     return
 
 
+@dataclass
+class TokTrainConfig:
+    vocab_size: int = option(32768, "total ids, special tokens included")
+    max_chars: int = option(2_000_000_000, "train on at most this many characters")
+    doc_cap: int = option(10_000, "use at most this many characters per document")
+    data_dir: str = option("", "shards; empty = $NANOCHAT_DATA or $NANOCHAT_BASE_DIR/data")
+    out: str = option("", "output dir; empty = $NANOCHAT_BASE_DIR/tokenizer")
+
+
 def main(argv: list[str] | None = None) -> None:
     # --- arguments -----------------------------------------------------------
-    parser = argparse.ArgumentParser(description="Train the BPE tokenizer on the training shards.")
-    parser.add_argument("--vocab-size", type=int, default=32768, help="total ids, special tokens included")
-    parser.add_argument(
-        "--max-chars", type=int, default=2_000_000_000, help="train on at most this many characters"
-    )
-    parser.add_argument(
-        "--doc-cap", type=int, default=10_000, help="use at most this many characters per document"
-    )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="shards (default: $NANOCHAT_DATA or $NANOCHAT_BASE_DIR/data)",
-    )
-    parser.add_argument(
-        "--out", type=Path, default=None, help="output dir (default: $NANOCHAT_BASE_DIR/tokenizer)"
-    )
-    args = parser.parse_args(argv)
-    data_dir = args.data_dir or default_data_dir()
-    out = args.out or default_tokenizer_dir()
+    args = parse_config(TokTrainConfig, argv, description="Train the BPE tokenizer on the training shards.")
+    data_dir = Path(args.data_dir or default_data_dir())
+    out = Path(args.out or default_tokenizer_dir())
 
     # --- train ---------------------------------------------------------------
     shards = split_shards(list_shards(data_dir), "train")

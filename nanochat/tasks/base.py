@@ -1,4 +1,4 @@
-"""The task interface, answer parsing shared by the tasks, the registry and training mixtures.
+"""The task interface and the answer parsing the tasks share.
 
 A task is a sequence of conversations whose last message is the reference assistant answer, plus
 `evaluate(conversation, response)`: is a generated answer right? Two kinds:
@@ -8,19 +8,15 @@ A task is a sequence of conversations whose last message is the reference assist
                "answer" (the gold letter) so an evaluator can score the letters' logits directly.
   generative   free text (tool calls allowed); evaluated by parsing the response.
 
-Tasks register under a name (`register`, used by the task modules on import); `load_task(name)`
-builds one and `load_mixture("identity:200,arithmetic:2000,mmlu_aux")` builds a shuffled list of
-training conversations.
+The registry of task names and the training mixtures are in nanochat/tasks/__init__.py.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
 import re
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 
 from nanochat.chat import Conversation
 
@@ -61,6 +57,11 @@ class Task:
         return f"{type(self).__name__}(name={self.name!r}, {len(self)} conversations, {self.eval_type})"
 
 
+def exchange(user: str, assistant: str | list[dict], **extra) -> Conversation:
+    """A one-turn conversation: the user's message, the reference answer, then any extra keys."""
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}], **extra}
+
+
 # -----------------------------------------------------------------------------
 # multiple choice
 
@@ -72,12 +73,7 @@ def multiple_choice_conversation(question: str, choices: Sequence[str], gold: in
     letters = list(LETTERS[: len(choices)])
     listed = "\n".join(f"{letter}. {choice}" for letter, choice in zip(letters, choices, strict=True))
     user = f"{question.strip()}\n\n{listed}\n\nAnswer with the letter of the correct choice."
-    return {
-        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": letters[gold]}],
-        "letters": letters,
-        "answer": letters[gold],
-        **extra,
-    }
+    return exchange(user, letters[gold], letters=letters, answer=letters[gold], **extra)
 
 
 _LETTER_ANSWER = re.compile(r"^[\s(\[*\"']*(?i:(?:the\s+)?answer(?:\s+is)?\s*:?\s*)?[(\[*]*([A-J])(?![A-Za-z])")
@@ -198,87 +194,3 @@ class SyntheticTask(Task):
 
     def generate(self, rng: random.Random) -> Conversation:
         raise NotImplementedError
-
-
-# -----------------------------------------------------------------------------
-# registry and mixtures
-
-
-@dataclass
-class _Entry:
-    factory: Callable[..., Task]
-    mixture_kwargs: dict = field(default_factory=dict)
-
-
-_REGISTRY: dict[str, _Entry] = {}
-
-
-def register(name: str, factory: Callable[..., Task], mixture_kwargs: dict | None = None) -> None:
-    """Make `load_task(name)` call `factory(**kwargs)`; `mixture_kwargs` are what a mixture passes."""
-    _REGISTRY[name] = _Entry(factory, dict(mixture_kwargs or {}))
-
-
-def registered_names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
-
-
-def load_task(name: str, **kwargs) -> Task:
-    """Build a registered task; keyword arguments go to its constructor (e.g. split="train")."""
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown task {name!r}; known: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name].factory(**kwargs)
-
-
-def _accepts(factory: Callable, argument: str) -> bool:
-    return argument in inspect.signature(factory).parameters
-
-
-def _parse_item(item: str) -> tuple[str, str, int | None]:
-    """"name[:count]" or "jsonl=path[:count]" -> (name, path, count)."""
-    head, count = item, None
-    if ":" in item:
-        before, after = item.rsplit(":", 1)
-        if after.strip().isdigit():
-            head, count = before, int(after)
-    head = head.strip()
-    if head.startswith("jsonl="):
-        return "jsonl", head[len("jsonl="):].strip(), count
-    return head, "", count
-
-
-def _pick(n: int, count: int | None, rng: random.Random) -> list[int]:
-    """Indices of `count` items out of n: all of them (cycled) and a seeded sample of the rest."""
-    if count is None:
-        return list(range(n))
-    if n == 0:
-        raise ValueError("cannot take items from an empty task")
-    full, rest = divmod(count, n)
-    return list(range(n)) * full + sorted(rng.sample(range(n), rest))
-
-
-def load_mixture(spec: str, seed: int = 0) -> list[Conversation]:
-    """Training conversations from comma-separated "name[:count]" and "jsonl=/path[:count]" items.
-
-    A count cycles or truncates a task to that many conversations (a seeded subset when it is
-    smaller; synthetic tasks simply generate that many); the result is shuffled with `seed`.
-    Tasks are built with their training arguments (the synthetic ones with split="train")."""
-    rng = random.Random(seed)
-    conversations: list[Conversation] = []
-    for item in (part for part in spec.split(",") if part.strip()):
-        name, path, count = _parse_item(item)
-        if name == "jsonl":
-            from nanochat.tasks.jsonl import JsonlTask  # here: jsonl.py imports this module
-
-            rows = JsonlTask(path)
-            conversations.extend(rows[i] for i in _pick(len(rows), count, rng))
-            continue
-        if name not in _REGISTRY:
-            raise KeyError(f"mixture item {item!r}: unknown task {name!r}; known: {', '.join(_REGISTRY)}")
-        entry = _REGISTRY[name]
-        kwargs = dict(entry.mixture_kwargs)
-        if count is not None and _accepts(entry.factory, "size"):
-            kwargs["size"] = count
-        task = entry.factory(**kwargs)
-        conversations.extend(task[i] for i in _pick(len(task), count, rng))
-    rng.shuffle(conversations)
-    return conversations

@@ -13,7 +13,7 @@ import re
 from nanochat.calculator import calculate
 from nanochat.chat import Conversation
 from nanochat.eval.offline import read_task_requests
-from nanochat.tasks.base import NumericAnswerTask
+from nanochat.tasks.base import NumericAnswerTask, exchange
 
 _MARK = re.compile(r"<<([^<>]*)>>")
 
@@ -48,10 +48,4 @@ class GSM8K(NumericAnswerTask):
 
     def get(self, i: int) -> Conversation:
         doc = self.docs[i]
-        return {
-            "messages": [
-                {"role": "user", "content": doc["question"]},
-                {"role": "assistant", "content": tool_parts(doc["answer"])},
-            ],
-            "answer": doc["short_answer"].replace(",", ""),
-        }
+        return exchange(doc["question"], tool_parts(doc["answer"]), answer=doc["short_answer"].replace(",", ""))

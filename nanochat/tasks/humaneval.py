@@ -12,7 +12,7 @@ import re
 
 from nanochat.chat import Conversation
 from nanochat.eval.offline import read_task_requests
-from nanochat.tasks.base import Task
+from nanochat.tasks.base import Task, exchange
 
 _FENCED = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
 _SPECIAL = re.compile(r"<\|[a-z_]+\|>")
@@ -43,14 +43,8 @@ class HumanEval(Task):
 
     def get(self, i: int) -> Conversation:
         doc = self.docs[i]
-        return {
-            "messages": [
-                {"role": "user", "content": doc["prompt"]},
-                {"role": "assistant", "content": doc["prompt"] + doc["canonical_solution"]},
-            ],
-            "task_id": doc["task_id"],
-            "entry_point": doc["entry_point"],
-        }
+        return exchange(doc["prompt"], doc["prompt"] + doc["canonical_solution"], task_id=doc["task_id"],
+                        entry_point=doc["entry_point"])
 
     def evaluate(self, conversation: Conversation, response: str) -> bool:
         from nanochat.execution import run_python  # executes code: only imported when grading

@@ -1,7 +1,7 @@
 """Conversations from a local jsonl file, one {"messages": [...]} object per line.
 
 This is how your own chat data joins a training mixture: "jsonl=/path/to/file.jsonl[:count]" in a
-mixture spec (see nanochat/tasks/base.py). Each line may carry extra keys; they are kept.
+mixture spec (see nanochat/tasks/__init__.py). Each line may carry extra keys; they are kept.
 """
 
 from __future__ import annotations

@@ -35,7 +35,3 @@ class MMLU(MultipleChoiceTask):
                     items.append((row["question"], list(row["choices"]), int(row["answer"]), {"subject": subject}))
         super().__init__(items)
 
-
-def mmlu_aux(**kwargs) -> MMLU:
-    """MMLU's dev + validation splits, for training."""
-    return MMLU(split=("dev", "validation"), name="mmlu_aux", **kwargs)

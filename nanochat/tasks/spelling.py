@@ -19,7 +19,7 @@ import string
 import zlib
 
 from nanochat.chat import Conversation
-from nanochat.tasks.base import NumericAnswerTask, SyntheticTask
+from nanochat.tasks.base import NumericAnswerTask, SyntheticTask, exchange
 
 BUILTIN_WORDS = """
 about above absence accident accommodate achievement acknowledge across actually address adventure
@@ -148,12 +148,5 @@ class Spelling(SyntheticTask, NumericAnswerTask):
         quote = rng.choice(_QUOTES)
         plural = f"{shown_letter}'s" if quote == "{}" else quote.format(shown_letter)  # r's, but "r"
         question = rng.choice(_QUESTIONS).format(l=quote.format(shown_letter), ls=plural, w=quote.format(word))
-        return {
-            "messages": [
-                {"role": "user", "content": question},
-                {"role": "assistant", "content": spelling_answer(word, letter, rng)},
-            ],
-            "answer": str(word.count(letter)),
-            "word": word,
-            "letter": letter,
-        }
+        return exchange(question, spelling_answer(word, letter, rng), answer=str(word.count(letter)), word=word,
+                        letter=letter)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nanochat.chat import Conversation
-from nanochat.tasks.base import NumericAnswerTask, SyntheticTask
+from nanochat.tasks.base import NumericAnswerTask, SyntheticTask, exchange
 
 # -----------------------------------------------------------------------------
 # identity
@@ -461,10 +461,4 @@ class Arithmetic(SyntheticTask, NumericAnswerTask):
 
     def generate(self, rng: random.Random) -> Conversation:
         question, steps, answer = rng.choice(PROBLEMS)(rng)
-        return {
-            "messages": [
-                {"role": "user", "content": question},
-                {"role": "assistant", "content": solution_parts(steps, answer)},
-            ],
-            "answer": str(answer),
-        }
+        return exchange(question, solution_parts(steps, answer), answer=str(answer))

@@ -2,30 +2,19 @@
 static cache on the way: `decode_attention` (a torch custom op, so torch.compile and CUDA graphs
 take it as one opaque call that mutates the cache in place).
 
-Why: with one query per row, SDPA's kernels run one thread block per head over the whole cache, and
-the two-matmul form costs three kernels plus two cache writes per layer; at depth 12-20 a decode
-step is launch-bound, so each kernel saved counts. The split-K scheme is flash-decoding's (Dao et
-al., 2023, "Flash-Decoding for long-context inference"): the cached columns are cut into splits,
-each split reduces to a partial softmax (max, sum, weighted values), and a second kernel merges the
-partials. Here the second kernel also attends to the step's own key/value (read from its inputs,
-not from the cache) and only then writes them into the cache, so no kernel reads a column that
-another one is writing.
+Split-K as in flash-decoding (Dao et al., 2023): each split of the cached columns reduces to a
+partial softmax, and a second kernel merges the partials, attends to the step's own key/value (from
+its inputs) and only then writes them into the cache, so no kernel reads a column another writes.
+The query heads that share a key/value head are the rows of one product (`tl.dot` on tensor cores
+from compute capability 8.0, CUDA cores below), so a cached column is read once per key/value head.
+Scores, sums and the running maximum stay float32; float32 caches multiply in full precision, not
+TF32. Why and how fast: docs/performance.md, "Decoding".
 
-The split kernel multiplies on tensor cores (`tl.dot`) where Triton has them (compute capability
-8.0+): the query heads that share a key/value head are the rows of one product, padded to 16, so a
-cached column is read once per key/value head and the scores and weighted sums need no CUDA-core
-reductions. On a V100 or T4 the same grouping multiplies and sums on CUDA cores. At depth 20 and
-32 rows on an H200 this took a step's attention from 0.86 to 0.64 ms (2.4 to 3.3 TB/s; a plain
-read of the same bytes runs at 4.3). The weights enter the second product in the cache's dtype,
-as in flash attention; scores, sums and the running maximum stay float32, and float32 caches
-multiply in full precision, not TF32.
+Rule: masking is the static cache's (nanochat.infer.graphs.StaticStep): row r sees columns
+pad[r] .. pos - 1 of the cache, plus its new key at column pos.
 
-Masking is the static cache's (nanochat.decode.StaticStep): row r sees columns pad[r] .. pos - 1
-of the cache, plus its new key at column pos.
-
-Imports Triton: load it only where torch.compile runs (Triton needs compute capability 7.0). The
-kernels also run on CPU tensors under TRITON_INTERPRET=1, which is how the tests check them
-without a GPU.
+Imports Triton: load it only where torch.compile runs (compute capability 7.0+). The kernels also
+run on CPU tensors under TRITON_INTERPRET=1 (the tests).
 """
 
 from __future__ import annotations
@@ -34,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanochat.decode_matmul import pdl_options, programmatic_launch
+from nanochat.infer.matvec_kernel import pdl_options, programmatic_launch
 
 BLOCK = 64  # cache columns per inner iteration of a split
 MAX_SPLITS = 64  # partials the merge kernel holds at once; longer caches get longer splits

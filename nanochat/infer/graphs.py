@@ -1,28 +1,13 @@
 """Fast one-token decode steps: a static KV cache replayed as CUDA graphs (compiled where the plan allows).
 
-Why: a decode step of a small model is hundreds of tiny kernels. Launched one at a time from
-Python, the host is the bottleneck, not the GPU (upstream nanochat's Engine decodes ~64 tokens/s
-per stream at depth 12 on an H100, under 1% of the memory-bandwidth bound). Here the step is
-captured once as a CUDA graph and replayed with a single launch; where the plan compiles
-(sm >= 7.0), torch.compile first fuses the elementwise chains so there are fewer kernels to
-replay, and each layer's attention and cache write run as two Triton kernels
-(nanochat.decode_attention). CUDA graphs need no Triton, so the P100 plan gets them too, with
-eager kernels and the two-matmul attention of nanochat.gpt.attention.
+A decode step of a small model is hundreds of tiny kernels that Python would launch one by one:
+here it is one graph replay, compiled first where the plan compiles (with the Triton attention of
+nanochat.infer.attention_kernel), eager kernels on the P100 plan. Why: docs/performance.md.
 
-A graph replays fixed addresses and shapes, so the step may not depend on Python numbers that
-change between tokens. `StaticStep` stands in for a KVCache inside the graph: the write position is
-a device scalar, the keys/values go into the cache tensors in place (`index_copy_`, or inside the
-Triton attention kernel), and attention covers the cache's whole width with a mask (columns past
-the write position, or before a row's left padding, hidden). The model's own forward runs unchanged on it. One graph is captured per
-cache tensor and number of rows on first use, the rows rounded up to a power of two so that a
-continuous batch whose busy rows vary needs only a handful.
-
-Weights: autocast would cast every fp32 weight matrix to the compute dtype at every step (read 4
-bytes, write 2, read 2 again), which at decode sizes costs as much as the step itself. The decoder
-keeps a copy of the model with its matrices in the compute dtype and the query, key and value
-projections fused into one matmul (at these sizes a matmul costs its launch, ~3-4 us, whatever its
-width), and refreshes it from the model on `sync_weights()` (Engine.generate calls it per request,
-so a model being trained, as in RL, is decoded as it is now).
+Rule: a graph replays fixed addresses and shapes, so the step may not depend on Python numbers that
+change between tokens: `StaticStep` keeps the write position on the device, writes keys/values in
+place and masks the cache's whole width. The step runs `decode_copy(model)`, refreshed from the
+model by `sync_weights()` (per request: a model being trained, as in RL, is decoded as it is).
 """
 
 from __future__ import annotations
@@ -34,22 +19,23 @@ import torch
 from torch import nn
 from torch._inductor import config as inductor_config
 
-from nanochat.gpt import GPT, KVCache, attention
+from nanochat.gpt import GPT, AttentionCache, attention
+from nanochat.infer.cache import KVCache
 from nanochat.precision import PrecisionPlan
 
 MODES = ("auto", "eager", "static", "graph")
 
 
-class StaticStep:
-    """A KVCache view for a one-token forward whose every input lives on the device.
+class StaticStep(AttentionCache):
+    """The cache of a one-token forward whose every input lives on the device.
 
     `pos` (shape (1,)) is the column written this step, `pad` (rows,) each row's first real
-    column. Only what GPT.forward asks of a KVCache for T = 1 is implemented."""
+    column. Implements what GPT.forward asks of an AttentionCache, for T = 1 only."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, pad: torch.Tensor, fused: bool = False):
         self.k, self.v, self.pos_t, self.pad = k, v, pos, pad
         self.pos = 0  # GPT.forward's bound check only; the real position is pos_t
-        self.fused = fused  # attention and cache write in Triton kernels (nanochat.decode_attention)
+        self.fused = fused  # attention and cache write in Triton kernels (nanochat.infer.attention_kernel)
 
     def positions(self, num_tokens: int, rows: int | None = None) -> torch.Tensor:
         return (self.pos_t - self.pad)[:, None].clamp(min=0)
@@ -72,7 +58,7 @@ class StaticStep:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                causal: bool) -> torch.Tensor:
         if self.fused:
-            from nanochat.decode_attention import decode_attention  # imports Triton
+            from nanochat.infer.attention_kernel import decode_attention  # imports Triton
 
             return decode_attention(q, k, v, self.k, self.v, layer, self.pos_t, self.pad)
         k, v = self.insert(layer, k, v)
@@ -88,9 +74,30 @@ def _one_token(model: nn.Module, ids: torch.Tensor, step: StaticStep) -> torch.T
 
 # Compiled lazily, on its first call. Programmatic dependent launch (compute capability 9.0+, where
 # this torch has the option) lets each generated kernel launch while the one before it ends, as
-# nanochat.decode_matmul's and nanochat.decode_attention's kernels do.
+# the kernels of nanochat.infer.matvec_kernel and nanochat.infer.attention_kernel do.
 _PDL = {"triton.enable_pdl": True} if hasattr(inductor_config.triton, "enable_pdl") else {}
 _compiled_one_token = torch.compile(_one_token, dynamic=None, options=_PDL)
+
+
+def decode_copy(model: GPT, dtype: torch.dtype, few_row_kernel: bool) -> GPT:
+    """A frozen copy of `model` for decode steps, with the same parameter names (for sync_weights):
+    q/k/v fused into one matmul per layer (at these sizes a matmul costs its launch, whatever its
+    width); the matrices in `dtype`, so autocast does not cast every weight at every step (the
+    embedding and rotary tables stay float32, as under autocast); and, with `few_row_kernel` (Triton
+    is there), every nn.Linear turned into a matvec_kernel.FewRowLinear by swapping its class."""
+    copied = copy.deepcopy(model).eval().requires_grad_(False)
+    for block in copied.transformer.h:
+        block.attn.fuse_qkv()
+    for module in copied.modules():
+        if isinstance(module, nn.Linear):
+            module.to(dtype)
+    if few_row_kernel:
+        from nanochat.infer.matvec_kernel import FewRowLinear  # imports Triton
+
+        for module in copied.modules():
+            if type(module) is nn.Linear:
+                module.__class__ = FewRowLinear  # a subclass with the same state: module tree and names stay
+    return copied
 
 
 @dataclass
@@ -128,34 +135,21 @@ class Decoder:
 
     @property
     def fused(self) -> bool:
-        """Whether the captured steps attend with nanochat.decode_attention's Triton kernels: where
-        the step is compiled (so Triton is there) and the head width suits them."""
+        """Whether the captured steps attend with nanochat.infer.attention_kernel's Triton kernels:
+        where the step is compiled (so Triton is there) and the head width suits them."""
         if not self.compile:
             return False
-        from nanochat.decode_attention import supports
+        from nanochat.infer.attention_kernel import supports
 
         return supports(self.model.config.n_embd // self.model.config.n_head)
 
     @property
     def weights(self) -> nn.Module:
-        """The model the static steps run: a copy with q/k/v fused and the matrices in the compute dtype."""
+        """The model the static steps run: its decode copy, made on first use."""
         if self.mode == "eager":
             return self.model
         if self._copy is None:
-            self._copy = copy.deepcopy(self.model).eval().requires_grad_(False)
-            for block in self._copy.transformer.h:
-                block.attn.fuse_qkv()
-            # the matrices only: the embedding, rotary tables and so the residual stream stay float32,
-            # exactly as under autocast, so the graphed step computes what the eager one does
-            for module in self._copy.modules():
-                if isinstance(module, nn.Linear):
-                    module.to(self.plan.torch_dtype)
-            if self.compile:  # Triton is there: few-row steps multiply with nanochat.decode_matmul
-                from nanochat.decode_matmul import FewRowLinear
-
-                for module in self._copy.modules():
-                    if type(module) is nn.Linear:
-                        module.__class__ = FewRowLinear  # same module tree and parameter names, for sync_weights
+            self._copy = decode_copy(self.model, self.plan.torch_dtype, few_row_kernel=self.compile)
         return self._copy
 
     @torch.no_grad()

@@ -9,7 +9,6 @@ per step is the price of the divergence guard and the log line.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -165,20 +164,3 @@ class AllReduceGradients:
         for p, g in zip(self.params, flat[:-1].split([p.numel() for p in self.params]), strict=True):
             p.grad = g.view_as(p)
         return flat[-1]
-
-
-class TimedIterator:
-    """Wraps a batch iterator and adds up the seconds spent waiting for the next batch."""
-
-    def __init__(self, batches: Iterator):
-        self.batches = batches
-        self.waited = 0.0
-
-    def __iter__(self) -> TimedIterator:
-        return self
-
-    def __next__(self):
-        t0 = time.perf_counter()
-        batch = next(self.batches)
-        self.waited += time.perf_counter() - t0
-        return batch

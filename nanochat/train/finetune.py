@@ -1,11 +1,9 @@
 """Fine-tuning a trained checkpoint on conversations: what mid-training and SFT share.
 
-Both stages load the previous stage's model, train it with the same step, schedule, GradScaler
-and loop as base training (nanochat/scripts/base_train.py) on a mixture of conversations
-(nanochat/tasks), and differ only in their defaults: mid-training packs conversations into full
-rows and trains at the base learning rates; SFT pads one conversation per row and starts from a
-small fraction of them (as upstream nanochat does). Validation is the masked loss on held-out
-conversations of the same mixture.
+Both load the previous stage's model and train it with base training's step and loop on a mixture
+of conversations (nanochat/tasks); they differ only in their defaults (MidTrainConfig packs rows,
+ChatSFTConfig pads one conversation per row, at 2% of the learning rates). Validation is the
+masked loss on held-out conversations of the same mixture.
 """
 
 from __future__ import annotations
@@ -21,35 +19,36 @@ import torch
 
 from nanochat import checkpoint
 from nanochat.chat import ChatLoader, Conversation, render_conversation, render_for_completion
-from nanochat.common import base_dir, init_process
-from nanochat.config import CommonConfig, option
-from nanochat.engine import Engine
-from nanochat.scripts.base_train import LoopConfig, Run, grad_accum_steps, run_single_process
-from nanochat.tasks import load_mixture
+from nanochat.config import option
+from nanochat.gpt import GPT
+from nanochat.infer.engine import Engine
+from nanochat.tasks import MID_MIXTURE, SFT_MIXTURE, load_mixture
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
-from nanochat.training import TrainStep, maybe_compile
+from nanochat.train.loop import LoopConfig, Run, StageConfig, build_run, grad_accum_steps, start_process
 
 CHAT_SAMPLES = ["Hello! Who are you?", "What is 23 times 17?", "How many r are in the word strawberry?"]
 
 
 @dataclass
-class StartFromConfig(CommonConfig):
+class StartFromConfig(StageConfig):
     """Stages that continue from the previous stage's checkpoint (mid, SFT, RL)."""
-
-    STAGE: ClassVar[str] = ""  # names the run dir and the checkpoint's stage
-    PREVIOUS: ClassVar[str] = ""  # the stage whose checkpoint it starts from
 
     depth: int = option(12, "depth of the model (locates the default --init-from and --run-dir)")
     init_from: str = option("", "checkpoint to start from (step dir, checkpoint root or run dir); empty = the previous stage's run")
-
-    def default_run_dir(self) -> Path:
-        return base_dir() / "runs" / f"{self.STAGE}_d{self.depth}"
+    init_lr_frac: float = option(1.0, "learning rates as a fraction of --matrix-lr/--embedding-lr/--unembedding-lr")
 
     def init_checkpoint(self, runs_root: Path | None = None) -> Path:
         """--init-from, or the latest checkpoint of the previous stage's run in `runs_root`
         (default $NANOCHAT_BASE_DIR/runs, where the plain scripts write)."""
-        previous = (runs_root or base_dir() / "runs") / f"{self.PREVIOUS}_d{self.depth}"
-        return checkpoint.resolve_checkpoint(self.init_from or previous)
+        return checkpoint.resolve_checkpoint(self.init_from or checkpoint.stage_run_dir(self.PREVIOUS, self.depth, runs_root))
+
+
+def load_start(cfg: StartFromConfig, device: torch.device, tokenizer: Tokenizer) -> tuple[GPT, Path]:
+    """The previous stage's model (in train mode) and its step dir; refuses another tokenizer."""
+    path = cfg.init_checkpoint()
+    model, meta = checkpoint.load_model(path, device)
+    checkpoint.check_tokenizer(meta, tokenizer.fingerprint(), cfg.tokenizer_dir or default_tokenizer_dir(), path)
+    return model.train(), path
 
 
 @dataclass
@@ -59,15 +58,41 @@ class FinetuneConfig(StartFromConfig, LoopConfig):
     mixture: str = option("", "conversation mixture, e.g. 'identity:200,arithmetic:2000,jsonl=/data/chats.jsonl' (see nanochat/tasks)")
     val_conversations: int = option(200, "conversations of the mixture held out for validation")
     num_epochs: int = option(1, "passes over the mixture when --num-iterations is -1")
-    init_lr_frac: float = option(1.0, "learning rates as a fraction of --matrix-lr/--embedding-lr/--unembedding-lr")
     max_seq_len: int = option(-1, "row length in tokens; -1 = the model's context length")
 
 
 @dataclass
+class MidTrainConfig(FinetuneConfig):
+    STAGE: ClassVar[str] = "mid"
+    PREVIOUS: ClassVar[str] = "base"
+    PACK: ClassVar[bool] = True
+
+    mixture: str = option(MID_MIXTURE, "conversation mixture (see nanochat/tasks): name[:count],...,jsonl=PATH")
+
+
+@dataclass
+class ChatSFTConfig(FinetuneConfig):
+    STAGE: ClassVar[str] = "sft"
+    PREVIOUS: ClassVar[str] = "mid"
+    PACK: ClassVar[bool] = False
+
+    mixture: str = option(SFT_MIXTURE, "conversation mixture (see nanochat/tasks): name[:count],...,jsonl=PATH")
+    device_batch_size: int = option(8, "conversations per forward/backward (one per row, padded)")
+    total_batch_size: int = option(-1, "tokens per optimizer step (rows x seq len); -1 = one micro-batch")
+    init_lr_frac: float = option(0.02, "learning rates as a fraction of the base ones")
+    warmdown_ratio: float = option(1.0, "fraction of steps of linear lr decay (1.0: from the first step to zero)")
+    eval_every: int = option(100, "evaluate the held-out loss every N steps (and at the end)")
+
+
+@dataclass(kw_only=True)
 class FinetuneRun(Run):
     train_conversations: list[Conversation] = dataclasses.field(default_factory=list)
     val_conversations: list[Conversation] = dataclasses.field(default_factory=list)
     engine: Engine | None = None  # made on the first samples() call and kept: its decoder's graphs are reused
+
+    def describe(self) -> str:
+        return (f"starting from {self.meta['init_from']}\n{super().describe()}\n"
+                f"conversations: {len(self.train_conversations):,} train, {len(self.val_conversations):,} held out")
 
     def loader(self, conversations: list[Conversation], rank: int = 0, world: int = 1, state: dict | None = None) -> ChatLoader:
         return ChatLoader(conversations, self.tokenizer, self.cfg.device_batch_size, self.model.config.sequence_len,
@@ -115,51 +140,26 @@ def epoch_steps(cfg: FinetuneConfig, tokenizer: Tokenizer, conversations: list[C
     return max(1, cfg.num_epochs * tokens // (rows_per_step * seq_len))
 
 
-def load_start(cfg: FinetuneConfig, device: torch.device) -> tuple[torch.nn.Module, dict, Path]:
-    path = cfg.init_checkpoint()
-    model, meta = checkpoint.load_model(path, device)
-    if cfg.max_seq_len not in (-1, model.config.sequence_len):
-        model.config.sequence_len = cfg.max_seq_len  # rows may be shorter or longer (rotary tables cover 10x)
-    return model.train(), meta, path
-
-
 def setup(cfg: FinetuneConfig, device: torch.device, world_size: int = 1, rank: int = 0, sync: Callable | None = None) -> FinetuneRun:
     """The previous stage's model with a fresh optimizer, the mixture split, and the step function."""
-    _, plan = init_process(cfg, device)
-    tokenizer = Tokenizer.load(cfg.tokenizer_dir or default_tokenizer_dir())
-    model, start_meta, start_path = load_start(cfg, device)
-    if start_meta["tokenizer"] != tokenizer.fingerprint():
-        raise checkpoint.CheckpointError(f"{start_path} was trained with another tokenizer than {cfg.tokenizer_dir or default_tokenizer_dir()}")
-    f = cfg.init_lr_frac
-    optimizer = model.setup_optimizer(matrix_lr=cfg.matrix_lr * f, embedding_lr=cfg.embedding_lr * f,
-                                      unembedding_lr=cfg.unembedding_lr * f, weight_decay=cfg.weight_decay,
-                                      ns_dtype=getattr(torch, plan.muon_dtype))
-    scaler = plan.make_grad_scaler()
+    plan, tokenizer = start_process(cfg, device)
+    model, start_path = load_start(cfg, device, tokenizer)
+    if cfg.max_seq_len not in (-1, model.config.sequence_len):
+        model.config.sequence_len = cfg.max_seq_len  # rows may be shorter or longer (rotary tables cover 10x)
     seq_len = model.config.sequence_len
     grad_accum = grad_accum_steps(cfg, seq_len, world_size)
     tokens_per_step = grad_accum * cfg.device_batch_size * seq_len * world_size
-    # padded SFT rows change width with every batch and would recompile each time: "auto" keeps them eager
-    step_fn = TrainStep(maybe_compile(model, plan, "off" if cfg.compile == "auto" and not cfg.PACK else cfg.compile),
-                        optimizer, plan, grad_accum, scaler, cfg.max_bad_steps, sync)
     train_convs, val_convs = split_mixture(cfg)
     rows_per_step = grad_accum * cfg.device_batch_size * world_size
     num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else epoch_steps(cfg, tokenizer, train_convs, rows_per_step, seq_len)
-    meta = {"stage": cfg.STAGE, "model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer.fingerprint(),
-            "plan": plan.to_dict(), "train_config": dataclasses.asdict(cfg), "init_from": str(start_path)}
-    return FinetuneRun(cfg, device, plan, tokenizer, model, optimizer, scaler, step_fn, grad_accum, tokens_per_step,
-                       num_iterations, meta, world_size, is_main=rank == 0,
-                       train_conversations=train_convs, val_conversations=val_convs)
+    # padded SFT rows change width with every batch and would recompile each time: "auto" keeps them eager
+    return build_run(FinetuneRun, cfg, device, plan, tokenizer, model, grad_accum,
+                     compile="off" if cfg.compile == "auto" and not cfg.PACK else cfg.compile, lr_frac=cfg.init_lr_frac,
+                     weight_decay=cfg.weight_decay, sync=sync, tokens_per_step=tokens_per_step, num_iterations=num_iterations,
+                     world_size=world_size, rank=rank, meta={"init_from": str(start_path)},
+                     train_conversations=train_convs, val_conversations=val_convs)
 
 
 def make_batches(run: FinetuneRun, rank: int = 0, world: int = 1, position: dict | None = None) -> ChatLoader:
     """This worker's share of the training conversations, resuming at `position`."""
     return run.loader(run.train_conversations, rank, world, position)
-
-
-def main(cfg: FinetuneConfig, device: torch.device) -> dict:
-    """The plain (single-process) run of a fine-tuning stage; ray_jobs/train.py runs the same setup/train."""
-    run = setup(cfg, device)
-    print(f"precision plan:\n{run.plan.summary()}\nstarting from {run.meta['init_from']}\n{run.describe()}\n"
-          f"conversations: {len(run.train_conversations):,} train, {len(run.val_conversations):,} held out")
-    run_dir = Path(cfg.run_dir or cfg.default_run_dir())
-    return run_single_process(run, run_dir, cfg.resume, lambda position: make_batches(run, position=position))

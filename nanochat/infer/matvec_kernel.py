@@ -1,25 +1,12 @@
 """The matmuls of a one- or two-row decode step as a Triton matrix-vector kernel: `decode_linear`
 (a torch custom op, opaque to torch.compile and capturable in a CUDA graph).
 
-Why: with one row, a decode step's matmuls read 1-84 MB of weights each and do almost no
-arithmetic, so each is bound by how soon its reads get going, not by bandwidth. The figures below
-are `python -m nanochat.scripts.bench_matvec --depth 12|20 --rows 1,2,4` on an H200 (bf16, all of a
-step's matmuls chained in one CUDA graph; docs/performance.md): cuBLAS takes 259 us for the 49
-matmuls of a depth-12 step (220 MB, 0.85 TB/s) and 526 us for the 81 of depth 20 (870 MB, 1.65 TB/s).
-
-Two things close much of that gap:
-- One program per few output features, holding its whole slice of the weight matrix at once, so
-  all of a program's loads are in flight together: depth 12 211 us, depth 20 503 us.
-- Programmatic dependent launch (compute capability 9.0+): each program loads its weights, which
-  no kernel of the step writes, before it waits for the kernel ahead of it to finish, and lets the
-  next kernel launch as soon as it has waited. A matmul's weight reads then overlap the kernel
-  before it and the launch gaps go: depth 12 111 us (2.34x cuBLAS), depth 20 390 us (1.35x). A
-  kernel lets the next one launch only after it has itself waited, the rule torch.compile's own
-  kernels keep under `triton.enable_pdl`: so once any kernel is past its wait, every kernel before
-  it has finished, and what a kernel reads before waiting (weights) is never being written.
-With two rows the gain is smaller (1.75x and 1.10x with the launch; without it, 0.92x at depth 20)
-and with four cuBLAS wins at depth 20 (0.73x): each weight now serves several rows, so the matmul
-is less about latency. Hence at most two rows with programmatic launch, one without.
+With one row, a decode step's matmuls are bound by how soon their weight reads get going, not by
+bandwidth: each program here holds its whole slice of the weights, so all its loads are in flight
+at once. On compute capability 9.0+ it uses programmatic dependent launch: it loads its weights
+(which no kernel of the step writes) before waiting for the kernel ahead, and lets the next one
+launch once it has waited, the rule torch.compile's kernels keep under `triton.enable_pdl`.
+`supports` follows `python -m nanochat.scripts.bench_matvec` (docs/performance.md).
 
 Imports Triton; the kernel also runs on CPU tensors under TRITON_INTERPRET=1 (the tests).
 """
@@ -101,9 +88,9 @@ def _(x, weight):
 
 
 class FewRowLinear(torch.nn.Linear):
-    """nn.Linear for the decoder's copy of the model (nanochat.decode swaps its class in): inputs of
-    rows and weights that `supports` covers go through `decode_linear`, cast to the weights' dtype
-    as autocast would; everything else is nn.Linear's (cuBLAS)."""
+    """nn.Linear for the decoder's copy of the model (nanochat.infer.graphs.decode_copy swaps its
+    class in): inputs of rows and weights that `supports` covers go through `decode_linear`, cast
+    to the weights' dtype as autocast would; everything else is nn.Linear's (cuBLAS)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if supports(x.numel() // x.size(-1), self.in_features, self.weight.dtype, x.device):

@@ -1,29 +1,25 @@
 """Continuous batching: requests join and leave one running decode batch between steps.
 
-A static batch (prefill every prompt, decode until the longest answer ends) makes a request that
-arrives one step late wait for the whole batch, and keeps finished rows idling along. Here the
-batch has a fixed number of slots; each `step()` first decodes one token for every running row,
-then admits the waiting requests into free slots (one prefill forward for all of them), so a new
-request starts at the next step and a finished one frees its slot at once.
+Each `step()` decodes one token for every running row, then admits waiting requests into free
+slots (one prefill for all of them). Each row samples with its own generator, so its tokens do not
+depend on its batch mates, then takes the engine's per-row step, `Engine.next_token`.
 
-All rows share one KV cache whose write position `pos` advances by one column per step. A row's
-tokens occupy columns [pad[r], pos): a request that joins later is placed so that its prompt ends
-at `pos` (its pad says where it starts, see gpt.KVCache), which keeps every row aligned on the one
-shared column without moving anyone's keys. Columns that no running row uses any more (before the
-smallest pad) are dropped by shifting the cache left when it is full, and the cache shifts right
-when a prompt longer than `pos` joins. Each row samples with its own generator, temperature and
-top-k, so its tokens do not depend on which other requests share the batch.
+Rule: all rows share one KV cache whose write position `pos` advances one column per step. A row
+holds columns [pad[r], pos): a request joins so that its prompt ends at `pos`. Columns before the
+smallest pad are dropped by shifting left when the cache is full; a prompt longer than `pos`
+shifts the cache right before it joins.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from nanochat.engine import Engine, _Row, sample_next
-from nanochat.gpt import KVCache
+from nanochat.infer.cache import KVCache
+from nanochat.infer.engine import SAMPLING, Engine, Row, sample_next
 
 
 @dataclass
@@ -32,9 +28,9 @@ class Request:
 
     prompt: list[int]
     max_tokens: int
-    temperature: float = 0.0
-    top_k: int | None = None
-    seed: int = 0
+    temperature: float = SAMPLING.temperature
+    top_k: int | None = SAMPLING.top_k
+    seed: int = SAMPLING.seed
 
 
 @dataclass
@@ -42,7 +38,7 @@ class _Slot:
     rid: int
     request: Request
     rng: torch.Generator
-    state: _Row = field(default_factory=_Row)
+    state: Row = field(default_factory=Row)
     generated: int = 0
     last: int = -1  # the token to feed at the next step
 
@@ -97,7 +93,7 @@ class DecodeBatch:
         and captures its graphs now (tens of seconds where it compiles), not in the first requests."""
         for busy in (1, self.slots):
             for _ in range(busy):
-                self.add(Request([self.engine.tokenizer.bos_token_id], max_tokens=3))
+                self.add(Request([self.engine.tokenizer.bos_token_id], max_tokens=3, temperature=0.0))
             while self.busy:
                 self.step()
 
@@ -118,7 +114,7 @@ class DecodeBatch:
             for slot in slots:
                 inputs[slot] = self.running[slot].last
             feed = torch.tensor(inputs, dtype=torch.long, device=self.device).view(-1, 1)
-            logits = self.engine._forward(feed, self.cache)[slots]
+            logits = self.engine.last_logits(feed, self.cache)[slots]
             out.update(self._sample(slots, logits))
         joined = self._admit()
         if joined:
@@ -142,11 +138,10 @@ class DecodeBatch:
         out = {}
         for slot, token in zip(slots, tokens, strict=True):
             s = self.running[slot]
-            token = s.state.forced.popleft() if s.state.forced else token
-            self.engine._use_tool(s.state, token)
+            token, _ = self.engine.next_token(s.state, token)
             s.generated, s.last = s.generated + 1, token
             out[s.rid] = token
-            if token in self.engine.stop_ids or s.generated >= s.request.max_tokens:
+            if s.state.done or s.generated >= s.request.max_tokens:
                 self._free(slot)
         return out
 
@@ -170,7 +165,7 @@ class DecodeBatch:
         ids = torch.tensor([[self.engine.tokenizer.bos_token_id] * (width - len(req.prompt)) + req.prompt
                             for _, req in joining], device=self.device)
         prefill = KVCache(self.cache.num_layers, width, pad=pad)
-        logits = self.engine._forward(ids, prefill)
+        logits = self.engine.last_logits(ids, prefill)
         # then place them so that their prompts end at the shared write position (moving the
         # running rows right first when a prompt is longer than what is cached)
         self._shift(max(0, width - self.cache.pos))
@@ -195,3 +190,14 @@ class DecodeBatch:
             self.cache.shift(delta, start=self.cache.pos - self._live_span())
             free = [slot for slot in range(self.slots) if slot not in self.running]
             self.cache.pad[free] = self.free_pad
+
+
+def decode_many(engine: Engine, prompts: list[list[int]], max_tokens: list[int], temperature: list[float],
+                top_k: list[int | None], seed: list[int]) -> Iterator[list[int | None]]:
+    """Decode different prompts together, each with its own sampling settings: yields per step the
+    next token of each row, None once that row has stopped (after its stop token or max_tokens)."""
+    batch = DecodeBatch(engine, slots=len(prompts), capacity=max(len(p) for p in prompts) + max(max_tokens))
+    ids = [batch.add(Request(*settings)) for settings in zip(prompts, max_tokens, temperature, top_k, seed, strict=True)]
+    while batch.busy:
+        tokens = batch.step()
+        yield [tokens.get(rid) for rid in ids]

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-WARMUP_STEPS = 3  # left out of the timing (same constant as the throughput average in base_train.train)
+WARMUP_STEPS = 3  # left out of the timing (same constant as the throughput average in loop.train)
 MEASURE_STEPS = 10  # timed steps before the decision: a fixed count, so every worker decides at the same step
 SAFETY = 0.02  # aim this fraction under the budget: step times drift a little over a long run
 

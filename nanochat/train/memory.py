@@ -2,7 +2,8 @@
 
 Used before anything touches a GPU: `ray_jobs.tune` drops search points that cannot fit the target
 GPU, and `base_train --device-batch-size auto` starts its probe from the largest batch predicted to
-fit. Formula, coefficients and calibration table: docs/memory.md.
+fit. Formula, coefficients and calibration table: docs/memory.md. The probe at the end (two real
+steps on random tokens) is what that auto batch, bench_train and calibrate_memory measure with.
 
 The peak of a step is the larger of two moments (bytes; N params, T tokens per micro-batch):
 
@@ -17,9 +18,20 @@ shapes; those three were fitted to measured peaks (see CALIBRATION below).
 
 from __future__ import annotations
 
+import gc
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from nanochat.common import seed_everything
+from nanochat.config import ModelShapeConfig, option
+from nanochat.gpt import GPT
+from nanochat.precision import PrecisionPlan
+from nanochat.train.loop import LoopConfig, make_step, new_model
+from nanochat.train.step import TrainStep
 
 GiB = 2**30
 
@@ -290,3 +302,53 @@ def fit_compiled_transient(points: list[dict]) -> float:
         fixed = parts["state"] + parts["weight_copies"] + parts["grads_in_fwd"] + parts["const"]
         fractions.append((p["peak_allocated"] - fixed) / (parts["activations"] + parts["logits"]))
     return sum(fractions) / len(fractions)
+
+
+# --- the probe: real training steps on random tokens ------------------------------------------------
+
+
+@dataclass
+class ProbeConfig(ModelShapeConfig):
+    """A model shape and batch to step on random tokens (bench_train's flags extend it)."""
+
+    vocab_size: int = option(32768, "vocabulary size")
+    device_batch_size: int = option(32, "rows per micro-batch")
+    total_batch_size: int = option(-1, "tokens per optimizer step (gradient accumulation); -1 = one micro-batch")
+    compile: str = option("auto", "torch.compile: auto, on, off", choices=("auto", "on", "off"))
+
+
+def probe_setup(cfg: ProbeConfig, plan: PrecisionPlan, device: torch.device,
+                batch_size: int) -> tuple[GPT, TrainStep, Iterator, int]:
+    """(model, step at the default learning rates, endless batches of random tokens, grad_accum)."""
+    seed_everything(cfg.seed)
+    model = new_model(cfg, cfg.vocab_size, device)
+    tokens_per_micro = batch_size * cfg.max_seq_len
+    grad_accum = 1 if cfg.total_batch_size == -1 else max(1, cfg.total_batch_size // tokens_per_micro)
+    step = make_step(model, plan, grad_accum, LoopConfig(), cfg.compile)
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    data = [torch.randint(0, cfg.vocab_size, (batch_size, cfg.max_seq_len + 1), device=device, generator=g) for _ in range(4)]
+    batches = ((row[:, :-1], row[:, 1:]) for i in range(10**9) for row in [data[i % 4]])
+    return model, step, batches, grad_accum
+
+
+def two_steps(cfg: ProbeConfig, plan: PrecisionPlan, device: torch.device, batch_size: int) -> int | None:
+    """Two full optimizer steps at this micro-batch (the second one holds the optimizer state): the
+    model's parameter count if they ran, None if they ran out of GPU memory. Everything they
+    allocated is freed afterwards (the allocator's peak statistics keep what they used)."""
+    model = step = batches = None
+    try:
+        model, step, batches, _ = probe_setup(cfg, plan, device, batch_size)
+        step(batches)
+        step(batches)
+        return model.num_params()
+    except torch.cuda.OutOfMemoryError:
+        return None
+    finally:
+        model = step = batches = None
+        torch._dynamo.reset()  # compiled graphs hold on to their buffers
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def fits(cfg: ProbeConfig, plan: PrecisionPlan, device: torch.device, batch_size: int) -> bool:
+    return two_steps(cfg, plan, device, batch_size) is not None

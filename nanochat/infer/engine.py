@@ -1,14 +1,13 @@
-"""Inference: KV-cache decoding, batched sampling and the calculator tool.
+"""The engine: samples of one prompt decoded together on a KV cache, with the calculator tool.
 
-`Engine.generate` prefills the prompt once, copies its KV cache into `num_samples` rows and then
-decodes one token per row per step, so the cost of a step is one forward of `num_samples` tokens
-over the cached context. Each row stops at <|assistant_end|> (or <|bos|>). When a row closes a
-<|python_end|> block, the calculator evaluates it and the result is forced into that row as
-<|output_start|> result <|output_end|>; forced tokens are marked 0 in the per-token mask (the
-model did not choose them), which the RL stage needs.
+`Engine.generate` prefills the prompt once and decodes its `num_samples` rows together. After
+sampling, every decode loop (this one and nanochat.infer.batch.DecodeBatch) takes the per-row step
+`Engine.next_token`: a queued calculator output overrides the sampled token (forced: RL must not
+learn from it), a <|python_end|> sends the call to the calculator, <|assistant_end|> ends the row.
+`generate` (module level) is the cache-free reference the tests compare the engine against.
 
-`generate` (module level) is the cache-free reference: it re-runs the whole context for every
-token. Slow, obviously correct, and what the tests compare the engine against.
+Rule: sampling defaults come from `SAMPLING` and the longest context from `context_length`, for
+every caller (CLI, evals, RL, server); other values are passed explicitly (evals decode greedily).
 """
 
 from __future__ import annotations
@@ -21,10 +20,29 @@ import torch
 from torch import nn
 
 from nanochat.calculator import calculate
-from nanochat.decode import Decoder
-from nanochat.gpt import KVCache
+from nanochat.infer.cache import KVCache
+from nanochat.infer.graphs import Decoder
 from nanochat.precision import PrecisionPlan
 from nanochat.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Temperature (0 = greedy), top-k (None = every token) and the random seed of a decode."""
+
+    temperature: float = 0.6
+    top_k: int | None = 50
+    seed: int = 42
+
+
+SAMPLING = Sampling()
+
+
+def context_length(model: nn.Module) -> int:
+    """Prompt + answer tokens a model may hold: the length it was trained on. Its rotary tables
+    reach 10x further, but positions it never saw in training give answers nobody checked, and a
+    server must be able to promise the same limit on every replica."""
+    return model.config.sequence_len
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, rng: torch.Generator) -> torch.Tensor:
@@ -44,13 +62,13 @@ def generate(
     plan: PrecisionPlan,
     ids: list[int],
     max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    seed: int = 0,
+    temperature: float = SAMPLING.temperature,
+    top_k: int | None = SAMPLING.top_k,
+    seed: int = SAMPLING.seed,
 ) -> Iterator[int]:
     """Yield up to `max_new_tokens` token ids continuing `ids`, re-running the full context each time."""
     device = next(model.parameters()).device
-    context_len = model.config.sequence_len
+    context_len = context_length(model)
     tokens = torch.tensor([ids], dtype=torch.long, device=device)
     rng = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
@@ -64,10 +82,10 @@ def generate(
     model.train(was_training)
 
 
-def sample_text(model: nn.Module, tokenizer: Tokenizer, plan: PrecisionPlan, prompt: str, max_new_tokens: int = 32, **kwargs) -> str:
-    """Decode a continuation of `prompt` (BOS-prefixed, as documents are during training)."""
+def sample_text(model: nn.Module, tokenizer: Tokenizer, plan: PrecisionPlan, prompt: str, max_new_tokens: int = 32) -> str:
+    """The greedy continuation of `prompt` (BOS-prefixed, as documents are during training)."""
     ids = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
-    return tokenizer.decode(list(generate(model, plan, ids, max_new_tokens, **kwargs)))
+    return tokenizer.decode(list(generate(model, plan, ids, max_new_tokens, temperature=0.0)))
 
 
 class _HostCopy:
@@ -91,7 +109,7 @@ class _HostCopy:
 
 
 @dataclass
-class _Row:
+class Row:
     """Decoding state of one sample: tokens to force next, and the tool call being written."""
 
     forced: deque = field(default_factory=deque)
@@ -101,10 +119,8 @@ class _Row:
 
 
 class Engine:
-    """Batched KV-cache sampling from a chat model, with the calculator tool.
-
-    One-token decode steps go through a `Decoder` (CUDA graphs on a GPU, see nanochat.decode;
-    `decode` picks its mode); prompts are prefilled with the model itself."""
+    """Batched KV-cache sampling from a chat model, with the calculator tool. Prompts are prefilled
+    with the model; one-token steps go through a `Decoder` (nanochat.infer.graphs; `decode`: its mode)."""
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, plan: PrecisionPlan, decode: str = "auto"):
         self.model, self.tokenizer, self.plan = model, tokenizer, plan
@@ -114,14 +130,23 @@ class Engine:
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
 
-    def _forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def last_logits(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (rows, vocab) of the last position of `ids` (rows, T) after the cached tokens."""
         if ids.size(1) == 1:
             return self.decoder(ids, cache)
         with self.plan.compute_context():
             return self.model(ids, kv_cache=cache)[:, -1, :]
 
-    def _use_tool(self, row: _Row, token: int) -> None:
+    def next_token(self, row: Row, sampled: int) -> tuple[int, bool]:
+        """The row's next token, given what was sampled for it, and whether it was forced (a tool output)."""
+        forced = bool(row.forced)
+        token = row.forced.popleft() if forced else sampled
+        if not row.done:
+            self._use_tool(row, token)
+            row.done = token in self.stop_ids
+        return token, forced
+
+    def _use_tool(self, row: Row, token: int) -> None:
         """Track <|python_start|> ... <|python_end|> and queue the calculator's answer."""
         if token == self.python_start:
             row.in_python, row.python_tokens = True, []
@@ -139,27 +164,27 @@ class Engine:
         prompt: list[int],
         num_samples: int = 1,
         max_tokens: int = 256,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        seed: int = 42,
+        temperature: float = SAMPLING.temperature,
+        top_k: int | None = SAMPLING.top_k,
+        seed: int = SAMPLING.seed,
     ) -> Iterator[tuple[list[int], list[int]]]:
         """Yield, per decoding step, (the next token of each row, mask: 1 sampled / 0 forced).
 
         Rows that have stopped keep being fed (their tokens are ignored by callers) until every
         row has stopped or `max_tokens` steps were taken."""
         device = next(self.model.parameters()).device
-        limit = self.model.cos.size(2)  # positions the rotary tables cover
+        limit = context_length(self.model)
         max_tokens = min(max_tokens, limit - len(prompt))
         if max_tokens <= 0:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room to generate (model limit {limit})")
         rng = torch.Generator(device=device).manual_seed(seed)
         self.decoder.sync_weights()
         prefill = KVCache(len(self.model.transformer.h), len(prompt) + max_tokens)
-        logits = self._forward(torch.tensor([prompt], dtype=torch.long, device=device), prefill)
+        logits = self.last_logits(torch.tensor([prompt], dtype=torch.long, device=device), prefill)
         workspace = None if self.decoder.mode == "eager" else self.decoder.workspace(num_samples, prefill.max_len, prefill)
         cache = prefill.repeat(num_samples, into=workspace)
         logits = logits.expand(num_samples, -1)
-        rows = [_Row() for _ in range(num_samples)]
+        rows = [Row() for _ in range(num_samples)]
         for step in range(max_tokens):
             sampled = sample_next(logits, temperature, top_k, rng)
             forcing = any(row.forced for row in rows)
@@ -167,40 +192,17 @@ class Engine:
             if not forcing and step < max_tokens - 1:
                 # run the next step on the sampled ids while the host reads them and does its
                 # bookkeeping: the GPU does not wait for Python between tokens
-                logits = self._forward(sampled, cache)
+                logits = self.last_logits(sampled, cache)
             tokens, mask = [], []
             for row, token in zip(rows, sampled_host.values(), strict=True):
-                forced = bool(row.forced)
-                token = row.forced.popleft() if forced else token
+                token, forced = self.next_token(row, token)
                 tokens.append(token)
                 mask.append(0 if forced else 1)
-                if not row.done:
-                    self._use_tool(row, token)
-                    row.done = token in self.stop_ids
             yield tokens, mask
             if all(row.done for row in rows) or step == max_tokens - 1:
                 return
             if forcing:  # a tool output overrides some rows' ids: feed the host's tokens
-                logits = self._forward(torch.tensor(tokens, dtype=torch.long, device=device).view(-1, 1), cache)
-
-    def generate_many(
-        self,
-        prompts: list[list[int]],
-        max_tokens: list[int],
-        temperature: list[float],
-        top_k: list[int | None],
-        seed: list[int],
-    ) -> Iterator[list[int | None]]:
-        """Decode different prompts together (e.g. a batch of eval questions), each with its own
-        sampling settings. Yields per step the next token of each row, None once that row has
-        stopped (after its stop token or its max_tokens). See nanochat.batching.DecodeBatch."""
-        from nanochat.batching import DecodeBatch, Request  # batching builds on this module
-
-        batch = DecodeBatch(self, slots=len(prompts), capacity=max(len(p) for p in prompts) + max(max_tokens))
-        ids = [batch.add(Request(*settings)) for settings in zip(prompts, max_tokens, temperature, top_k, seed, strict=True)]
-        while batch.busy:
-            tokens = batch.step()
-            yield [tokens.get(rid) for rid in ids]
+                logits = self.last_logits(torch.tensor(tokens, dtype=torch.long, device=device).view(-1, 1), cache)
 
     def generate_batch(self, prompt: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
         """Whole samples: prompt + generated tokens of each row, up to and including its stop token,
@@ -217,10 +219,11 @@ class Engine:
                 done[i] = token in self.stop_ids
         return results, masks
 
+    def answers(self, prompt: list[int], num_samples: int = 1, **kwargs) -> list[str]:
+        """The text of each sampled answer (stop token excluded, tool calls and outputs included)."""
+        answers = [row[len(prompt):] for row in self.generate_batch(prompt, num_samples, **kwargs)[0]]
+        return [self.tokenizer.decode(a[:-1] if a and a[-1] in self.stop_ids else a) for a in answers]
+
     def complete(self, prompt: list[int], **kwargs) -> str:
-        """The text of one sampled answer (stop token excluded, tool calls and outputs included)."""
-        results, _ = self.generate_batch(prompt, 1, **kwargs)
-        answer = results[0][len(prompt):]
-        if answer and answer[-1] in self.stop_ids:
-            answer = answer[:-1]
-        return self.tokenizer.decode(answer)
+        """The text of one sampled answer."""
+        return self.answers(prompt, 1, **kwargs)[0]

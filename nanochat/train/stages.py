@@ -1,0 +1,70 @@
+"""The training stages, base -> mid -> SFT -> RL, in one registry: each `Stage` names its flags
+(the config's STAGE/PREVIOUS: its name and the stage it starts from), how a process builds its Run,
+that process's batches and the loop. The plain scripts run a stage through `run_plain`;
+ray_jobs/train.py runs the same pieces on Ray."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanochat.checkpoint import find_latest, stage_run_dir
+from nanochat.common import default_device
+from nanochat.config import parse_config
+from nanochat.runlog import MetricsLog
+from nanochat.train import base, finetune, rl
+from nanochat.train.loop import Run, StageConfig, restore_run, save_run, train
+
+
+@dataclass(frozen=True)
+class Stage:
+    config: type[StageConfig]
+    setup: Callable[..., Run]  # (cfg, device, world_size=1, rank=0, sync=None) -> this process's Run
+    batches: Callable[..., Iterator]  # (run, rank, world, position) -> this worker's batches, with state_dict()
+    loop: Callable[..., dict] = train  # (run, batches, start_step, log, save) -> summary
+    shards: bool = False  # trains on the parquet shards (ray_jobs.train streams them through Ray Data)
+
+    @property
+    def name(self) -> str:
+        return self.config.STAGE
+
+    @property
+    def previous(self) -> str:
+        return self.config.PREVIOUS
+
+
+STAGES = {stage.name: stage for stage in (
+    Stage(base.BaseTrainConfig, base.setup, base.shard_batches, shards=True),
+    Stage(finetune.MidTrainConfig, finetune.setup, finetune.make_batches),
+    Stage(finetune.ChatSFTConfig, finetune.setup, finetune.make_batches),
+    Stage(rl.ChatRLConfig, rl.setup, rl.problem_stream, loop=rl.train),
+)}
+
+
+def run_plain(name: str, argv: list[str] | None, description: str) -> dict:
+    """A stage's plain (single-process) run from its command line, what each training script's main()
+    is: setup, resume from the run's latest checkpoint (with --resume), the loop writing metrics.jsonl
+    and checkpoints (with the data position), then summary.json."""
+    stage = STAGES[name]
+    cfg = parse_config(stage.config, argv, description=description)
+    run = stage.setup(cfg, torch.device(cfg.device or default_device()))
+    print(f"precision plan:\n{run.plan.summary()}\n{run.describe()}")
+    run_dir = Path(cfg.run_dir or stage_run_dir(name, cfg.depth))
+    ckpt_dir = run_dir / "checkpoints"
+    start_step, position = 0, None
+    latest = find_latest(ckpt_dir) if cfg.resume else None
+    if latest is not None:
+        start_step, position = restore_run(run, latest)
+        print(f"resumed from {latest} at step {start_step}")
+    elif cfg.resume:
+        print(f"--resume: no complete checkpoint in {ckpt_dir}, starting from scratch")
+    batches = stage.batches(run, 0, 1, position)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if latest else None)
+    summary = stage.loop(run, batches, start_step, metrics.log, lambda step: save_run(run, ckpt_dir, step, batches.state_dict()))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("summary:", json.dumps(summary))
+    return summary
