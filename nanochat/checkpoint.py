@@ -437,8 +437,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def stage_run_dir(stage: str, depth: int, root: str | Path | None = None) -> Path:
-    """<root>/<stage>_d<depth>: where a stage writes and where the next stage (and evaluation) looks
-    for it; root defaults to $NANOCHAT_BASE_DIR/runs, where the plain scripts write."""
+    """<root>/<stage>_d<depth>, where a stage writes and the next one looks (root: $NANOCHAT_BASE_DIR/runs)."""
     return Path(root or base_dir() / "runs") / f"{stage}_d{depth}"
 
 

@@ -87,8 +87,8 @@ class SpeedrunConfig:
 
 def env_flags(env: Mapping[str, str]) -> list[str]:
     """The NANOCHAT_<FLAG> environment variables that are set, as flags (explicit flags after them win)."""
-    names = {f.name: f"NANOCHAT_{f.name.upper()}" for f in dataclasses.fields(SpeedrunConfig)}
-    return [arg for name, var in names.items() if env.get(var) for arg in (f"--{name.replace('_', '-')}", env[var])]
+    names = [(f"--{f.name.replace('_', '-')}", f"NANOCHAT_{f.name.upper()}") for f in dataclasses.fields(SpeedrunConfig)]
+    return [arg for flag, var in names if env.get(var) for arg in (flag, env[var])]
 
 
 def marker(s: SpeedrunConfig, stage: str) -> Path:

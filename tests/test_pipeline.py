@@ -29,12 +29,13 @@ def finetune_args(tokenizer_dir: Path, runs: Path, stage: str, previous: str, *e
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir, tokenizer_dir) -> Path:
-    """A runs root with base_d2, mid_d2, sft_d2 and rl_d2 trained by the plain scripts."""
+    """A runs root with base_d2, mid_d2, sft_d2 and rl_d2 trained by the plain scripts (a context of
+    128 tokens: RL's word problems and the eval prompts must fit in what the model was trained on)."""
     root = tmp_path_factory.mktemp("runs")
     base_train.main(common(tokenizer_dir, "--data-dir", str(data_dir), "--run-dir", str(root / "base_d2"), "--head-dim", "32", "--sample-every", "-1",
-                           "--max-seq-len", "64", "--device-batch-size", "8", "--total-batch-size", "512",
+                           "--max-seq-len", "128", "--device-batch-size", "4", "--total-batch-size", "512",
                            "--num-iterations", "20", "--eval-tokens", "1024", "--eval-every", "-1", "--save-every", "-1"))
-    mid_train.main(finetune_args(tokenizer_dir, root, "mid", "base", "--device-batch-size", "8", "--total-batch-size", "512",
+    mid_train.main(finetune_args(tokenizer_dir, root, "mid", "base", "--device-batch-size", "4", "--total-batch-size", "512",
                                  "--num-iterations", "12"))
     # SFT and RL in fp16 on the CPU: the same GradScaler step as every other stage
     chat_sft.main(finetune_args(tokenizer_dir, root, "sft", "mid", "--device-batch-size", "4", "--num-iterations", "8",

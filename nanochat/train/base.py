@@ -1,8 +1,5 @@
-"""Base pretraining: the model from scratch on parquet shards, bits per byte on the validation shard.
-
-`setup()` builds one process's run; the shared loop (nanochat/train/loop.py) trains it, fed by the
-plain loader (`shard_batches`) in a single process or by Ray Data in ray_jobs/train.py.
-"""
+"""Base pretraining: the model from scratch on parquet shards, bits per byte on the validation shard;
+fed by the plain loader (`shard_batches`) in one process, by Ray Data in ray_jobs/train.py."""
 
 from __future__ import annotations
 
@@ -101,7 +98,6 @@ def setup(cfg: BaseTrainConfig, device: torch.device, world_size: int = 1, rank:
 
 
 def shard_batches(run: BaseRun, rank: int = 0, world: int = 1, position: dict | None = None) -> DataLoader:
-    """The plain loader over the training shards, resuming at `position` (single process: rank 0 of 1;
-    ray_jobs/train.py streams the shards through Ray Data instead)."""
+    """The plain loader over the training shards from `position` (one process; Ray uses Ray Data)."""
     shards = split_shards(list_shards(run.cfg.data_dir or default_data_dir()), "train")
     return DataLoader(shards, run.tokenizer, run.cfg.device_batch_size, run.cfg.max_seq_len, run.device, state=position)

@@ -1,8 +1,6 @@
-"""The Run one training process holds, how every stage builds it, and the loop the LoopConfig
-stages (base, mid, SFT) share, in a plain script (nanochat/train/stages.py) and on Ray alike.
-
-The loop adds no per-step work beyond the step, the schedule and one log record: keep it that way.
-"""
+"""The Run one training process holds, how every stage builds it, and the loop the LoopConfig stages
+(base, mid, SFT) share in a plain script and on Ray. The rule: the loop adds no per-step work beyond
+the step, the schedule and one log record (the single-process path must stay exactly as fast)."""
 
 from __future__ import annotations
 
@@ -160,8 +158,7 @@ def new_model(shape: ModelShapeConfig, vocab_size: int, device: torch.device) ->
 
 def make_step(model: GPT, plan: PrecisionPlan, grad_accum: int, lrs: StageConfig, compile: str = "off", lr_frac: float = 1.0,
               weight_decay: float = 0.0, sync: Callable | None = None) -> TrainStep:
-    """Muon+AdamW at `lrs`' learning rates (times lr_frac), the plan's GradScaler, and the step over
-    them (torch.compile'd per `compile`); the step holds the optimizer and the scaler."""
+    """Muon+AdamW at `lrs`' rates x lr_frac, the plan's GradScaler and the step that holds them both."""
     optimizer = model.setup_optimizer(matrix_lr=lrs.matrix_lr * lr_frac, embedding_lr=lrs.embedding_lr * lr_frac,
                                       unembedding_lr=lrs.unembedding_lr * lr_frac, weight_decay=weight_decay,
                                       ns_dtype=getattr(torch, plan.muon_dtype))
@@ -173,8 +170,7 @@ def build_run(run_class: type[R], cfg: StageConfig, device: torch.device, plan: 
               model: GPT, grad_accum: int, *, compile: str = "off", lr_frac: float = 1.0, weight_decay: float = 0.0,
               sync: Callable | None = None, tokens_per_step: int, num_iterations: int, world_size: int, rank: int,
               meta: dict | None = None, **fields: object) -> R:
-    """The stage's Run: `model` with its step (make_step) and a checkpoint meta that names the stage,
-    model, tokenizer, plan and settings (plus `meta`)."""
+    """The stage's Run: `model`, its step, and a meta (stage, model, tokenizer, plan, settings, + `meta`)."""
     step_fn = make_step(model, plan, grad_accum, cfg, compile, lr_frac, weight_decay, sync)
     meta = {"stage": cfg.STAGE, "model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer.fingerprint(),
             "plan": plan.to_dict(), "train_config": dataclasses.asdict(cfg), **(meta or {})}

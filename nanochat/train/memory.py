@@ -2,8 +2,8 @@
 
 Used before anything touches a GPU: `ray_jobs.tune` drops search points that cannot fit the target
 GPU, and `base_train --device-batch-size auto` starts its probe from the largest batch predicted to
-fit. Formula, coefficients and calibration table: docs/memory.md. The probe at the end (two real
-steps on random tokens) is what that auto batch, bench_train and calibrate_memory measure with.
+fit, checked by the probe at the end (two real steps; bench_train and calibrate_memory use it too).
+Formula, coefficients and calibration table: docs/memory.md.
 
 The peak of a step is the larger of two moments (bytes; N params, T tokens per micro-batch):
 

@@ -53,8 +53,7 @@ class RLRun(Run):
 
     def describe(self) -> str:
         c = self.cfg
-        return (f"starting from {self.meta['init_from']}\n"
-                f"{c.examples_per_step} problems x {c.num_samples} samples per step, {c.num_iterations} steps, task {c.task}")
+        return f"starting from {self.meta['init_from']}\n{c.examples_per_step} problems x {c.num_samples} samples per step, {c.num_iterations} steps, task {c.task}"
 
     def problem(self, index: int) -> Conversation:
         """Training problems come after the held-out ones and cycle through the task."""

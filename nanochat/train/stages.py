@@ -46,9 +46,8 @@ STAGES = {stage.name: stage for stage in (
 
 
 def run_plain(name: str, argv: list[str] | None, description: str) -> dict:
-    """A stage's plain (single-process) run from its command line, what each training script's main()
-    is: setup, resume from the run's latest checkpoint (with --resume), the loop writing metrics.jsonl
-    and checkpoints (with the data position), then summary.json."""
+    """A stage's single-process run, each training script's main(): setup, --resume from the latest
+    checkpoint, the loop (metrics.jsonl, checkpoints with the data position), summary.json."""
     stage = STAGES[name]
     cfg = parse_config(stage.config, argv, description=description)
     run = stage.setup(cfg, torch.device(cfg.device or default_device()))
