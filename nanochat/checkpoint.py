@@ -271,7 +271,7 @@ def save_checkpoint(
     step: int,
     *,
     model: nn.Module,
-    optimizer: Optimizer | None,
+    optimizer: Optimizer | dict | None,  # or its state_dict(), e.g. gathered from several ranks
     scaler: GradScaler | None,
     loader_state: dict | None,
     meta: dict,
@@ -309,7 +309,7 @@ def save_checkpoint(
     try:
         _write_torch(_canonical_state_dict(model), tmp / MODEL_FILE)
         if optimizer is not None:
-            _write_torch(optimizer.state_dict(), tmp / OPTIM_FILE)
+            _write_torch(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / OPTIM_FILE)
         _write_json(record, tmp / META_FILE)
         _write_manifest(tmp, step)
         _fsync_dir(tmp)

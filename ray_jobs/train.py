@@ -13,7 +13,8 @@ shards, checkpoints through Ray Train, MLflow tracking from rank 0.
 
 Takes every flag of the stage's own script (e.g. nanochat/scripts/base_train.py) plus the Ray flags
 below. The workers run the stage's setup and loop from the registry (nanochat/train/stages.py); this
-file adds scheduling, gradient all-reduce, Ray Data, Ray Train checkpoints and MLflow.
+file adds scheduling, data parallelism (gradient buckets overlapped with backward, sharded optimizer
+state: nanochat/train/data_parallel.py), Ray Data, Ray Train checkpoints and MLflow.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ from nanochat.tokenizer import default_tokenizer_dir
 from nanochat.tracking import Tracker, default_uri
 from nanochat.train.loop import Run, restore_run, save_run
 from nanochat.train.stages import STAGES, Stage
-from nanochat.train.step import AllReduceGradients
 from ray_jobs.cluster import connect
 from ray_jobs.data import build_dataset, data_config, iter_train_batches, resume_position
 from ray_jobs.scheduler import check_worker_precisions, format_groups, groups, nodes_from_ray, plan_cluster
+
+CLUSTER_MAX_FAILURES = 3  # a node lost on a multi-node cluster is routine (preemption), not a bug to stop on
 
 # Fault injection for tests: "RANK:STEP" SIGKILLs that worker right after that step, in a run that
 # did not start from a checkpoint (so the restarted run goes through).
@@ -63,7 +65,12 @@ class RayOptions:
     tokenize_workers: int = option(2, "Ray Data tokenizer actors")
     storage_path: str = option("", "where Ray Train keeps checkpoints; empty = $NANOCHAT_BASE_DIR/ray_results")
     name: str = option("", "run name (a folder in --storage-path); empty = <stage>_d<depth>")
-    max_failures: int = option(0, "worker-group restarts from the latest checkpoint before giving up")
+    max_failures: int = option(-1, "worker-group restarts from the latest checkpoint before giving up; -1 = "
+                               f"{CLUSTER_MAX_FAILURES} on a cluster of several nodes (spot preemption, a lost node), 0 on one machine")
+    shard_optimizer: bool = option(True, "each worker keeps and steps only its share of the optimizer state "
+                                   "(reduce-scatter in, all-gather out); --no-shard-optimizer all-reduces every gradient")
+    grad_dtype: str = option("", "send gradients as bfloat16 or float16 (slow networks); empty = their own dtype",
+                             choices=("", "bfloat16", "float16"))
     address: str = option("", "Ray cluster address; empty = $RAY_ADDRESS or a new local cluster")
     mlflow_uri: str = option("", "MLflow tracking URI; empty = sqlite:///<storage>/mlflow.db")
     mlflow_experiment: str = option("nanochat", "MLflow experiment")
@@ -165,7 +172,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run = stage.setup(cfg, ray.train.torch.get_device(), world, rank)
     if world > 1:
-        run.step_fn.sync = AllReduceGradients(run.model)
+        run.step_fn.distribute(run.model, shard=config["shard_optimizer"], comm_dtype=getattr(torch, config["grad_dtype"]) if config["grad_dtype"] else None)
     check_group(run, rank, config["precision"])
 
     start_step, position = 0, None
@@ -188,13 +195,14 @@ def train_loop_per_worker(config: dict) -> None:
 
     def save(step: int) -> None:
         data_position = data_position_of(batches)
+        optimizer_state = run.step_fn.parallel.state_dict() if run.step_fn.parallel else None  # every rank: gathers shards
         metrics = {k: v for k, v in last.items() if isinstance(v, (int, float))}
         if rank != 0:
             ray.train.report(metrics)
             return
         tracker.flush()  # metrics reach MLflow only with their checkpoint: no step is ever logged twice
         with tempfile.TemporaryDirectory() as tmp:
-            path = save_run(run, Path(tmp), step, data_position)
+            path = save_run(run, Path(tmp), step, data_position, optimizer_state)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(path), checkpoint_dir_name=path.name)
 
     summary = stage.loop(run, batches, start_step, log, save)
@@ -252,6 +260,13 @@ def ray_datasets(cfg, run_dir: Path) -> dict:
     return {"datasets": datasets, "dataset_config": data_config()}
 
 
+def failures_allowed(requested: int, alive_nodes: int) -> int:
+    """--max-failures as given, or for -1: restarts on a cluster of several nodes, none on one machine."""
+    if requested >= 0:
+        return requested
+    return CLUSTER_MAX_FAILURES if alive_nodes > 1 else 0
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     stage = stage_from_argv(argv)
@@ -262,6 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     connect(cfg.address, cfg.dtype, cfg.device,
             cfg.num_workers * cfg.cpus_per_worker + cfg.tokenize_workers + 1)  # + the packing actor
 
+    cfg.max_failures = failures_allowed(cfg.max_failures, sum(n["Alive"] for n in ray.nodes()))
     group, scaling = plan_cluster(cfg.precision, cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker)
     print(f"cluster precision groups:\n{format_groups(groups(nodes_from_ray(ray.nodes())))}\n"
           f"training on the {group.precision} group: {cfg.num_workers} worker(s) on {', '.join(sorted(group.gpu_names))}")
@@ -283,6 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_loop_per_worker,
         train_loop_config={
             "stage": stage, "stage_config": stage_config, "precision": group.precision,
+            "shard_optimizer": cfg.shard_optimizer, "grad_dtype": cfg.grad_dtype,
             "mlflow_uri": uri, "mlflow_run_id": tracker.run_id, "summary_path": str(storage / name / "summary.json"),
         },
         scaling_config=scaling,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.scripts import bench_train
+from nanochat.scripts import bench_scaling, bench_train
 from nanochat.train.memory import fits, two_steps
 
 TINY = ["--device", "cpu", "--depth", "2", "--head-dim", "32", "--max-seq-len", "64", "--vocab-size", "512",
@@ -78,3 +78,20 @@ def test_bench_matvec_refuses_bad_rows_and_the_cpu(args, message):
 
     with pytest.raises(SystemExit, match=message):
         bench_matvec.main(["--device", "cpu", *args])
+
+
+def test_bench_scaling_runs_the_sharded_step_on_gloo_workers_and_writes_json(tmp_path):
+    out = tmp_path / "scaling.json"
+    results = bench_scaling.main(["--depth", "2", "--max-seq-len", "32", "--vocab-size", "256", "--head-dim", "32",
+                                  "--device-batch-size", "2", "--workers", "1,2", "--steps", "1", "--warmup", "1",
+                                  "--device", "cpu", "--out", str(out)])
+    assert [r["world"] for r in results] == [1, 2] and json.loads(out.read_text()) == results
+    assert results[0]["efficiency"] == 1.0 and results[1]["efficiency"] > 0 and results[1]["shard_optimizer"]
+    assert all(r["tok_per_s_per_worker"] > 0 and r["optimizer_s"] > 0 for r in results)
+
+
+def test_bench_scaling_refuses_more_workers_than_gpus():
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without enough GPUs")
+    with pytest.raises(SystemExit, match="GPU"):
+        bench_scaling.main(["--device", "cuda", "--workers", "1,2"])

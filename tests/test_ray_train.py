@@ -87,3 +87,9 @@ def test_a_second_run_in_the_same_place_needs_resume(local_ray, data_dir, tokeni
     # with --resume it restores the finished checkpoint and has nothing left to train
     resumed = ray_train.main([*args, "--resume"])
     assert resumed["steps"] == STEPS and resumed["final_loss"] is None, "restored at the end: no step trained again"
+
+
+def test_restarts_default_to_some_on_a_cluster_and_none_on_one_machine():
+    assert ray_train.failures_allowed(-1, alive_nodes=4) == ray_train.CLUSTER_MAX_FAILURES > 0
+    assert ray_train.failures_allowed(-1, alive_nodes=1) == 0
+    assert ray_train.failures_allowed(2, alive_nodes=1) == 2 and ray_train.failures_allowed(0, alive_nodes=4) == 0

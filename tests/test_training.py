@@ -95,12 +95,11 @@ def test_fp32_nan_loss_is_skipped_without_touching_parameters():
 def _all_reduce_worker(rank: int, init_file: str, rows: torch.Tensor, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from nanochat.train.step import AllReduceGradients
-
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     model = tiny_model()
     half = rows[rank * 2 : (rank + 1) * 2]  # each worker: its half of the global batch
-    step = TrainStep(model, model.setup_optimizer(), plan_for(CPU), grad_accum=1, sync=AllReduceGradients(model))
+    step = TrainStep(model, model.setup_optimizer(), plan_for(CPU), grad_accum=1)
+    step.distribute(model, shard=False)  # replicated: every gradient all-reduced (the sharded path: test_data_parallel.py)
     result = step(iter([(half[:, :-1], half[:, 1:])]))
     torch.save({"loss": result.loss, "state": model.state_dict()}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()

@@ -4,7 +4,6 @@ fed by the plain loader (`shard_batches`) in one process, by Ray Data in ray_job
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -83,8 +82,7 @@ def resolve_device_batch_size(cfg: BaseTrainConfig, plan: PrecisionPlan, device:
     return batch
 
 
-def setup(cfg: BaseTrainConfig, device: torch.device, world_size: int = 1, rank: int = 0,
-          sync: Callable | None = None) -> BaseRun:
+def setup(cfg: BaseTrainConfig, device: torch.device, world_size: int = 1, rank: int = 0) -> BaseRun:
     """Precision plan, tokenizer, model, optimizer, GradScaler and step function for one process."""
     plan, tokenizer = start_process(cfg, device)
     cfg = dataclasses.replace(cfg, device_batch_size=resolve_device_batch_size(cfg, plan, device, tokenizer.vocab_size, world_size))
@@ -93,7 +91,7 @@ def setup(cfg: BaseTrainConfig, device: torch.device, world_size: int = 1, rank:
     tokens_per_step = grad_accum * cfg.device_batch_size * cfg.max_seq_len * world_size
     num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else max(1, round(cfg.target_param_data_ratio * model.num_params() / tokens_per_step))
     return build_run(BaseRun, cfg, device, plan, tokenizer, model, grad_accum, compile=cfg.compile,
-                     weight_decay=cfg.weight_decay, sync=sync, tokens_per_step=tokens_per_step,
+                     weight_decay=cfg.weight_decay, tokens_per_step=tokens_per_step,
                      num_iterations=num_iterations, world_size=world_size, rank=rank)
 
 

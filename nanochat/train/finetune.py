@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -140,7 +139,7 @@ def epoch_steps(cfg: FinetuneConfig, tokenizer: Tokenizer, conversations: list[C
     return max(1, cfg.num_epochs * tokens // (rows_per_step * seq_len))
 
 
-def setup(cfg: FinetuneConfig, device: torch.device, world_size: int = 1, rank: int = 0, sync: Callable | None = None) -> FinetuneRun:
+def setup(cfg: FinetuneConfig, device: torch.device, world_size: int = 1, rank: int = 0) -> FinetuneRun:
     """The previous stage's model with a fresh optimizer, the mixture split, and the step function."""
     plan, tokenizer = start_process(cfg, device)
     model, start_path = load_start(cfg, device, tokenizer)
@@ -155,7 +154,7 @@ def setup(cfg: FinetuneConfig, device: torch.device, world_size: int = 1, rank: 
     # padded SFT rows change width with every batch and would recompile each time: "auto" keeps them eager
     return build_run(FinetuneRun, cfg, device, plan, tokenizer, model, grad_accum,
                      compile="off" if cfg.compile == "auto" and not cfg.PACK else cfg.compile, lr_frac=cfg.init_lr_frac,
-                     weight_decay=cfg.weight_decay, sync=sync, tokens_per_step=tokens_per_step, num_iterations=num_iterations,
+                     weight_decay=cfg.weight_decay, tokens_per_step=tokens_per_step, num_iterations=num_iterations,
                      world_size=world_size, rank=rank, meta={"init_from": str(start_path)},
                      train_conversations=train_convs, val_conversations=val_convs)
 

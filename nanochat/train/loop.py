@@ -84,9 +84,7 @@ class Run:
     plan: PrecisionPlan
     tokenizer: Tokenizer
     model: GPT
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler | None
-    step_fn: TrainStep
+    step_fn: TrainStep  # holds the optimizer this process steps and the GradScaler
     grad_accum: int
     tokens_per_step: int  # global, over all workers
     num_iterations: int
@@ -94,6 +92,14 @@ class Run:
     world_size: int = 1
     is_main: bool = True
     started: float = dataclasses.field(default_factory=time.perf_counter)  # a --time-budget counts from here
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.step_fn.optimizer
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        return self.step_fn.scaler
 
     @property
     def flops_per_token(self) -> int:
@@ -121,7 +127,7 @@ R = TypeVar("R", bound=Run)
 def restore_run(run: Run, path: Path) -> tuple[int, dict | None]:
     """Load a checkpoint into `run`; returns (step, data position)."""
     state = checkpoint.load_checkpoint(
-        path, model=run.model, optimizer=run.optimizer, scaler=run.scaler,
+        path, model=run.model, optimizer=run.step_fn.parallel or run.optimizer, scaler=run.scaler,  # a sharded run takes its pieces
         expect={"model_config": run.meta["model_config"], "tokenizer": run.meta["tokenizer"]},
     )
     run.step_fn.skipped_total = state["meta"].get("skipped_steps", 0)
@@ -131,10 +137,11 @@ def restore_run(run: Run, path: Path) -> tuple[int, dict | None]:
     return state["step"], state["loader_state"]
 
 
-def save_run(run: Run, root: Path, step: int, data_position: dict | None) -> Path:
+def save_run(run: Run, root: Path, step: int, data_position: dict | None, optimizer_state: dict | None = None) -> Path:
+    """Checkpoint `run`; a sharded run passes the whole optimizer state its ranks gathered (DataParallel.state_dict)."""
     run.meta["skipped_steps"] = run.step_fn.skipped_total
     return checkpoint.save_checkpoint(
-        root, step, model=run.model, optimizer=run.optimizer, scaler=run.scaler,
+        root, step, model=run.model, optimizer=run.optimizer if optimizer_state is None else optimizer_state, scaler=run.scaler,
         loader_state=data_position, meta=run.meta, keep_last=run.cfg.keep_last,
     )
 
@@ -157,25 +164,24 @@ def new_model(shape: ModelShapeConfig, vocab_size: int, device: torch.device) ->
 
 
 def make_step(model: GPT, plan: PrecisionPlan, grad_accum: int, lrs: StageConfig, compile: str = "off", lr_frac: float = 1.0,
-              weight_decay: float = 0.0, sync: Callable | None = None) -> TrainStep:
+              weight_decay: float = 0.0) -> TrainStep:
     """Muon+AdamW at `lrs`' rates x lr_frac, the plan's GradScaler and the step that holds them both."""
     optimizer = model.setup_optimizer(matrix_lr=lrs.matrix_lr * lr_frac, embedding_lr=lrs.embedding_lr * lr_frac,
                                       unembedding_lr=lrs.unembedding_lr * lr_frac, weight_decay=weight_decay,
                                       ns_dtype=getattr(torch, plan.muon_dtype))
     return TrainStep(maybe_compile(model, plan, compile), optimizer, plan, grad_accum, plan.make_grad_scaler(),
-                     lrs.max_bad_steps, sync)
+                     lrs.max_bad_steps)
 
 
 def build_run(run_class: type[R], cfg: StageConfig, device: torch.device, plan: PrecisionPlan, tokenizer: Tokenizer,
               model: GPT, grad_accum: int, *, compile: str = "off", lr_frac: float = 1.0, weight_decay: float = 0.0,
-              sync: Callable | None = None, tokens_per_step: int, num_iterations: int, world_size: int, rank: int,
+              tokens_per_step: int, num_iterations: int, world_size: int, rank: int,
               meta: dict | None = None, **fields: object) -> R:
     """The stage's Run: `model`, its step, and a meta (stage, model, tokenizer, plan, settings, + `meta`)."""
-    step_fn = make_step(model, plan, grad_accum, cfg, compile, lr_frac, weight_decay, sync)
+    step_fn = make_step(model, plan, grad_accum, cfg, compile, lr_frac, weight_decay)
     meta = {"stage": cfg.STAGE, "model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer.fingerprint(),
             "plan": plan.to_dict(), "train_config": dataclasses.asdict(cfg), **(meta or {})}
-    return run_class(cfg=cfg, device=device, plan=plan, tokenizer=tokenizer, model=model, optimizer=step_fn.optimizer,
-                     scaler=step_fn.scaler, step_fn=step_fn, grad_accum=step_fn.grad_accum, tokens_per_step=tokens_per_step,
+    return run_class(cfg=cfg, device=device, plan=plan, tokenizer=tokenizer, model=model, step_fn=step_fn, grad_accum=step_fn.grad_accum, tokens_per_step=tokens_per_step,
                      num_iterations=num_iterations, meta=meta, world_size=world_size, is_main=rank == 0, **fields)
 
 

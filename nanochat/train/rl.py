@@ -124,7 +124,7 @@ class Problems:
         return {"index": self.index}
 
 
-def setup(cfg: ChatRLConfig, device: torch.device, world_size: int = 1, rank: int = 0, sync: Callable | None = None) -> RLRun:
+def setup(cfg: ChatRLConfig, device: torch.device, world_size: int = 1, rank: int = 0) -> RLRun:
     plan, tokenizer = start_process(cfg, device)
     model, start = load_start(cfg, device, tokenizer)
     grad_accum = cfg.examples_per_step * math.ceil(cfg.num_samples / cfg.device_batch_size)
@@ -132,7 +132,7 @@ def setup(cfg: ChatRLConfig, device: torch.device, world_size: int = 1, rank: in
     if len(task) <= cfg.eval_problems:
         raise ValueError(f"task {cfg.task!r} has {len(task)} problems; --eval-problems {cfg.eval_problems} leaves none to train on")
     # eager (compile "off"): every rollout has its own length
-    return build_run(RLRun, cfg, device, plan, tokenizer, model, grad_accum, lr_frac=cfg.init_lr_frac, sync=sync,
+    return build_run(RLRun, cfg, device, plan, tokenizer, model, grad_accum, lr_frac=cfg.init_lr_frac,
                      tokens_per_step=0, num_iterations=cfg.num_iterations, world_size=world_size, rank=rank,
                      meta={"init_from": str(start)}, task=task, engine=Engine(model, tokenizer, plan))
 

@@ -23,7 +23,7 @@ from nanochat.train.loop import Run, StageConfig, restore_run, save_run, train
 @dataclass(frozen=True)
 class Stage:
     config: type[StageConfig]
-    setup: Callable[..., Run]  # (cfg, device, world_size=1, rank=0, sync=None) -> this process's Run
+    setup: Callable[..., Run]  # (cfg, device, world_size=1, rank=0) -> this process's Run
     batches: Callable[..., Iterator]  # (run, rank, world, position) -> this worker's batches, with state_dict()
     loop: Callable[..., dict] = train  # (run, batches, start_step, log, save) -> summary
     shards: bool = False  # trains on the parquet shards (ray_jobs.train streams them through Ray Data)

@@ -9,14 +9,15 @@ per step is the price of the divergence guard and the log line.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from nanochat.precision import PrecisionPlan
+from nanochat.train.data_parallel import DataParallel
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs, targets (-1 = no loss)
 WeightedBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # + a weight per target token
@@ -69,34 +70,48 @@ class TrainStep:
         grad_accum: int,
         scaler: torch.amp.GradScaler | None = None,
         max_bad_steps: int = 20,
-        sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.model, self.optimizer, self.plan = model, optimizer, plan
         self.grad_accum = grad_accum
         self.scaler = scaler
         self.max_bad_steps = max_bad_steps
-        self.sync = sync  # data parallel: averages gradients and the loss over workers (AllReduceGradients)
+        self.parallel: DataParallel | None = None  # one worker of several: see distribute()
         self.bad_in_a_row = 0
         self.skipped_total = 0
 
     def __call__(self, batches: Iterator[Batch | WeightedBatch]) -> StepResult:
         total = None
-        for _ in range(self.grad_accum):
+        for micro in range(self.grad_accum):
+            if self.parallel is not None and micro == self.grad_accum - 1:
+                self.parallel.arm()  # the last backward sends each gradient bucket as soon as it fills
             with self.plan.compute_context():
                 loss = self._loss(next(batches))
             total = loss.detach() if total is None else total + loss.detach()
             loss = loss / self.grad_accum
             (self.scaler.scale(loss) if self.scaler else loss).backward()
         mean = total / self.grad_accum
-        if self.sync is not None:
-            # once per step, after accumulation; every worker then sees the same loss and gradients,
-            # so all of them take (or skip) the same optimizer step
-            mean = self.sync(mean)
+        if self.parallel is not None:
+            # every worker then holds the same mean loss and its averaged gradients (all of them, or the
+            # ones it owns), and all of them take, or skip, the same optimizer step
+            mean = self.parallel.finish(mean)
         mean_loss = mean.item()
         skipped = self._optimizer_step(math.isfinite(mean_loss))
+        if self.parallel is not None and not skipped:
+            self.parallel.gather_params()
         self.optimizer.zero_grad(set_to_none=True)
         self._guard(skipped, mean_loss)
         return StepResult(mean_loss, skipped, self.scaler.get_scale() if self.scaler else None)
+
+    def distribute(self, model: nn.Module, shard: bool = True, comm_dtype: torch.dtype | None = None) -> DataParallel:
+        """Make this step (over `model`) one worker of the default process group: gradients sync through
+        DataParallel, and the optimizer this rank steps becomes its shard (or stays whole)."""
+        self.parallel = DataParallel(model, self.optimizer, shard, comm_dtype)
+        self.optimizer = self.parallel.optimizer  # the schedule sets the groups this rank steps
+        if shard and self.scaler is not None:
+            # a rank sees inf only in the gradients it owns: this scaler all-reduces the finding, so every
+            # rank skips (or takes) the step and moves the scale alike
+            self.scaler = ShardedGradScaler(device=next(model.parameters()).device.type)
+        return self.parallel
 
     def _loss(self, batch: Batch | WeightedBatch) -> torch.Tensor:
         """Mean cross-entropy of (x, y); for (x, y, w) the w-weighted sum of per-token losses
@@ -144,23 +159,3 @@ def maybe_compile(model: nn.Module, plan: PrecisionPlan, setting: str = "auto") 
     if setting == "on" or (setting == "auto" and plan.compile):
         return torch.compile(model, dynamic=False)
     return model
-
-
-class AllReduceGradients:
-    """Average gradients and the loss over all data-parallel workers with ONE all-reduce per step.
-
-    The gradients are packed into one flat buffer (plus the loss as its last element), reduced,
-    and handed back to the parameters as views of that buffer: no per-parameter collectives and no
-    copy back. Works on gloo (CPU) and NCCL alike, with GradScaler-scaled gradients too."""
-
-    def __init__(self, model: nn.Module):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-
-    def __call__(self, loss: torch.Tensor) -> torch.Tensor:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
-        dist.all_reduce(flat)  # SUM: gloo has no AVG
-        flat /= dist.get_world_size()
-        for p, g in zip(self.params, flat[:-1].split([p.numel() for p in self.params]), strict=True):
-            p.grad = g.view_as(p)
-        return flat[-1]

@@ -1,0 +1,269 @@
+"""Data-parallel training: gradient buckets launched from backward, optimizer state sharded over ranks.
+
+Gradients are synchronised on the last micro-batch only, bucket by bucket as backward produces them
+(DDP's idea: communication overlaps the rest of backward). With `shard=True` (ZeRO-1) a bucket is
+reduce-scattered instead of all-reduced: each rank receives the averaged gradients of the parameters
+it owns, steps only those (its optimizer holds only their state), and the new values are all-gathered.
+Muon needs whole matrices, so a Muon matrix is owned whole by one rank (balanced by size); AdamW is
+elementwise, so embeddings and the lm_head are split by rows over every rank.
+
+The one rule: every rank launches the same collectives in the same order. Buckets are launched in a
+fixed index order (a ready bucket waits for the ones before it), whatever order its gradients arrive in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
+# torch 2.13 renamed these two (the old names warn); older releases have only the old names
+reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """Which rank updates a parameter: `owner` for a whole matrix, or every rank a row range (`rows`)."""
+
+    owner: int | None  # None = split by rows over every rank
+    rows_per_rank: int = 0
+
+    def rows(self, rank: int, total: int) -> tuple[int, int]:
+        start = min(rank * self.rows_per_rank, total)
+        return start, min(start + self.rows_per_rank, total)
+
+
+def plan_ownership(params: list[Tensor], whole: list[bool], world_size: int) -> list[Ownership]:
+    """Whole matrices go to the least loaded rank, largest first; the others are split by rows."""
+    load = [0] * world_size
+    plan: list[Ownership | None] = [None] * len(params)
+    for i in sorted((i for i in range(len(params)) if whole[i]), key=lambda i: -params[i].numel()):
+        rank = min(range(world_size), key=load.__getitem__)
+        load[rank] += params[i].numel()
+        plan[i] = Ownership(owner=rank)
+    for i, p in enumerate(params):
+        if plan[i] is None:
+            plan[i] = Ownership(owner=None, rows_per_rank=-(-p.shape[0] // world_size))
+    return plan  # type: ignore[return-value]
+
+
+@dataclass
+class Bucket:
+    """Consecutive parameters (in backward order) communicated as one flat buffer of `world * chunk`
+    elements: rank r's owned pieces (sharded) or everything (replicated) in segment r."""
+
+    params: list[nn.Parameter]
+    slots: list[list[tuple[int, int, int]]]  # per param, per rank: (offset in flat, first row, last row)
+    chunk: int
+    flat: Tensor
+    pending: int = 0
+    work: dist.Work | None = None
+    ready: bool = False
+    out: Tensor | None = field(default=None, repr=False)
+
+
+class DataParallel:
+    """Synchronises one model's gradients over the default process group; see the module docstring.
+
+    Use: `arm()` before the last micro-batch's backward, `finish(loss)` after it (returns the mean loss),
+    step `self.optimizer`, then `gather_params()` (sharded)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, shard: bool = True,
+                 comm_dtype: torch.dtype | None = None, bucket_bytes: int = BUCKET_BYTES):
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        self.shard, self.comm_dtype = shard, comm_dtype
+        params = [p for p in model.parameters() if p.requires_grad]
+        kinds = {id(p): g.get("kind") for g in optimizer.param_groups for p in g["params"]}
+        self.ownership = {id(p): o for p, o in zip(params, plan_ownership(
+            params, [kinds.get(id(p)) == "muon" for p in params], self.world if shard else 1), strict=True)}
+        self.buckets = self._make_buckets(list(reversed(params)), bucket_bytes)  # backward meets the last layers first
+        self.next_launch, self.armed = 0, False
+        self.reference = optimizer  # the whole model's optimizer: its layout is the checkpoint's
+        self.local: dict[int, Tensor] = {}  # id(param) -> what this rank steps (the param or a row view of it)
+        self.optimizer = self._local_optimizer(optimizer) if shard else optimizer
+        for b in self.buckets:
+            for p in b.params:
+                p.register_post_accumulate_grad_hook(self._on_grad(b))
+
+    # -- layout -------------------------------------------------------------------------------------
+    def _piece_rows(self, p: Tensor, rank: int) -> tuple[int, int]:
+        """Rows of p that `rank` carries in its segment: all, none, or its row range."""
+        own = self.ownership[id(p)]
+        if not self.shard:
+            return 0, p.shape[0]
+        if own.owner is not None:
+            return (0, p.shape[0]) if own.owner == rank else (0, 0)
+        return own.rows(rank, p.shape[0])
+
+    def _make_buckets(self, params: list[nn.Parameter], bucket_bytes: int) -> list[Bucket]:
+        """Consecutive parameters up to `bucket_bytes` of fp32 gradients per rank's segment."""
+        limit = bucket_bytes * (self.world if self.shard else 1) // 4
+        groups: list[list[nn.Parameter]] = [[]]
+        size = 0
+        for p in params:
+            if groups[-1] and size + p.numel() > limit:
+                groups.append([])
+                size = 0
+            groups[-1].append(p)
+            size += p.numel()
+        return [self._bucket(g) for g in groups]
+
+    def _bucket(self, params: list[nn.Parameter]) -> Bucket:
+        ranks = range(self.world) if self.shard else range(1)
+        sizes = [0] * len(ranks)
+        slots: list[list[tuple[int, int, int]]] = []
+        for p in params:
+            row = p[0].numel() if p.ndim else 1
+            slots.append([])
+            for r in ranks:
+                first, last = self._piece_rows(p, r)
+                slots[-1].append((sizes[r], first, last))
+                sizes[r] += (last - first) * row
+        chunk = max(sizes)
+        slots = [[(r * chunk + off, a, b) for r, (off, a, b) in enumerate(s)] for s in slots]
+        dtype = self.comm_dtype or params[0].dtype
+        flat = torch.zeros(chunk * len(ranks), dtype=dtype, device=params[0].device)  # padding stays zero
+        return Bucket(params, slots, chunk, flat, pending=len(params))
+
+    # -- gradients ----------------------------------------------------------------------------------
+    def arm(self) -> None:
+        """The next backward is the step's last: its gradients are final and get launched as they land."""
+        self.armed, self.next_launch = True, 0
+        for b in self.buckets:
+            b.pending, b.ready, b.work = len(b.params), False, None
+
+    def _on_grad(self, bucket: Bucket) -> Callable[[Tensor], None]:
+        def hook(_: Tensor) -> None:
+            if not self.armed:
+                return  # accumulating: no communication until the last micro-batch (DDP's no_sync)
+            bucket.pending -= 1
+            if bucket.pending == 0:
+                bucket.ready = True
+                self._launch_ready()
+        return hook
+
+    def _launch_ready(self) -> None:
+        while self.next_launch < len(self.buckets) and self.buckets[self.next_launch].ready:
+            self._launch(self.buckets[self.next_launch])
+            self.next_launch += 1
+
+    def _launch(self, b: Bucket) -> None:
+        for p, slots in zip(b.params, b.slots, strict=True):
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            for off, first, last in slots:
+                piece = grad[first:last].reshape(-1)
+                b.flat[off:off + piece.numel()].copy_(piece)
+            if self.shard:
+                p.grad = None  # its copy is in the buffer now; _hand_out gives this rank's piece back
+        b.flat.div_(self.world)  # average before the sum, so 16-bit buffers do not overflow
+        if self.shard:
+            b.out = torch.empty(b.chunk, dtype=b.flat.dtype, device=b.flat.device)
+            b.work = reduce_scatter(b.out, b.flat, async_op=True)
+        else:
+            b.work = dist.all_reduce(b.flat, async_op=True)
+
+    def finish(self, loss: Tensor) -> Tensor:
+        """Launch what backward left (unused parameters), wait for every bucket, hand out the averaged
+        gradients; returns the loss averaged over ranks."""
+        for b in self.buckets[self.next_launch:]:
+            b.ready = True
+        self._launch_ready()
+        self.armed = False
+        loss = loss.detach().float().reshape(1).clone()
+        loss_work = dist.all_reduce(loss, async_op=True)
+        for b in self.buckets:
+            b.work.wait()
+            self._hand_out(b)
+        loss_work.wait()
+        return loss[0] / self.world
+
+    def _hand_out(self, b: Bucket) -> None:
+        source = b.out if self.shard else b.flat
+        base = self.rank * b.chunk if self.shard else 0
+        for p, slots in zip(b.params, b.slots, strict=True):
+            target = self.local.get(id(p)) if self.shard else p
+            if target is None:
+                continue
+            off = slots[self.rank if self.shard else 0][0] - base
+            target.grad = source[off:off + target.numel()].view_as(target).to(p.dtype)
+
+    # -- sharded optimizer --------------------------------------------------------------------------
+    def _local_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The same optimizer class and groups over only what this rank owns (row views share storage)."""
+        groups = []
+        for group in optimizer.param_groups:
+            local = []
+            for p in group["params"]:
+                first, last = self._piece_rows(p, self.rank)
+                if last > first:
+                    self.local[id(p)] = p if (first, last) == (0, p.shape[0]) else p.detach()[first:last]
+                    local.append(self.local[id(p)])
+            groups.append({**group, "params": local})
+        if not any(g["params"] for g in groups):
+            raise ValueError(f"rank {self.rank} owns no parameter: {self.world} workers is more than this model can shard over")
+        return type(optimizer)(groups)
+
+    @torch.no_grad()
+    def gather_params(self) -> None:
+        """After the step: every rank receives the new values of the parameters it does not own."""
+        if not self.shard:
+            return
+        gathered = []
+        for b in self.buckets:
+            segment = torch.zeros(b.chunk, dtype=b.params[0].dtype, device=b.flat.device)
+            for p, slots in zip(b.params, b.slots, strict=True):
+                off, first, last = slots[self.rank]
+                piece = p.detach()[first:last].reshape(-1)
+                segment[off - self.rank * b.chunk:][:piece.numel()].copy_(piece)
+            values = torch.empty(b.chunk * self.world, dtype=segment.dtype, device=segment.device)
+            gathered.append((b, values, all_gather(values, segment, async_op=True)))
+        for b, values, work in gathered:
+            work.wait()
+            for p, slots in zip(b.params, b.slots, strict=True):
+                for r, (off, first, last) in enumerate(slots):
+                    if r != self.rank and last > first:
+                        rows = p.data[first:last]
+                        rows.copy_(values[off:off + rows.numel()].view_as(rows))
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The optimizer state as one process would hold it (every parameter whole), assembled from the
+        owners' pieces, so a checkpoint resumes on any number of workers. Collective: every rank calls it."""
+        if not self.shard:
+            return self.optimizer.state_dict()
+        params = [p for g in self.reference.param_groups for p in g["params"]]
+        mine = {i: (self._piece_rows(p, self.rank)[0], {k: v.cpu() if torch.is_tensor(v) else v
+                                                         for k, v in self.optimizer.state[self.local[id(p)]].items()})
+                for i, p in enumerate(params) if id(p) in self.local and self.local[id(p)] in self.optimizer.state}
+        everyone: list[dict] = [{} for _ in range(self.world)]
+        dist.all_gather_object(everyone, mine)  # once per checkpoint; the pieces travel through the host
+        state: dict[int, dict] = {}
+        for i in range(len(params)):
+            pieces = sorted((held[i] for held in everyone if i in held), key=lambda piece: piece[0])
+            if pieces:
+                state[i] = {k: torch.cat([s[k] for _, s in pieces]) if torch.is_tensor(v) and v.ndim else v
+                            for k, v in pieces[0][1].items()}
+        return {"state": state, "param_groups": self.reference.state_dict()["param_groups"]}
+
+    def load_state_dict(self, full: dict) -> None:
+        """Take this rank's pieces of a whole-parameter optimizer state (as state_dict writes it)."""
+        if not self.shard:
+            return self.optimizer.load_state_dict(full)
+        params = [p for g in self.reference.param_groups for p in g["params"]]
+        local_index = {id(t): j for j, t in enumerate(t for g in self.optimizer.param_groups for t in g["params"])}
+        state = {}
+        for i, p in enumerate(params):
+            if id(p) in self.local and i in full["state"]:
+                first, last = self._piece_rows(p, self.rank)
+                state[local_index[id(self.local[id(p)])]] = {
+                    k: v[first:last] if torch.is_tensor(v) and v.ndim else v for k, v in full["state"][i].items()}
+        groups = [{**g, "params": [local_index[id(t)] for t in local["params"]]}
+                  for g, local in zip(full["param_groups"], self.optimizer.param_groups, strict=True)]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
