@@ -56,12 +56,13 @@ def _worker(rank: int, world: int, port: int, cfg: BenchScalingConfig, out: str)
         optimizer_s = _time_optimizer(step)
         for _ in range(cfg.warmup):
             step(batches)
+        optimizer_s.clear()  # the timed steps only (the first ones build the optimizer state)
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(cfg.steps):
             step(batches)
         _sync(device)
-        seconds = torch.tensor([(time.perf_counter() - t0) / cfg.steps])
+        seconds = torch.tensor([(time.perf_counter() - t0) / cfg.steps], device=device)  # NCCL reduces device tensors
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
         if rank == 0:
             torch.save({"world": world, "s_per_step": seconds.item(), "optimizer_s": sum(optimizer_s) / max(len(optimizer_s), 1),
