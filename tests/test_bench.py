@@ -90,6 +90,11 @@ def test_bench_scaling_runs_the_sharded_step_on_gloo_workers_and_writes_json(tmp
     assert all(r["tok_per_s_per_worker"] > 0 and r["optimizer_s"] > 0 for r in results)
 
 
+def test_bench_scaling_refuses_worker_counts_that_are_not_positive_integers():
+    with pytest.raises(SystemExit, match="--workers '1,x'"):
+        bench_scaling.main(["--workers", "1,x"])
+
+
 def test_bench_scaling_refuses_more_workers_than_gpus():
     if torch.cuda.is_available():
         pytest.skip("needs a machine without enough GPUs")

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanochat.common import write_json
-from nanochat.config import int_list, option, parse_config
+from nanochat.config import option, parse_config, row_counts
 from nanochat.precision import apply_process_settings, resolve
 from nanochat.train.memory import ProbeConfig, probe_setup
 
@@ -109,7 +109,7 @@ def run_world(cfg: BenchScalingConfig, world: int) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     cfg = parse_config(BenchScalingConfig, argv, description=__doc__.splitlines()[0])
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    counts = int_list(cfg.workers)
+    counts = row_counts(cfg.workers, "--workers", "1,2,4,8")
     if cfg.device == "cuda" and max(counts) > torch.cuda.device_count():
         raise SystemExit(f"--workers {cfg.workers}: only {torch.cuda.device_count()} GPU(s) visible; one worker needs one GPU")
     results: list[dict] = []

@@ -14,7 +14,7 @@ fixed index order (a ready bucket waits for the ones before it), whatever order 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -61,10 +61,10 @@ class Bucket:
     slots: list[list[tuple[int, int, int]]]  # per param, per rank: (offset in flat, first row, last row)
     chunk: int
     flat: Tensor
+    out: Tensor | None  # sharded: this rank's segment after the reduce-scatter
     pending: int = 0
     work: dist.Work | None = None
     ready: bool = False
-    out: Tensor | None = field(default=None, repr=False)
 
 
 class DataParallel:
@@ -128,7 +128,8 @@ class DataParallel:
         slots = [[(r * chunk + off, a, b) for r, (off, a, b) in enumerate(s)] for s in slots]
         dtype = self.comm_dtype or params[0].dtype
         flat = torch.zeros(chunk * len(ranks), dtype=dtype, device=params[0].device)  # padding stays zero
-        return Bucket(params, slots, chunk, flat, pending=len(params))
+        out = torch.empty(chunk, dtype=dtype, device=flat.device) if self.shard else None  # this rank's reduced segment
+        return Bucket(params, slots, chunk, flat, out, pending=len(params))
 
     # -- gradients ----------------------------------------------------------------------------------
     def arm(self) -> None:
@@ -162,7 +163,6 @@ class DataParallel:
                 p.grad = None  # its copy is in the buffer now; _hand_out gives this rank's piece back
         b.flat.div_(self.world)  # average before the sum, so 16-bit buffers do not overflow
         if self.shard:
-            b.out = torch.empty(b.chunk, dtype=b.flat.dtype, device=b.flat.device)
             b.work = reduce_scatter(b.out, b.flat, async_op=True)
         else:
             b.work = dist.all_reduce(b.flat, async_op=True)
