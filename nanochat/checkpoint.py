@@ -12,6 +12,7 @@ reader sees either a complete checkpoint or none. The manifest is the second lin
 directory whose files do not match it (a truncated copy, a half-synced bucket) is never resumed from.
 
     save_checkpoint(root, step, model=m, optimizer=opt, scaler=sc, loader_state=ls, meta=meta)
+    writer.submit(root, snapshot(step, model=m, ...))   # the same, written on a thread (BackgroundWriter)
     path = find_latest(root)
     state = load_checkpoint(path, model=m, optimizer=opt, scaler=sc, expect={"model_config": cfg})
 """
@@ -26,8 +27,10 @@ import os
 import random
 import re
 import shutil
+import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -266,8 +269,28 @@ def _prune(root: Path, keep_last: int, new_path: Path) -> None:
 # save / load
 
 
-def save_checkpoint(
-    root: str | Path,
+@dataclass
+class Snapshot:
+    """A training state copied to host memory: it can be written while training changes the originals."""
+
+    step: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict | None
+    record: dict  # what meta.json holds
+
+
+def _to_host(obj: Any) -> Any:
+    """`obj` with every tensor copied to the CPU (a copy even when it is there already)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return obj
+
+
+def snapshot(
     step: int,
     *,
     model: nn.Module,
@@ -275,21 +298,10 @@ def save_checkpoint(
     scaler: GradScaler | None,
     loader_state: dict | None,
     meta: dict,
-    keep_last: int | None = None,
-) -> Path:
-    """Write root/step_{step:06d}/ atomically and return its path.
+) -> Snapshot:
+    """Copy what a checkpoint of `step` holds to host memory (RNG states as of now).
 
-    `loader_state` and `meta` must be JSON-serializable. `keep_last=N` then removes all but the N
-    newest complete checkpoints (the one just written always stays).
-    """
-    if keep_last is not None and keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / _step_dir_name(step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-    # Serialize the JSON part first: a non-serializable meta should fail before anything hits disk.
+    `loader_state` and `meta` must be JSON-serializable: that is checked here, before anything hits disk."""
     record = {
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -301,17 +313,29 @@ def save_checkpoint(
         "meta": meta,
     }
     try:
-        json.dumps(record)
+        record = json.loads(json.dumps(record))  # also a copy: later changes to meta do not leak in
     except TypeError as e:
         raise CheckpointError(f"meta and loader_state must be JSON-serializable: {e}") from e
+    optimizer_state = None if optimizer is None else optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+    return Snapshot(step, _to_host(_canonical_state_dict(model)), _to_host(optimizer_state), record)
 
+
+def write_snapshot(root: str | Path, snap: Snapshot, keep_last: int | None = None) -> Path:
+    """Write root/step_{step:06d}/ atomically and return its path; `keep_last=N` then removes all but the
+    N newest complete checkpoints (the one just written always stays)."""
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / _step_dir_name(snap.step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        _write_torch(_canonical_state_dict(model), tmp / MODEL_FILE)
-        if optimizer is not None:
-            _write_torch(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / OPTIM_FILE)
-        _write_json(record, tmp / META_FILE)
-        _write_manifest(tmp, step)
+        _write_torch(snap.model, tmp / MODEL_FILE)
+        if snap.optimizer is not None:
+            _write_torch(snap.optimizer, tmp / OPTIM_FILE)
+        _write_json(snap.record, tmp / META_FILE)
+        _write_manifest(tmp, snap.step)
         _fsync_dir(tmp)
         _publish(tmp, final)
     except BaseException:
@@ -321,6 +345,46 @@ def save_checkpoint(
     if keep_last is not None:
         _prune(root, keep_last, final)
     return final
+
+
+def save_checkpoint(root: str | Path, step: int, *, keep_last: int | None = None, **state: Any) -> Path:
+    """Snapshot (model=, optimizer=, scaler=, loader_state=, meta=: see `snapshot`) and write it now."""
+    return write_snapshot(root, snapshot(step, **state), keep_last)
+
+
+class BackgroundWriter:
+    """Writes checkpoints on a thread, one at a time, so training goes on while the disk works.
+
+    `submit` first waits for the previous write (at most one snapshot is held in host memory besides the
+    one being taken) and re-raises its error, if any; `wait` does the same at the end of a run. The
+    snapshot itself is taken by the caller, at the step boundary, so the checkpoint is that step's."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last: Path | None = None
+
+    def submit(self, root: str | Path, snap: Snapshot, keep_last: int | None = None) -> None:
+        self.wait()
+
+        def write() -> None:
+            try:
+                self.last = write_snapshot(root, snap, keep_last)
+            except BaseException as e:  # re-raised in the training thread by the next submit/wait
+                self._error = e
+
+        self._thread = threading.Thread(target=write, name=f"checkpoint-step-{snap.step}", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> Path | None:
+        """Block until the write in flight is on disk; returns the latest checkpoint written."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"writing a checkpoint in the background failed: {error}") from error
+        return self.last
 
 
 def _publish(tmp: Path, final: Path) -> None:

@@ -8,6 +8,8 @@ x = row[:-1], y = row[1:].
 Work is split by row group: rank r of world_size takes the row groups whose global index (over
 all shards given, in order) is r modulo world_size. The stream of a rank loops over its row groups
 forever; the epoch counter goes up at each wrap and the leftover tokens carry over.
+Evaluation splits one stream instead: with `batch_split=(r, W)` every rank reads the whole stream and
+hands out batches r, r+W, r+2W, ... of it, so W ranks see exactly the batches one process would.
 
 The position saved by `state_dict()` is the first token not yet handed out: (epoch, shard,
 row_group, offset into that row group's token stream). It does not depend on the batch size.
@@ -67,9 +69,15 @@ class DataLoader:
         state: dict | None = None,
         num_threads: int = 8,
         prefetch: int = 2,
+        batch_split: tuple[int, int] = (0, 1),
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        split_rank, split_world = batch_split
+        if not 0 <= split_rank < split_world:
+            raise ValueError(f"batch_split must be (rank, world) with 0 <= rank < world, got {batch_split}")
+        if state is not None and split_world > 1:
+            raise ValueError("a loader split by batches (evaluation) reads its stream from the start: it takes no state")
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
         self.shards = [Path(s) for s in shards]
@@ -88,6 +96,8 @@ class DataLoader:
                 f"{len(all_row_groups)}. Use fewer ranks or rebuild with smaller row groups (--docs-per-row-group)."
             )
         self._next_epoch, self._next_item = 0, 0  # the row group to read after the pending ones
+        self._split_world = split_world
+        self._skip = split_rank  # batches of the stream to pass over before the next one handed out
         self._pending: deque[_Chunk] = deque()
         if state is not None:
             self._restore(state)
@@ -128,6 +138,9 @@ class DataLoader:
     def _host_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """The next (x, y) on the host and the stream position right after it."""
         row_len = self.seq_len + 1
+        if self._skip:  # other ranks' batches (batch_split): read, never handed out
+            self._take(self._skip * self.batch_size * row_len)
+        self._skip = self._split_world - 1
         rows, _ = pack_rows(self._take(self.batch_size * row_len), row_len)
         x = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))
         y = torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))

@@ -2,9 +2,9 @@
 the run (`sqlite:///<dir>/mlflow.db`), so nothing needs a tracking server; `mlflow ui
 --backend-store-uri sqlite:///<dir>/mlflow.db` shows it.
 
-Metrics are buffered and written when `flush()` is called (at every checkpoint and at the end), so
-a run resumed from a checkpoint never records a step twice: the steps trained after the last
-checkpoint and lost in a failure were never written.
+Metrics are buffered and written when `flush()` is called (every few steps, at every checkpoint and at
+the end: ray_jobs/train.py). A worker group restarted from a checkpoint replays the steps after it;
+`resume()` makes the tracker skip every step the store already holds, so no step is recorded twice.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = run_id
         self.pending: list[mlflow.entities.Metric] = []
+        self.logged_through = 0  # steps up to this one are in the store already: not logged again
 
     @classmethod
     def create(cls, uri: str, experiment: str, run_name: str, params: dict) -> Tracker:
@@ -63,9 +64,19 @@ class Tracker:
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in flat.items()])
         return tracker
 
+    def resume(self, start_step: int) -> int:
+        """Attach to a run that may have logged steps before: those (and only those) are skipped from now
+        on, and a restart is marked at `start_step` (metric `restarted_at_step`). Returns the last step logged."""
+        self.logged_through = max((m.step for m in self.client.get_metric_history(self.run_id, "loss")), default=0)
+        if self.logged_through:
+            self.client.log_metric(self.run_id, "restarted_at_step", start_step, step=start_step)
+        return self.logged_through
+
     def log(self, record: dict) -> None:
         """Queue the numeric values of one per-step record (its key 'step' gives the step)."""
         step, now = int(record["step"]), int(1000 * time.time())
+        if step <= self.logged_through:
+            return
         for key, value in record.items():
             if key == "step" or not isinstance(value, (int, float)) or value != value:  # None, text, NaN
                 continue

@@ -26,7 +26,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,16 +34,18 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
+from ray.train import Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
 from nanochat import checkpoint
+from nanochat.checkpoint import write_snapshot
 from nanochat.common import base_dir
 from nanochat.config import option, parse_config
 from nanochat.dataset import default_data_dir, list_shards, split_shards
 from nanochat.tokenizer import default_tokenizer_dir
 from nanochat.tracking import Tracker, default_uri
-from nanochat.train.loop import Run, restore_run, save_run
+from nanochat.train.harness import with_step_split
+from nanochat.train.loop import Run, restore_run, snapshot_run
 from nanochat.train.stages import STAGES, Stage
 from ray_jobs.cluster import connect
 from ray_jobs.data import build_dataset, data_config, iter_train_batches, resume_position
@@ -51,8 +53,9 @@ from ray_jobs.scheduler import check_worker_precisions, format_groups, groups, n
 
 CLUSTER_MAX_FAILURES = 3  # a node lost on a multi-node cluster is routine (preemption), not a bug to stop on
 
-# Fault injection for tests: "RANK:STEP" SIGKILLs that worker right after that step, in a run that
-# did not start from a checkpoint (so the restarted run goes through).
+# Fault injection for tests: "RANK:STEP" in the driver's environment SIGKILLs that worker right after that
+# step, in a run that did not start from a checkpoint (so the restarted run goes through). It travels to
+# the workers in their config: a local Ray started earlier does not pass the driver's environment on.
 FAULT_ENV = "NANOCHAT_FAULT_INJECT"
 
 
@@ -130,9 +133,12 @@ def check_group(run: Run, rank: int, expected: str) -> None:
     check_worker_precisions(gather(mine), expected)
 
 
-def fault_hook(rank: int, restored: bool):
-    """Returns a per-step callback that SIGKILLs this process at the step named in $NANOCHAT_FAULT_INJECT."""
-    spec = os.environ.get(FAULT_ENV, "")
+def numeric(record: dict) -> dict:
+    return {k: v for k, v in record.items() if isinstance(v, (int, float))}
+
+
+def fault_hook(spec: str, rank: int, restored: bool) -> Callable[[int], None]:
+    """Returns a per-step callback that SIGKILLs this process at the step named in `spec` ($NANOCHAT_FAULT_INJECT)."""
     if not spec or restored:
         return lambda step: None
     kill_rank, kill_step = (int(v) for v in spec.split(":"))
@@ -165,6 +171,60 @@ def data_position_of(batches) -> dict:
     return {"workers": gather(batches.state_dict())}
 
 
+class WorkerHooks:
+    """A worker's `log` and `save` for the stage's loop. Every `report_every` steps the metrics go to MLflow
+    (rank 0) and Ray Train, and Ray's preemption notice is read; checkpoints are gathered from every rank,
+    written by rank 0 to local disk and copied to storage by Ray Train in the background."""
+
+    def __init__(self, run: Run, batches: Iterator, rank: int, tracker: Tracker | None, start_step: int,
+                 after_step: Callable[[int], None]):
+        self.run, self.batches, self.rank, self.tracker = run, batches, rank, tracker
+        self.after_step = after_step  # fault injection (tests)
+        self.every = run.cfg.report_every
+        self.last: dict = {}
+        self.saved_step = start_step
+        self.preempted = False
+        self.local_root = Path(tempfile.mkdtemp(prefix="nanochat-ckpt-"))
+
+    def log(self, record: dict) -> None:
+        self.last.update(record)
+        if self.tracker:
+            self.tracker.log(record)
+        if self.every > 0 and record["step"] % self.every == 0:  # every rank: both calls below are barriers
+            if self.tracker:
+                self.tracker.flush()
+            ray.train.report(numeric(self.last))
+            self._check_preemption(record["step"])
+        self.after_step(record["step"])
+
+    def _check_preemption(self, step: int) -> None:
+        notice = ray.train.get_preemption_info()
+        if notice is None or self.preempted:
+            return
+        # a node of this group is being reclaimed: save now and keep training; Ray Train restarts the
+        # group from this checkpoint once the node is gone
+        self.preempted = True
+        if self.rank == 0:
+            print(f"preemption notice for ranks {notice.preempted_ranks} (deadline {notice.deadline_ms} ms): "
+                  f"saving step {step}", flush=True)
+        self.save(step)
+
+    def save(self, step: int) -> None:
+        if step == self.saved_step:  # e.g. saved on a preemption notice at a step that was due anyway
+            return
+        self.saved_step = step
+        data_position = data_position_of(self.batches)
+        parallel = self.run.step_fn.parallel
+        optimizer_state = parallel.state_dict() if parallel else None  # every rank: gathers the shards
+        if self.rank != 0:
+            ray.train.report(numeric(self.last))
+            return
+        self.tracker.flush()
+        path = write_snapshot(self.local_root, snapshot_run(self.run, step, data_position, optimizer_state))
+        ray.train.report(numeric(self.last), checkpoint=Checkpoint.from_directory(path), checkpoint_dir_name=path.name,
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+
+
 def train_loop_per_worker(config: dict) -> None:
     stage = STAGES[config["stage"]]
     cfg = stage.config(**config["stage_config"])
@@ -184,28 +244,11 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"resumed at step {start_step}, data position {position}", flush=True)
     batches = stage_batches(stage, run, rank, world, position)
     tracker = Tracker(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else None
-    kill = fault_hook(rank, restored is not None)
-    last: dict = {}
-
-    def log(record: dict) -> None:
-        last.update(record)
-        if tracker:
-            tracker.log(record)
-        kill(record["step"])
-
-    def save(step: int) -> None:
-        data_position = data_position_of(batches)
-        optimizer_state = run.step_fn.parallel.state_dict() if run.step_fn.parallel else None  # every rank: gathers shards
-        metrics = {k: v for k, v in last.items() if isinstance(v, (int, float))}
-        if rank != 0:
-            ray.train.report(metrics)
-            return
-        tracker.flush()  # metrics reach MLflow only with their checkpoint: no step is ever logged twice
-        with tempfile.TemporaryDirectory() as tmp:
-            path = save_run(run, Path(tmp), step, data_position, optimizer_state)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(path), checkpoint_dir_name=path.name)
-
-    summary = stage.loop(run, batches, start_step, log, save)
+    if tracker and tracker.resume(start_step):
+        print(f"restarted at step {start_step}: steps up to {tracker.logged_through} are in MLflow already and are "
+              "not logged again", flush=True)
+    hooks = WorkerHooks(run, batches, rank, tracker, start_step, fault_hook(config["fault"], rank, restored is not None))
+    summary = stage.loop(run, batches, start_step, with_step_split(run, hooks.log, cfg.report_every), hooks.save)
     if rank == 0:
         tracker.log_json("summary.json", summary)
         Path(config["summary_path"]).write_text(json.dumps(summary, indent=2))
@@ -299,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_loop_per_worker,
         train_loop_config={
             "stage": stage, "stage_config": stage_config, "precision": group.precision,
-            "shard_optimizer": cfg.shard_optimizer, "grad_dtype": cfg.grad_dtype,
+            "shard_optimizer": cfg.shard_optimizer, "grad_dtype": cfg.grad_dtype, "fault": os.environ.get(FAULT_ENV, ""),
             "mlflow_uri": uri, "mlflow_run_id": tracker.run_id, "summary_path": str(storage / name / "summary.json"),
         },
         scaling_config=scaling,

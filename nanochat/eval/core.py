@@ -21,7 +21,8 @@ nanochat/eval/offline.py), so the numbers are CORE-like, not comparable digit fo
     result = evaluate_core(tasks, ModelScorer(model, tokenizer, plan, device), max_examples=500)
 
 Scoring goes through a `Predictor`, any callable (example, shots) -> chosen option index, so the
-bookkeeping is testable with fake predictors; `ModelScorer` is the real one.
+bookkeeping is testable with fake predictors; `ModelScorer` is the real one. Under a torch.distributed
+process group the examples are split over the ranks and the counts summed (every rank calls together).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from nanochat.distributed import sum_counts, world
 from nanochat.eval.offline import read_hf_split
 from nanochat.precision import PrecisionPlan
 
@@ -265,16 +267,20 @@ def evaluate_task(
 
     `max_examples` evaluates a seeded random subset; shots are drawn from the whole task.
     `num_fewshot` overrides the task's default. Centered accuracy is (acc - baseline) / (1 - baseline).
+    Collective under a process group: rank r scores examples r, r+W, ... of the subset, every rank
+    returns the result of all of them.
     """
     k = task.num_fewshot if num_fewshot is None else num_fewshot
     order = list(range(len(task.examples)))
     random.Random(f"{seed}/{task.name}").shuffle(order)
     if max_examples is not None and max_examples >= 0:
         order = order[:max_examples]
+    rank, world_size = world()
     correct = 0
-    for index in tqdm(order, desc=task.name, disable=not progress, leave=False):
+    for index in tqdm(order[rank::world_size], desc=task.name, disable=not progress or rank != 0, leave=False):
         example = task.examples[index]
         correct += int(predict(example, fewshot_examples(task, index, k, seed)) == example.gold)
+    (correct,) = sum_counts([correct])
     n = len(order)
     accuracy = correct / n if n else 0.0
     baseline = task.random_baseline

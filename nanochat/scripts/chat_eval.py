@@ -34,6 +34,7 @@ from nanochat.chat import Conversation, render_for_completion
 from nanochat.checkpoint import CheckpointError, load_for_inference, run_dir_of
 from nanochat.common import init_process, save_result
 from nanochat.config import CommonConfig, option, parse_config
+from nanochat.distributed import sum_counts, world
 from nanochat.eval.offline import MissingDataError
 from nanochat.infer.engine import SAMPLING, Engine, context_length
 from nanochat.precision import PrecisionPlan
@@ -77,17 +78,20 @@ def _solved(task: Task, conversation: Conversation, response: Response) -> bool:
 def evaluate_task(task: Task, answer_fn: AnswerFn, max_problems: int | None = None, batch_size: int = 1,
                   progress: bool = True) -> dict:
     """Accuracy of `answer_fn` on `max_problems` conversations of `task` (all if None or 0), a sample
-    that is the same for every checkpoint (seed 0), in the task's order.
+    that is the same for every checkpoint (seed 0), in the task's order. Collective under a process
+    group: rank r answers problems r, r+W, ... of the sample, every rank returns the counts of all.
 
     Returns {"accuracy", "n", "correct", "too_long", "eval_type", "random_baseline"}."""
     n = len(task) if not max_problems else min(max_problems, len(task))
     if n == 0:
         raise ValueError(f"task {task.name!r} has no problems to evaluate")
     indices = sorted(random.Random(0).sample(range(len(task)), n)) if n < len(task) else list(range(n))
+    rank, world_size = world()
+    mine = indices[rank::world_size]
     correct = too_long = 0
-    bar = tqdm(total=n, desc=task.name, dynamic_ncols=True, disable=not progress)
-    for start in range(0, n, batch_size):
-        batch = [task[i] for i in indices[start : start + batch_size]]
+    bar = tqdm(total=len(mine), desc=task.name, dynamic_ncols=True, disable=not progress or rank != 0)
+    for start in range(0, len(mine), batch_size):
+        batch = [task[i] for i in mine[start : start + batch_size]]
         responses = answer_fn(batch)
         if len(responses) != len(batch):
             raise ValueError(f"the answer function returned {len(responses)} responses for {len(batch)} conversations")
@@ -97,6 +101,7 @@ def evaluate_task(task: Task, answer_fn: AnswerFn, max_problems: int | None = No
         bar.update(len(batch))
         bar.set_postfix(accuracy=f"{correct / (start + len(batch)):.3f}", refresh=False)
     bar.close()
+    correct, too_long = sum_counts([correct, too_long])
     return {
         "accuracy": correct / n,
         "n": n,

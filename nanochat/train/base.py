@@ -13,6 +13,7 @@ from nanochat.common import seed_everything
 from nanochat.config import ModelShapeConfig, option
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import default_data_dir, list_shards, split_shards
+from nanochat.distributed import world
 from nanochat.eval.bpb import evaluate_bpb
 from nanochat.infer.engine import sample_text
 from nanochat.precision import PrecisionPlan
@@ -38,13 +39,17 @@ class BaseTrainConfig(ModelShapeConfig, LoopConfig):
 
 class BaseRun(Run):
     def val_loader(self) -> DataLoader:
+        """The validation stream; under a process group this rank's batches of it (rank r: r, r+W, ...)."""
         shards = split_shards(list_shards(self.cfg.data_dir or default_data_dir()), "val")
-        return DataLoader(shards, self.tokenizer, self.cfg.device_batch_size, self.cfg.max_seq_len, self.device)
+        return DataLoader(shards, self.tokenizer, self.cfg.device_batch_size, self.cfg.max_seq_len, self.device,
+                          batch_split=world())
 
     def evaluate(self) -> dict[str, float]:
-        """Bits per byte on the validation shard."""
+        """Bits per byte on the first batches of the validation shard, split over the ranks (collective)."""
         steps = max(1, self.cfg.eval_tokens // (self.cfg.device_batch_size * self.cfg.max_seq_len))
-        return {"val_bpb": evaluate_bpb(self.model, self.plan, iter(self.val_loader()), steps, self.tokenizer.token_bytes())}
+        rank, world_size = world()
+        mine = len(range(rank, steps, world_size))  # batches rank, rank + W, ... of the `steps` one process takes
+        return {"val_bpb": evaluate_bpb(self.model, self.plan, self.val_loader(), mine, self.tokenizer.token_bytes())}
 
     def samples(self) -> dict[str, str]:
         """A few greedy continuations to eyeball during training."""
@@ -52,8 +57,11 @@ class BaseRun(Run):
 
 
 def resolve_device_batch_size(cfg: BaseTrainConfig, plan: PrecisionPlan, device: torch.device, vocab_size: int,
-                              world_size: int = 1) -> int:
-    """--device-batch-size as an int: a number as given, or "auto" chosen by the memory model and probed."""
+                              world_size: int = 1, shard_optimizer: bool = True) -> int:
+    """--device-batch-size as an int: a number as given, or "auto" chosen by the memory model and probed.
+
+    The model predicts one of `world_size` workers, its optimizer state sharded or not (the default is
+    ray_jobs.train's --shard-optimizer; one process has nothing to shard). The probe steps one process."""
     value = str(cfg.device_batch_size).strip().lower()
     if value != "auto":
         if not value.isdigit() or int(value) < 1:
@@ -76,7 +84,7 @@ def resolve_device_batch_size(cfg: BaseTrainConfig, plan: PrecisionPlan, device:
 
     batch, _, why = auto_device_batch_size(
         budget, cfg.depth, cfg.max_seq_len, vocab_size, plan.dtype, plan.compile if cfg.compile == "auto" else cfg.compile == "on",
-        cfg.total_batch_size, world_size, cfg.aspect_ratio, cfg.head_dim, probe)
+        cfg.total_batch_size, world_size, cfg.aspect_ratio, cfg.head_dim, probe, shard=shard_optimizer)
     print(f"--device-batch-size auto: {why}")
     seed_everything(cfg.seed)  # the probe drew random numbers: the real model starts from the seed again
     return batch

@@ -9,6 +9,7 @@ masked loss on held-out conversations of the same mixture.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from nanochat import checkpoint
 from nanochat.chat import ChatLoader, Conversation, render_conversation, render_for_completion
 from nanochat.config import option
+from nanochat.distributed import all_reduce_sum, sum_counts, world
 from nanochat.gpt import GPT
 from nanochat.infer.engine import Engine
 from nanochat.tasks import MID_MIXTURE, SFT_MIXTURE, load_mixture
@@ -99,18 +101,21 @@ class FinetuneRun(Run):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss per assistant token over the held-out conversations (one pass)."""
-        loader = self.loader(self.val_conversations)
+        """Mean loss per assistant token over the held-out conversations (one pass). Collective under a
+        process group: rank r takes batches r, r+W, ... of the one stream, the sums are reduced."""
         batches = max(1, math.ceil(len(self.val_conversations) / self.cfg.device_batch_size))
+        rank, world_size = world()
+        # every rank renders the whole stream (cheap next to the forward) so the batches are one process's
+        mine = itertools.islice(self.loader(self.val_conversations), rank, batches, world_size)
         total, count = torch.zeros((), device=self.device), 0
         self.model.eval()
-        for _ in range(batches):
-            x, y = next(loader)
+        for x, y in mine:
             with self.plan.compute_context():
                 total += self.model(x, y, loss_reduction="sum")
             count += int((y != -1).sum())
         self.model.train()
-        return {"val_loss": total.item() / max(count, 1)}
+        (count,) = sum_counts([count])
+        return {"val_loss": all_reduce_sum(total).item() / max(count, 1)}
 
     def samples(self) -> dict[str, str]:
         engine = self.engine = self.engine or Engine(self.model, self.tokenizer, self.plan)

@@ -47,6 +47,8 @@ class StageConfig(CommonConfig):
     run_dir: str = option("", "output directory; empty = $NANOCHAT_BASE_DIR/runs/<stage>_d<depth>")
     tokenizer_dir: str = option("", "trained tokenizer; empty = $NANOCHAT_BASE_DIR/tokenizer")
     max_bad_steps: int = option(20, "abort after this many skipped (non-finite) steps in a row")
+    report_every: int = option(10, "every N steps: the step-time split (data, compute, exposed communication, optimizer) "
+                               "in the metrics, and on Ray the metrics sent to Ray Train and MLflow; -1 = never")
 
 
 @dataclass
@@ -137,12 +139,13 @@ def restore_run(run: Run, path: Path) -> tuple[int, dict | None]:
     return state["step"], state["loader_state"]
 
 
-def save_run(run: Run, root: Path, step: int, data_position: dict | None, optimizer_state: dict | None = None) -> Path:
-    """Checkpoint `run`; a sharded run passes the whole optimizer state its ranks gathered (DataParallel.state_dict)."""
+def snapshot_run(run: Run, step: int, data_position: dict | None, optimizer_state: dict | None = None) -> checkpoint.Snapshot:
+    """`run`'s checkpoint of `step` in host memory; a sharded run passes the whole optimizer state its ranks
+    gathered (DataParallel.state_dict)."""
     run.meta["skipped_steps"] = run.step_fn.skipped_total
-    return checkpoint.save_checkpoint(
-        root, step, model=run.model, optimizer=run.optimizer if optimizer_state is None else optimizer_state, scaler=run.scaler,
-        loader_state=data_position, meta=run.meta, keep_last=run.cfg.keep_last,
+    return checkpoint.snapshot(
+        step, model=run.model, optimizer=run.optimizer if optimizer_state is None else optimizer_state, scaler=run.scaler,
+        loader_state=data_position, meta=run.meta,
     )
 
 
@@ -189,32 +192,14 @@ def build_run(run_class: type[R], cfg: StageConfig, device: torch.device, plan: 
 # the loop
 
 
-class TimedIterator:
-    """Wraps a batch iterator and adds up the seconds spent waiting for the next batch."""
-
-    def __init__(self, batches: Iterator):
-        self.batches = batches
-        self.waited = 0.0
-
-    def __iter__(self) -> TimedIterator:
-        return self
-
-    def __next__(self):
-        t0 = time.perf_counter()
-        batch = next(self.batches)
-        self.waited += time.perf_counter() - t0
-        return batch
-
-
 def train(run: Run, batches: Iterator, start_step: int, log: Callable[[dict], None],
           save: Callable[[int], None]) -> dict:
     """The loop: schedule, step, and at their intervals evaluation, samples and checkpoints.
 
-    `batches` yields (x, y); `log` receives one record per step; `save(step)` checkpoints. Only the
-    main process evaluates, samples and shows progress."""
+    `batches` yields (x, y); `log` receives one record per step; `save(step)` checkpoints. Every process
+    evaluates (its share, reduced over the workers); only the main one samples and shows progress."""
     cfg, plan, n = run.cfg, run.plan, run.num_iterations
     timed_tokens, timed_seconds, timed_wait, evaluated, result = 0, 0.0, 0.0, {}, None
-    batches = TimedIterator(batches)
     started = time.perf_counter()
     # --time-budget: n is provisional until the budget fixes it (unless a resumed checkpoint already did)
     budget = None
@@ -237,12 +222,12 @@ def train(run: Run, batches: Iterator, start_step: int, log: Callable[[dict], No
             break
         lrm = lr_multiplier(step, n, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
         set_schedule(run.optimizer, lrm, muon_momentum(step))
-        t0, waited = time.perf_counter(), batches.waited
+        t0 = time.perf_counter()
         result = run.step_fn(batches)
         dt = time.perf_counter() - t0
         if step - start_step >= 3:  # leave compile/warm-up steps out of the throughput average
             timed_tokens, timed_seconds = timed_tokens + run.tokens_per_step, timed_seconds + dt
-            timed_wait += batches.waited - waited
+            timed_wait += result.data_s
         done = step + 1
         probing = budget is not None and done == budget.probe_step  # time what the run's end will cost
         if budget is not None:
@@ -253,12 +238,13 @@ def train(run: Run, batches: Iterator, start_step: int, log: Callable[[dict], No
         record = {"step": done, "loss": result.loss, "tok_per_s": run.tokens_per_step / dt, "lr_mult": lrm,
                   "mfu": run.flops_per_token * run.tokens_per_step / dt / plan.peak_flops if plan.peak_flops else None,
                   "loss_scale": result.scale, "skipped": result.skipped}
-        if run.is_main and (is_due(cfg.eval_every, done) or probing):
+        if is_due(cfg.eval_every, done) or probing:  # every rank evaluates its share (collective)
             evaluated, seconds = timed(run.evaluate)
             if budget is not None:
                 budget.note("eval_s", seconds)
             record.update(evaluated)
-            tqdm.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
+            if run.is_main:
+                tqdm.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
         log(record)
         bar.set_postfix_str(
             f"loss {result.loss:.3f} | {record['tok_per_s']:,.0f} tok/s"

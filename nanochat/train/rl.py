@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from nanochat.chat import Conversation, render_for_completion
 from nanochat.config import option
+from nanochat.distributed import sum_counts, world
 from nanochat.infer.engine import Engine
 from nanochat.tasks import Task, load_task
 from nanochat.train.finetune import StartFromConfig, load_start
@@ -68,15 +69,18 @@ class RLRun(Run):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Greedy pass@1 on the held-out problems."""
+        """Greedy pass@1 on the held-out problems. Collective under a process group: rank r answers
+        problems r, r+W, ... and the solved counts are summed."""
         self.model.eval()
         solved = 0
-        for i in range(self.cfg.eval_problems):
+        rank, world_size = world()
+        for i in range(rank, self.cfg.eval_problems, world_size):
             conversation = self.task[i]
             prompt = render_for_completion(self.tokenizer, conversation)
             tokens, _ = self.engine.generate_batch(prompt, 1, max_tokens=self.cfg.max_new_tokens, temperature=0.0)
             solved += self.task.evaluate(conversation, self.answer(conversation, tokens[0], len(prompt)))
         self.model.train()
+        (solved,) = sum_counts([solved])
         return {"pass_at_1": solved / max(self.cfg.eval_problems, 1)}
 
     def rollouts(self, conversation: Conversation, seed: int) -> tuple[list, float]:
@@ -159,10 +163,11 @@ def train(run: RLRun, problems: Iterator[int], start_step: int, log: Callable[[d
         done = step + 1
         record = {"step": done, "loss": result.loss, "reward": sum(rewards) / len(rewards), "lr_mult": lrm,
                   "seconds": time.perf_counter() - t0, "loss_scale": result.scale, "skipped": result.skipped}
-        if run.is_main and (done == n or (cfg.eval_every > 0 and done % cfg.eval_every == 0)):
+        if done == n or (cfg.eval_every > 0 and done % cfg.eval_every == 0):  # every rank: evaluate() is split over them
             evaluated = run.evaluate()
             record.update(evaluated)
-            tqdm.write(f"step {done}: pass@1 {evaluated['pass_at_1']:.3f}")
+            if run.is_main:
+                tqdm.write(f"step {done}: pass@1 {evaluated['pass_at_1']:.3f}")
         log(record)
         bar.set_postfix_str(f"reward {record['reward']:.3f}", refresh=False)
         if done == n or (cfg.save_every > 0 and done % cfg.save_every == 0):

@@ -6,18 +6,20 @@ ray_jobs/train.py runs the same pieces on Ray."""
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from nanochat.checkpoint import find_latest, stage_run_dir
+from nanochat.checkpoint import BackgroundWriter, find_latest, stage_run_dir
 from nanochat.common import default_device
 from nanochat.config import parse_config
 from nanochat.runlog import MetricsLog
 from nanochat.train import base, finetune, rl
-from nanochat.train.loop import Run, StageConfig, restore_run, save_run, train
+from nanochat.train.harness import GracefulStop, StopRequested, with_step_split
+from nanochat.train.loop import Run, StageConfig, restore_run, snapshot_run, train
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,8 @@ STAGES = {stage.name: stage for stage in (
 
 def run_plain(name: str, argv: list[str] | None, description: str) -> dict:
     """A stage's single-process run, each training script's main(): setup, --resume from the latest
-    checkpoint, the loop (metrics.jsonl, checkpoints with the data position), summary.json."""
+    checkpoint, the loop (metrics.jsonl, checkpoints written in the background with the data position),
+    summary.json. SIGTERM saves at the next step boundary and exits with status 143 (128 + SIGTERM)."""
     stage = STAGES[name]
     cfg = parse_config(stage.config, argv, description=description)
     run = stage.setup(cfg, torch.device(cfg.device or default_device()))
@@ -63,7 +66,23 @@ def run_plain(name: str, argv: list[str] | None, description: str) -> dict:
         print(f"--resume: no complete checkpoint in {ckpt_dir}, starting from scratch")
     batches = stage.batches(run, 0, 1, position)
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if latest else None)
-    summary = stage.loop(run, batches, start_step, metrics.log, lambda step: save_run(run, ckpt_dir, step, batches.state_dict()))
+    writer = BackgroundWriter()
+
+    def save(step: int) -> None:  # the state of this step boundary, written while training goes on
+        writer.submit(ckpt_dir, snapshot_run(run, step, batches.state_dict()), cfg.keep_last)
+
+    def save_now(step: int) -> Path | None:
+        save(step)
+        return writer.wait()
+
+    with GracefulStop() as stop:
+        try:
+            summary = stage.loop(run, batches, start_step, stop.wrap(with_step_split(run, metrics.log, cfg.report_every), save_now), save)
+        except StopRequested as stopped:
+            print(f"{stopped}: checkpoint {stopped.checkpoint}; continue with the same command and --resume")
+            raise SystemExit(128 + signal.SIGTERM) from None
+        finally:
+            writer.wait()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print("summary:", json.dumps(summary))
     return summary

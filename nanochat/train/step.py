@@ -8,9 +8,11 @@ per step is the price of the divergence guard and the log line.
 
 from __future__ import annotations
 
+import itertools
 import math
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -57,6 +59,63 @@ class StepResult:
     loss: float  # mean training loss over the micro-batches (nan if non-finite)
     skipped: bool  # the optimizer did not step (fp16 overflow or non-finite loss)
     scale: float | None  # GradScaler scale after the step, None without a scaler
+    data_s: float = 0.0  # seconds the host waited for the step's batches
+
+
+PHASES = ("data", "compute", "exposed_comm", "optimizer")
+
+
+@dataclass
+class StepClock:
+    """Splits step time into PHASES without ever waiting on the device.
+
+    A step marks five moments: start, last backward done, gradients synchronised, optimizer stepped,
+    parameters gathered. On CUDA a mark is an event on the compute stream, so a step's marks are read
+    only once the next step has synchronised (they are complete by then: stream order); on CPU a mark
+    is the host clock. `take()` returns the mean seconds per phase of the steps read since the last call."""
+
+    cuda: bool
+    totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    steps: int = 0
+    _unread: tuple | None = None  # (marks, data seconds) of a step whose events may still be running
+
+    def mark(self) -> torch.cuda.Event | float:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def read_previous(self) -> None:
+        """Account the step before the current one: call after the current step synchronised."""
+        if self._unread is not None:
+            self._account(*self._unread)
+            self._unread = None
+
+    def finish_step(self, marks: list, data_s: float) -> None:
+        if self.cuda:
+            self._unread = (marks, data_s)
+        else:
+            self._account(marks, data_s)
+
+    def _account(self, marks: list, data_s: float) -> None:
+        if self.cuda:
+            spans = [a.elapsed_time(b) / 1000 for a, b in itertools.pairwise(marks)]
+        else:
+            spans = [b - a for a, b in itertools.pairwise(marks)]
+        forward_backward, sync, optimizer, gather = spans
+        for name, seconds in (("data", data_s), ("compute", max(forward_backward - data_s, 0.0)),
+                              ("exposed_comm", sync + gather), ("optimizer", optimizer)):
+            self.totals[name] += seconds
+        self.steps += 1
+
+    def take(self) -> dict[str, float]:
+        """Mean seconds per phase (keys `<phase>_s`) since the last call; empty when no step was read."""
+        if not self.steps:
+            return {}
+        out = {f"{name}_s": total / self.steps for name, total in self.totals.items()}
+        self.totals, self.steps = dict.fromkeys(PHASES, 0.0), 0
+        return out
 
 
 class TrainStep:
@@ -78,29 +137,40 @@ class TrainStep:
         self.parallel: DataParallel | None = None  # one worker of several: see distribute()
         self.bad_in_a_row = 0
         self.skipped_total = 0
+        self.clock = StepClock(cuda=next(model.parameters()).device.type == "cuda")
 
     def __call__(self, batches: Iterator[Batch | WeightedBatch]) -> StepResult:
-        total = None
+        total, data_s = None, 0.0
+        marks = [self.clock.mark()]
         for micro in range(self.grad_accum):
             if self.parallel is not None and micro == self.grad_accum - 1:
                 self.parallel.arm()  # the last backward sends each gradient bucket as soon as it fills
+            t0 = time.perf_counter()
+            batch = next(batches)
+            data_s += time.perf_counter() - t0
             with self.plan.compute_context():
-                loss = self._loss(next(batches))
+                loss = self._loss(batch)
             total = loss.detach() if total is None else total + loss.detach()
             loss = loss / self.grad_accum
             (self.scaler.scale(loss) if self.scaler else loss).backward()
+        marks.append(self.clock.mark())
         mean = total / self.grad_accum
         if self.parallel is not None:
             # every worker then holds the same mean loss and its averaged gradients (all of them, or the
             # ones it owns), and all of them take, or skip, the same optimizer step
             mean = self.parallel.finish(mean)
+        marks.append(self.clock.mark())
         mean_loss = mean.item()
+        self.clock.read_previous()
         skipped = self._optimizer_step(math.isfinite(mean_loss))
+        marks.append(self.clock.mark())
         if self.parallel is not None and not skipped:
             self.parallel.gather_params()
+        marks.append(self.clock.mark())
+        self.clock.finish_step(marks, data_s)
         self.optimizer.zero_grad(set_to_none=True)
         self._guard(skipped, mean_loss)
-        return StepResult(mean_loss, skipped, self.scaler.get_scale() if self.scaler else None)
+        return StepResult(mean_loss, skipped, self.scaler.get_scale() if self.scaler else None, data_s)
 
     def distribute(self, model: nn.Module, shard: bool = True, comm_dtype: torch.dtype | None = None) -> DataParallel:
         """Make this step (over `model`) one worker of the default process group: gradients sync through
