@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import itertools
 import socket
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch.multiprocessing as mp
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.precision import resolve
-from nanochat.train.data_parallel import plan_ownership
+from nanochat.train.data_parallel import plan_layout
 from nanochat.train.step import TrainStep
 
 ROWS, SEQ, VOCAB, ACCUM = 6, 32, 512, 2  # 6 rows split evenly over 1, 2 or 3 ranks
@@ -68,44 +69,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out: str, job, kwargs: dict) -> None:
+def _worker(rank: int, world: int, port: int, out: str, jobs: dict) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        result = job(world, rank, **kwargs)
+        results = {name: job(world, rank, **kwargs) for name, (job, kwargs) in jobs.items()}
         if rank == 0:
-            torch.save(result, out)
+            torch.save(results, out)
     finally:
         dist.destroy_process_group()
 
 
+def runs_on_ranks(world: int, tmp_path, jobs: dict[str, tuple[Callable, dict]]) -> dict[str, dict]:
+    """Rank 0's result of each named `job(world, rank, **kwargs)`, run one after another in the same
+    `world` gloo processes: starting them (an interpreter and torch each) costs more than the jobs."""
+    out = str(tmp_path / f"rank0_of_{world}.pt")
+    mp.spawn(_worker, args=(world, free_port(), out, jobs), nprocs=world)
+    return torch.load(out, weights_only=False)
+
+
 def on_ranks(world: int, tmp_path, job=train_steps, **kwargs) -> dict:
     """Rank 0's result of `job(world, rank, **kwargs)` run in `world` gloo processes."""
-    out = str(tmp_path / f"rank0_of_{world}.pt")
-    mp.spawn(_worker, args=(world, free_port(), out, job, kwargs), nprocs=world)
-    return torch.load(out, weights_only=False)
+    return runs_on_ranks(world, tmp_path, {"job": (job, kwargs)})["job"]
 
 
 def max_difference(a: dict, b: dict) -> float:
     return max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-12)).item() for k in a)
 
 
-def test_ownership_keeps_muon_matrices_whole_and_balances_them():
-    params = [torch.zeros(8, 4), torch.zeros(8, 4), torch.zeros(16, 4), torch.zeros(10, 3)]
-    plan = plan_ownership(params, [True, True, True, False], world_size=2)
-    assert [o.owner for o in plan[:3]] == [1, 1, 0]  # the 64-element matrix alone, the two 32s together
-    assert plan[3].owner is None and [plan[3].rows(r, 10) for r in range(2)] == [(0, 5), (5, 10)]
-    assert plan_ownership([torch.zeros(3, 2)], [False], world_size=4)[0].rows(3, 3) == (3, 3)  # a rank may hold no row
-
-
-@pytest.mark.parametrize("world", [2, 3])
-def test_sharded_and_replicated_steps_match_one_process(world, tmp_path):
-    single = train_steps(1, 0, steps=3)
-    sharded = on_ranks(world, tmp_path, steps=3, shard=True)
-    replicated = on_ranks(world, tmp_path, steps=3, shard=False)
-    assert max_difference(sharded["model"], single["model"]) < TOLERANCE
-    assert max_difference(replicated["model"], single["model"]) < TOLERANCE
-    assert max_difference(sharded["model"], replicated["model"]) < 1e-5  # the same sums (3 terms in another order)
-    assert sharded["losses"] == pytest.approx(single["losses"], abs=1e-5)
+def test_layout_keeps_muon_matrices_whole_and_balances_each_bucket():
+    shapes = [torch.Size(s) for s in ((8, 4), (8, 4), (16, 4), (10, 3))]
+    one_bucket = plan_layout(shapes, [True, True, True, False], ranks=2)
+    assert one_bucket.buckets == [[3, 2, 1, 0]]  # backward order: the last parameter first
+    assert [o.owner for o in one_bucket.ownership[:3]] == [1, 1, 0]  # the 64-element matrix alone, the two 32s together
+    split = one_bucket.ownership[3]
+    assert split.owner is None and [split.held(r, 10) for r in range(2)] == [(0, 5), (5, 10)]
+    assert one_bucket.chunks == [64 + 15]  # the row-split 10x3 adds 15 to each segment
+    # two buckets of 64 elements per segment: each is balanced on its own, so no segment is padded much
+    layout = plan_layout([torch.Size((8, 8))] * 8, [True] * 8, ranks=2, bucket_bytes=4 * 64)
+    assert [len(b) for b in layout.buckets] == [2, 2, 2, 2] and layout.chunks == [64] * 4
+    assert sorted(o.owner for o in layout.ownership) == [0] * 4 + [1] * 4
+    assert plan_layout([torch.Size((3, 2))], [False], ranks=4).ownership[0].held(3, 3) == (3, 3)  # a rank may hold no row
 
 
 def _poison_rank_one(model: GPT) -> None:
@@ -123,22 +126,51 @@ def _poisoned_step(world: int, rank: int) -> list:
     return gathered
 
 
-def test_an_inf_on_one_rank_skips_the_step_on_every_rank_and_halves_the_scale(tmp_path):
-    assert on_ranks(2, tmp_path, job=_poisoned_step) == [(2.0**15, 1, 0.0), (2.0**15, 1, 0.0)]
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> dict[int, dict[str, dict]]:
+    """world -> every multi-process run the tests below compare, by name: one spawn of 3 processes and
+    one of 2 (the 2-rank resume starts from the 3-rank run's checkpoint)."""
+    three = runs_on_ranks(3, tmp_path_factory.mktemp("three_ranks"), {
+        "sharded": (train_steps, {"steps": 3, "shard": True}),
+        "replicated": (train_steps, {"steps": 3, "shard": False}),
+        "first_two_steps": (train_steps, {"steps": 2}),
+    })
+    two = runs_on_ranks(2, tmp_path_factory.mktemp("two_ranks"), {
+        "sharded": (train_steps, {"steps": 3, "shard": True}),
+        "replicated": (train_steps, {"steps": 3, "shard": False}),
+        "resumed_from_three": (train_steps, {"steps": 2, "state": three["first_two_steps"], "first_step": 2}),
+        "poisoned": (_poisoned_step, {}),
+        "full_precision_sync": (train_steps, {"steps": 12, "comm_dtype": None}),
+        "bf16_sync": (train_steps, {"steps": 12, "comm_dtype": torch.bfloat16}),
+    })
+    return {2: two, 3: three}
 
 
-def test_a_sharded_checkpoint_resumes_on_fewer_workers_with_the_same_trajectory(tmp_path):
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_and_replicated_steps_match_one_process(world, ranks):
+    single = train_steps(1, 0, steps=3)
+    sharded, replicated = ranks[world]["sharded"], ranks[world]["replicated"]
+    assert max_difference(sharded["model"], single["model"]) < TOLERANCE
+    assert max_difference(replicated["model"], single["model"]) < TOLERANCE
+    assert max_difference(sharded["model"], replicated["model"]) < 1e-5  # the same sums (3 terms in another order)
+    assert sharded["losses"] == pytest.approx(single["losses"], abs=1e-5)
+
+
+def test_an_inf_on_one_rank_skips_the_step_on_every_rank_and_halves_the_scale(ranks):
+    assert ranks[2]["poisoned"] == [(2.0**15, 1, 0.0), (2.0**15, 1, 0.0)]
+
+
+def test_a_sharded_checkpoint_resumes_on_fewer_workers_with_the_same_trajectory(ranks):
     straight = train_steps(1, 0, steps=4)
-    first = on_ranks(3, tmp_path, steps=2)
-    resumed_on_two = on_ranks(2, tmp_path, steps=2, state=first, first_step=2)
+    first = ranks[3]["first_two_steps"]
+    resumed_on_two = ranks[2]["resumed_from_three"]
     resumed_on_one = train_steps(1, 0, steps=2, state=first, first_step=2)
     for resumed in (resumed_on_two, resumed_on_one):
         assert first["losses"] + resumed["losses"] == pytest.approx(straight["losses"], abs=1e-4)
         assert max_difference(resumed["model"], straight["model"]) < TOLERANCE
 
 
-def test_compressed_gradients_train_like_full_precision(tmp_path):
-    full = on_ranks(2, tmp_path, steps=12, comm_dtype=None)
-    compressed = on_ranks(2, tmp_path, steps=12, comm_dtype=torch.bfloat16)
+def test_compressed_gradients_train_like_full_precision(ranks):
+    full, compressed = ranks[2]["full_precision_sync"], ranks[2]["bf16_sync"]
     assert compressed["losses"][-1] < compressed["losses"][0] - 0.5  # it learns
     assert compressed["losses"] == pytest.approx(full["losses"], rel=0.02)

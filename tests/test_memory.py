@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 
-from nanochat.scripts import base_train
 from nanochat.train import memory
+from nanochat.train.data_parallel import DataParallel
 from nanochat.train.memory import GiB
 
 CALIBRATIONS = sorted((Path(__file__).parent.parent / "docs" / "memory").glob("calibration_*.json"))
@@ -107,6 +109,9 @@ def test_auto_batch_with_a_fake_budget():
 
 
 def test_base_train_auto_batch_on_cpu(data_dir, tokenizer_dir, tmp_path, capsys):
+    # imported here, not at the top: the ranks spawned below import this module, and base_train is slow to import
+    from nanochat.scripts import base_train
+
     args = ["--device", "cpu", "--data-dir", str(data_dir), "--tokenizer-dir", str(tokenizer_dir),
             "--run-dir", str(tmp_path), "--depth", "2", "--head-dim", "32", "--max-seq-len", "64",
             "--device-batch-size", "auto", "--total-batch-size", "1024", "--num-iterations", "3",
@@ -120,7 +125,107 @@ def test_base_train_auto_batch_on_cpu(data_dir, tokenizer_dir, tmp_path, capsys)
 
 
 def test_device_batch_size_rejects_garbage(data_dir, tokenizer_dir, tmp_path):
+    from nanochat.scripts import base_train
+
     with pytest.raises(ValueError, match="positive integer or 'auto'"):
         base_train.main(["--device", "cpu", "--data-dir", str(data_dir), "--tokenizer-dir", str(tokenizer_dir),
                          "--run-dir", str(tmp_path), "--depth", "2", "--head-dim", "32", "--max-seq-len", "64",
                          "--device-batch-size", "lots", "--num-iterations", "1"])
+
+
+# --- data parallelism: what one rank holds --------------------------------------------------------
+def _what_each_rank_holds(world: int, rank: int, bucket_bytes: int) -> list[dict]:
+    """One real sharded step (DataParallel over gloo), then what this rank holds: its optimizer state,
+    its largest same-shape Muon stack and its gradient buckets; every rank's, gathered."""
+    from tests.test_data_parallel import SEQ, VOCAB, tiny_model
+
+    model, optimizer = tiny_model()
+    parallel = DataParallel(model, optimizer, shard=True, bucket_bytes=bucket_bytes)
+    x = torch.randint(0, VOCAB, (2, SEQ + 1), generator=torch.Generator().manual_seed(rank))
+    parallel.arm()
+    loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    parallel.finish(loss)
+    parallel.optimizer.step()
+    parallel.gather_params()
+    state = sum(t.nbytes for s in parallel.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim)
+    stacks = [sum(p.numel() for p in g["params"]) for g in parallel.optimizer.param_groups if g["kind"] == "muon"]
+    mine = {"optimizer_state": state, "largest_stack": max(stacks, default=0),
+            "segments": [b.chunk for b in parallel.buckets],
+            "bucket_elements": sum(b.flat.numel() + b.out.numel() for b in parallel.buckets)}
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def test_rank_share_is_what_the_sharded_optimizer_and_its_buckets_really_hold(tmp_path):
+    from tests.test_data_parallel import on_ranks
+
+    # 3 ranks and 128 KiB buckets: matrices owned whole by one rank, the embeddings split by rows, and
+    # buckets padded to their largest segment (the tiny model is depth 2, width 128, vocabulary 512)
+    world, bucket_bytes = 3, 2**17
+    real = on_ranks(world, tmp_path, job=_what_each_rank_holds, bucket_bytes=bucket_bytes)
+    share = memory.rank_share(2, 512, 64, 32, world_size=world, shard=True, bucket_bytes=bucket_bytes)
+    assert list(share.optimizer_state) == [r["optimizer_state"] for r in real]
+    assert list(share.largest_stack) == [r["largest_stack"] for r in real]
+    assert list(share.segments) == real[0]["segments"] and len(share.segments) > 1
+    assert share.bucket_elements == real[0]["bucket_elements"]
+
+
+def test_sharded_optimizer_state_per_rank_shrinks_as_one_over_the_workers():
+    whole = memory.rank_share(12, 32768).optimizer_state
+    params, muon = memory.model_params(12, 32768)
+    assert whole == (sum((4 if m else 8) * p.numel() for p, m in zip(params, muon, strict=True)),)  # momentum; AdamW's 2 moments
+    for world in (2, 4, 8):
+        sharded = memory.rank_share(12, 32768, world_size=world).optimizer_state
+        assert len(sharded) == world and sum(sharded) == whole[0]  # every byte owned once
+        assert max(sharded) == pytest.approx(whole[0] / world, rel=0.06)  # balanced bucket by bucket: to 6%
+        assert memory.rank_share(12, 32768, world_size=world, shard=False).optimizer_state == whole
+
+
+def test_one_process_has_no_buckets_and_several_carry_their_gradients_in_them():
+    one = memory.peak_parts(12, 2048, 4, 32768, "float16", False)
+    assert one["buckets"] == 0 and one["grads"] == one["params"]
+    replicated = memory.peak_parts(12, 2048, 4, 32768, "float16", False, world_size=4, shard=False)
+    assert replicated["buckets"] == one["params"] and replicated["grads"] == 0  # one flat fp32 copy, no padding
+    sharded = memory.peak_parts(12, 2048, 4, 32768, "float16", False, world_size=4)
+    assert sharded["optimizer_state"] < one["optimizer_state"] / 3  # the all-gather reuses the buckets: no third peak
+    assert memory.predict_peak_bytes(12, 2048, 4, 32768, "float16", False, world_size=1, shard=False) == \
+        memory.predict_peak_bytes(12, 2048, 4, 32768, "float16", False)  # sharding means nothing to one process
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4, 8])
+def test_what_fits_w_workers_shrinks_with_depth_and_grows_with_memory(workers):
+    def largest(memory_size: str, shard: bool) -> list[int]:
+        q = memory.FitQuestion(memory=memory_size, workers=workers, depths="4,8,12,16,20,24")
+        return [r["sharded" if shard else "replicated"]["device_batch_size"] for r in memory.fit_table(q)]
+
+    for shard in (True, False):
+        sizes = {gib: largest(f"{gib}GB", shard) for gib in (8, 16, 32, 80)}
+        for gib, by_depth in sizes.items():
+            assert by_depth == sorted(by_depth, reverse=True), f"{gib} GiB, shard={shard}: {by_depth}"
+        for depth_index in range(6):
+            by_memory = [sizes[gib][depth_index] for gib in (8, 16, 32, 80)]
+            assert by_memory == sorted(by_memory), f"shard={shard}, depth index {depth_index}: {by_memory}"
+        assert sizes[80][0] > 0 and sizes[8][-1] == 0  # the range spans "fits" and "does not fit"
+
+
+def test_auto_batch_knows_the_workers_and_the_sharding():
+    # depth 20 on 16 GiB fp16, 8 workers: 32 rows each per step, the sharded optimizer's peak is the lower one
+    args = (16 * GiB, 20, 2048, 32768, "float16", False, 524288, 8)
+    batch, accum, why = memory.auto_device_batch_size(*args)
+    assert (batch, accum) == (1, 32) and "predicted to fit" in why
+    peaks = [memory.predict_peak_bytes(20, 2048, 1, 32768, "float16", False, grad_accum=32, world_size=8, shard=s)
+             for s in (True, False)]
+    assert peaks[0] < peaks[1]
+    with pytest.raises(ValueError, match="on each of 8 workers"):
+        memory.auto_device_batch_size(16 * GiB, 26, 2048, 32768, "float16", False, 524288, 8)
+
+
+def test_the_fit_command_prints_the_table(capsys):
+    rows = memory.main(["--memory", "16GB", "--workers", "4", "--dtype", "float16", "--depths", "4,12,26"])
+    out = capsys.readouterr().out
+    assert "4 worker(s) x 16.0 GiB, float16 eager" in out and "| depth | parameters | optimizer state, sharded" in out
+    assert [r["depth"] for r in rows] == [4, 12, 26]
+    assert "| 12 | 135 M | 0.18 | 0.69 |" in out  # a quarter of the replicated state per rank
+    assert rows[1]["sharded"]["device_batch_size"] == 4 and out.rstrip().endswith("| - | - |")  # depth 26 fits nowhere

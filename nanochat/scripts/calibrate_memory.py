@@ -14,6 +14,8 @@ No GPU needed to compare or refit the memory model (nanochat/train/memory.py) on
 
     python -m nanochat.scripts.calibrate_memory --check docs/memory/calibration_p100_fp16.json
     python -m nanochat.scripts.calibrate_memory --fit docs/memory/calibration_p100_fp16.json
+
+What the model predicts fits W workers of a given memory: `python -m nanochat.train.memory --workers 4`.
 """
 
 from __future__ import annotations

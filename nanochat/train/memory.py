@@ -5,31 +5,37 @@ GPU, and `base_train --device-batch-size auto` starts its probe from the largest
 fit, checked by the probe at the end (two real steps; bench_train and calibrate_memory use it too).
 Formula, coefficients and calibration table: docs/memory.md.
 
-The peak of a step is the larger of two moments (bytes; N params, T tokens per micro-batch):
+The peak of a step is the largest of these moments (bytes; N params, T tokens per micro-batch):
 
-  forward/backward  = state + half-precision weight copies + lm_head grad
+  forward/backward  = held + half-precision weight copies + lm_head grad
                       + ACT * T * n_layer * n_embd + LOGITS * T * vocab + CONST
-  optimizer step    = state + grads (4 N) + Newton-Schulz temporaries + CONST
+  optimizer step    = held + grads (4 N) + Newton-Schulz temporaries + CONST
 
-where state = fp32 params (4 N) + AdamW moments for wte and lm_head (8 per param) + Muon momentum
-for the block matrices (4 per param). Everything but ACT, LOGITS and CONST is counted from the
-shapes; those three were fitted to measured peaks (see CALIBRATION below).
+where held = fp32 params (4 N) + optimizer state (AdamW moments, 8 per param of wte and lm_head;
+Muon momentum, 4 per block matrix param) + the gradient buckets of data parallelism. With W > 1
+workers the state and the Newton-Schulz stack are what the busiest rank owns (ZeRO-1, the
+layout of data_parallel.plan_layout) and the gradients live in the bucket buffers.
+Everything but ACT, LOGITS and CONST is counted from the shapes; those three were fitted to
+measured peaks (see CALIBRATION below). `python -m nanochat.train.memory` prints what fits.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import re
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from nanochat.common import seed_everything
-from nanochat.config import ModelShapeConfig, option
-from nanochat.gpt import GPT
+from nanochat.config import DTYPE_CHOICES, ModelShapeConfig, int_list, option, parse_config
+from nanochat.gpt import GPT, GPTConfig
 from nanochat.precision import PrecisionPlan
+from nanochat.train.data_parallel import BUCKET_BYTES, plan_layout
 from nanochat.train.loop import LoopConfig, make_step, new_model
 from nanochat.train.step import TrainStep
 
@@ -88,16 +94,74 @@ def _check_dtype(dtype: str) -> int:
     return DTYPE_BYTES[dtype]
 
 
+# --- what one rank holds under data parallelism ----------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def model_params(depth: int, vocab_size: int, aspect_ratio: int = 64,
+                 head_dim: int = 128) -> tuple[tuple[torch.Tensor, ...], tuple[bool, ...]]:
+    """The model's trainable parameters on the meta device (nothing allocated), in the order
+    DataParallel lays them out, and which of them Muon steps (matrices owned whole)."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_depth(depth, vocab_size, 2048, aspect_ratio, head_dim))
+    muon = {id(p) for g in model.setup_optimizer().param_groups if g["kind"] == "muon" for p in g["params"]}
+    params = tuple(p for p in model.parameters() if p.requires_grad)
+    return params, tuple(id(p) in muon for p in params)
+
+
+@dataclass(frozen=True)
+class RankShare:
+    """What each rank of `world_size` workers holds for the optimizer, and the gradient buckets."""
+
+    world_size: int
+    shard: bool
+    optimizer_state: tuple[int, ...]  # bytes of optimizer state, per owning rank (one entry if unsharded)
+    largest_stack: tuple[int, ...]  # elements of the largest same-shape Muon stack each rank orthogonalizes
+    segments: tuple[int, ...]  # per gradient bucket, the elements of one rank's segment (none in one process)
+
+    @property
+    def bucket_elements(self) -> int:
+        """Elements of every bucket's flat buffer (world x segment sharded, the whole bucket replicated),
+        plus, sharded, the segment each reduce-scatter receives."""
+        if not self.shard:
+            return sum(self.segments)
+        return (self.world_size + 1) * sum(self.segments)
+
+
+@functools.lru_cache(maxsize=256)
+def rank_share(depth: int, vocab_size: int, aspect_ratio: int = 64, head_dim: int = 128, *, world_size: int = 1,
+               shard: bool = True, bucket_bytes: int = BUCKET_BYTES) -> RankShare:
+    """What each rank holds under data_parallel.plan_layout over the meta-device model (the layout the
+    workers use). One process (world_size 1) has no buckets."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, not {world_size}")
+    params, whole = model_params(depth, vocab_size, aspect_ratio, head_dim)
+    ranks = world_size if shard else 1  # replicated: every rank holds what one owner would
+    layout = plan_layout([p.shape for p in params], list(whole), ranks, bucket_bytes)
+    state, stacks = [], []
+    for rank in range(ranks):
+        held = [own.held(rank, p.shape[0]) for p, own in zip(params, layout.ownership, strict=True)]
+        held = [(last - first) * (p.numel() // p.shape[0]) for p, (first, last) in zip(params, held, strict=True)]
+        state.append(sum((4 if w else 8) * n for n, w in zip(held, whole, strict=True)))  # momentum / 2 moments
+        by_shape: dict[torch.Size, int] = {}
+        for p, n, w in zip(params, held, whole, strict=True):
+            if w and n:
+                by_shape[p.shape] = by_shape.get(p.shape, 0) + n
+        stacks.append(max(by_shape.values(), default=0))
+    segments = tuple(layout.chunks) if world_size > 1 else ()
+    return RankShare(world_size, shard, tuple(state), tuple(stacks), segments)
+
+
+# --- the prediction --------------------------------------------------------------------------------
 def peak_parts(depth: int, seq_len: int, device_batch_size: int, vocab_size: int, dtype: str, compile: bool,
-               aspect_ratio: int = 64, head_dim: int = 128, *, grad_accum: int = 1) -> dict[str, float]:
-    """The terms of the prediction, in bytes: where the memory goes (printed by calibrate_memory --check)."""
+               aspect_ratio: int = 64, head_dim: int = 128, *, grad_accum: int = 1, world_size: int = 1,
+               shard: bool = True) -> dict[str, float]:
+    """The terms of the prediction for the busiest rank, in bytes: where the memory goes."""
     size = _check_dtype(dtype)
     width = math.ceil(depth * aspect_ratio / head_dim) * head_dim  # as GPTConfig.from_depth
     tokens = device_batch_size * seq_len
     embed = vocab_size * width  # wte and lm_head each
     blocks = 12 * width * width * depth  # attention 4 C^2 + MLP 8 C^2 per layer
     params = 2 * embed + blocks
-    state = 4 * params + 8 * 2 * embed + 4 * blocks
+    share = rank_share(depth, vocab_size, aspect_ratio, head_dim, world_size=world_size, shard=shard)
     # autocast caches one compute-dtype copy of every nn.Linear weight (blocks and lm_head), which
     # backward keeps until each layer's gradient is done; none in float32
     weight_copies = 0 if dtype == "float32" else size * (blocks + embed)
@@ -107,32 +171,43 @@ def peak_parts(depth: int, seq_len: int, device_batch_size: int, vocab_size: int
     act = ACT_FP32_PART + (ACT_EAGER_HALF - ACT_FP32_PART) * size / 2
     transient = COMPILED_TRANSIENT if compile else 1.0
     ns_bytes = 2 if dtype == "bfloat16" else 4  # plan.muon_dtype: bf16 where the GPU has it natively
-    stack = 4 * depth * width * width  # elements of the largest same-shape Muon stack
     return {
-        "state": state,
+        "params": 4 * params,
+        "optimizer_state": max(share.optimizer_state),
+        "buckets": 4 * share.bucket_elements,  # fp32 gradient buckets (16-bit with --grad-dtype: half)
         "weight_copies": weight_copies,
         "grads_in_fwd": grads_in_fwd,
         "activations": transient * act * tokens * depth * width,
         "logits": transient * LOGITS * tokens * vocab_size,
-        "grads": 4 * params,
-        "newton_schulz": stack * (4 * NS_FP32_COPIES + ns_bytes * NS_ITER_COPIES),
+        # one process: the .grad tensors; several: the averaged gradients are views into the buckets
+        "grads": 4 * params if world_size == 1 else 0,
+        "newton_schulz": max(share.largest_stack) * (4 * NS_FP32_COPIES + ns_bytes * NS_ITER_COPIES),
         "const": CONST,
     }
 
 
+def moments(parts: dict[str, float]) -> dict[str, float]:
+    """Bytes allocated at each candidate peak of a step (CONST aside): the prediction is the largest."""
+    held = parts["params"] + parts["optimizer_state"] + parts["buckets"]
+    return {
+        "forward_backward": held + parts["weight_copies"] + parts["grads_in_fwd"] + parts["activations"] + parts["logits"],
+        "optimizer": held + parts["grads"] + parts["newton_schulz"],
+    }
+
+
 def predict_peak_bytes(depth: int, seq_len: int, device_batch_size: int, vocab_size: int, dtype: str, compile: bool,
-                       aspect_ratio: int = 64, head_dim: int = 128, *, grad_accum: int = 1) -> int:
+                       aspect_ratio: int = 64, head_dim: int = 128, *, grad_accum: int = 1, world_size: int = 1,
+                       shard: bool = True) -> int:
     """Predicted torch.cuda.max_memory_allocated of a training step (2nd optimizer step, optimizer state included).
 
     dtype is the plan's compute dtype ("float32" | "bfloat16" | "float16"); compile is True for plans
     that torch.compile. grad_accum > 1 adds the gradients held during the later micro-batches (the
-    calibration ran one micro-batch per step).
+    calibration ran one micro-batch per step). world_size > 1 is one rank of that many data-parallel
+    workers, its optimizer state sharded (shard=True, ZeRO-1) or replicated.
     """
-    p = peak_parts(depth, seq_len, device_batch_size, vocab_size, dtype, compile, aspect_ratio, head_dim,
-                   grad_accum=grad_accum)
-    forward_backward = p["state"] + p["weight_copies"] + p["grads_in_fwd"] + p["activations"] + p["logits"]
-    optimizer = p["state"] + p["grads"] + p["newton_schulz"]
-    return round(max(forward_backward, optimizer) + p["const"])
+    parts = peak_parts(depth, seq_len, device_batch_size, vocab_size, dtype, compile, aspect_ratio, head_dim,
+                       grad_accum=grad_accum, world_size=world_size, shard=shard)
+    return round(max(moments(parts).values()) + parts["const"])
 
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -153,24 +228,50 @@ def parse_memory(text: str) -> int:
 
 
 def check_fit(budget_bytes: int, depth: int, seq_len: int, device_batch_size: int, vocab_size: int, dtype: str,
-              compile: bool, aspect_ratio: int = 64, head_dim: int = 128, *, grad_accum: int = 1) -> str | None:
+              compile: bool, aspect_ratio: int = 64, head_dim: int = 128, *, grad_accum: int = 1, world_size: int = 1,
+              shard: bool = True) -> str | None:
     """None when the predicted peak fits HEADROOM (90%) of the budget, else a one-line reason."""
     peak = predict_peak_bytes(depth, seq_len, device_batch_size, vocab_size, dtype, compile, aspect_ratio, head_dim,
-                              grad_accum=grad_accum)
+                              grad_accum=grad_accum, world_size=world_size, shard=shard)
     usable = HEADROOM * budget_bytes
     if peak <= usable:
         return None
-    return (f"depth {depth} B={device_batch_size} T={seq_len} V={vocab_size} {dtype}{' compiled' if compile else ''}: "
+    workers = "" if world_size == 1 else f" on each of {world_size} workers ({'sharded' if shard else 'replicated'} optimizer)"
+    return (f"depth {depth} B={device_batch_size} T={seq_len} V={vocab_size} {dtype}{' compiled' if compile else ''}{workers}: "
             f"predicted peak {peak / GiB:.2f} GiB > {usable / GiB:.2f} GiB ({HEADROOM:.0%} of the {budget_bytes / GiB:.1f} GiB budget)")
 
 
 def largest_fitting_batch(budget_bytes: int, depth: int, seq_len: int, vocab_size: int, dtype: str, compile: bool,
                           aspect_ratio: int = 64, head_dim: int = 128,
-                          candidates: tuple[int, ...] = CANDIDATES, *, grad_accum: int = 1) -> int:
+                          candidates: tuple[int, ...] = CANDIDATES, *, grad_accum: int = 1, world_size: int = 1,
+                          shard: bool = True) -> int:
     """The largest candidate device batch size that check_fit accepts, 0 when none fits."""
-    fitting = [b for b in candidates if check_fit(budget_bytes, depth, seq_len, b, vocab_size, dtype, compile,
-                                                  aspect_ratio, head_dim, grad_accum=grad_accum) is None]
+    fitting = [b for b in candidates if check_fit(budget_bytes, depth, seq_len, b, vocab_size, dtype, compile, aspect_ratio,
+                                                  head_dim, grad_accum=grad_accum, world_size=world_size, shard=shard) is None]
     return max(fitting, default=0)
+
+
+def rows_per_step(total_batch_size: int, seq_len: int, world_size: int = 1) -> int | None:
+    """Rows each worker runs per optimizer step; None for -1 (one micro-batch per step, any size)."""
+    if total_batch_size == -1:
+        return None
+    if total_batch_size % (seq_len * world_size):
+        raise ValueError(f"--total-batch-size {total_batch_size} is not a multiple of seq len x workers = "
+                         f"{seq_len * world_size}; change --total-batch-size or --max-seq-len")
+    return total_batch_size // (seq_len * world_size)
+
+
+def fitting_batches(budget_bytes: int, depth: int, seq_len: int, vocab_size: int, dtype: str, compile: bool,
+                    total_batch_size: int, world_size: int = 1, aspect_ratio: int = 64, head_dim: int = 128, *,
+                    shard: bool = True) -> dict[int, int]:
+    """{device batch: gradient accumulation} for the candidates that divide the rows per step and are
+    predicted to fit, each predicted with the accumulation it runs with (gradients then live through
+    the later micro-batches)."""
+    rows = rows_per_step(total_batch_size, seq_len, world_size)
+    choices = {b: 1 if rows is None else rows // b for b in CANDIDATES if rows is None or rows % b == 0}
+    return {b: a for b, a in choices.items()
+            if check_fit(budget_bytes, depth, seq_len, b, vocab_size, dtype, compile, aspect_ratio, head_dim,
+                         grad_accum=a, world_size=world_size, shard=shard) is None}
 
 
 # --- --device-batch-size auto -----------------------------------------------------------------------
@@ -180,41 +281,35 @@ CPU_AUTO_BATCH = 8  # CPU/MPS: no memory to model; 8 rows keeps a step short and
 def auto_device_batch_size(
     budget_bytes: int | None, depth: int, seq_len: int, vocab_size: int, dtype: str, compile: bool,
     total_batch_size: int, world_size: int = 1, aspect_ratio: int = 64, head_dim: int = 128,
-    probe: Callable[[int, int], bool] | None = None,
+    probe: Callable[[int, int], bool] | None = None, *, shard: bool = True,
 ) -> tuple[int, int, str]:
     """Choose (device_batch_size, grad_accum, explanation) for `--device-batch-size auto`.
 
     budget_bytes None means no GPU (CPU/MPS): CPU_AUTO_BATCH rows. Otherwise the largest candidate
-    predicted to fit, among those that divide the rows per step (total_batch_size / (seq_len *
-    world_size)) so accumulation reaches the total exactly. `probe(batch, grad_accum)` runs one real
-    training step and returns False when it ran out of memory; the size is halved until one passes.
+    predicted to fit one of `world_size` workers (optimizer state sharded or not), among those that
+    divide the rows per step (total_batch_size / (seq_len * world_size)) so accumulation reaches the
+    total exactly. `probe(batch, grad_accum)` runs one real training step and returns False when it
+    ran out of memory; the size is halved until one passes.
     """
-    if total_batch_size == -1:
-        rows = None  # one micro-batch per step: any size will do
-    else:
-        if total_batch_size % (seq_len * world_size):
-            raise ValueError(f"--total-batch-size {total_batch_size} is not a multiple of seq len x workers = "
-                             f"{seq_len * world_size}; change --total-batch-size or --max-seq-len")
-        rows = total_batch_size // (seq_len * world_size)
-    candidates = tuple(b for b in CANDIDATES if rows is None or rows % b == 0)
+    rows = rows_per_step(total_batch_size, seq_len, world_size)
 
     def accum(batch: int) -> int:
         return 1 if rows is None else rows // batch
 
     if budget_bytes is None:
-        batch = max(b for b in candidates if b <= CPU_AUTO_BATCH)
+        batch = max(b for b in CANDIDATES if b <= CPU_AUTO_BATCH and (rows is None or rows % b == 0))
         return batch, accum(batch), f"device batch {batch}: no GPU, the fixed CPU/MPS size (divides the {rows or batch} rows per step)"
-    # predicted with the accumulation it will run with: gradients live through later micro-batches
-    fitting = [b for b in candidates if check_fit(budget_bytes, depth, seq_len, b, vocab_size, dtype, compile,
-                                                  aspect_ratio, head_dim, grad_accum=accum(b)) is None]
+    fit = dict(world_size=world_size, shard=shard)
+    fitting = fitting_batches(budget_bytes, depth, seq_len, vocab_size, dtype, compile, total_batch_size,
+                              aspect_ratio=aspect_ratio, head_dim=head_dim, **fit)
     if not fitting:
         raise ValueError(
             "--device-batch-size auto: " + str(check_fit(budget_bytes, depth, seq_len, 1, vocab_size, dtype, compile,
-                                                          aspect_ratio, head_dim, grad_accum=accum(1)))
+                                                          aspect_ratio, head_dim, grad_accum=accum(1), **fit))
             + "; even one row does not fit: lower --depth or --max-seq-len, or use a GPU with more memory")
     batch = max(fitting)
     peak = predict_peak_bytes(depth, seq_len, batch, vocab_size, dtype, compile, aspect_ratio, head_dim,
-                              grad_accum=accum(batch))
+                              grad_accum=accum(batch), **fit)
     why = (f"device batch {batch}: largest power of two dividing {rows or batch} rows per step predicted to fit "
            f"{HEADROOM:.0%} of {budget_bytes / GiB:.1f} GiB (peak {peak / GiB:.2f} GiB)")
     if probe is not None:
@@ -277,9 +372,10 @@ def fit(points: list[dict]) -> dict[str, float]:
             size = DTYPE_BYTES[p["dtype"]]
             act_x = parts["activations"] / (ACT_EAGER_HALF * (size / 2) + ACT_FP32_PART * (1 - size / 2))  # tokens * layers * width
             logit_x = parts["logits"] / LOGITS  # tokens * vocab
-            known = parts["state"] + parts["weight_copies"] + parts["grads_in_fwd"] + ACT_FP32_PART * (1 - size / 2) * act_x
-            optimizer = parts["state"] + parts["grads"] + parts["newton_schulz"]
-            if known + coef[0] * size / 2 * act_x + coef[1] * logit_x < optimizer:
+            moment = moments(parts)
+            known = (moment.pop("forward_backward") - parts["activations"] - parts["logits"]
+                     + ACT_FP32_PART * (1 - size / 2) * act_x)
+            if known + coef[0] * size / 2 * act_x + coef[1] * logit_x < max(moment.values()):
                 continue  # the optimizer step holds this point's peak: it says nothing about ACT or LOGITS
             rows.append([act_x * size / 2, logit_x, 1.0])
             target.append(p["peak_allocated"] - known)
@@ -299,7 +395,7 @@ def fit_compiled_transient(points: list[dict]) -> float:
     for p in ok:
         depth, seq_len, batch, vocab, dtype, _, aspect, head = _shape_args(p)
         parts = peak_parts(depth, seq_len, batch, vocab, dtype, False, aspect, head)
-        fixed = parts["state"] + parts["weight_copies"] + parts["grads_in_fwd"] + parts["const"]
+        fixed = moments(parts)["forward_backward"] - parts["activations"] - parts["logits"] + parts["const"]
         fractions.append((p["peak_allocated"] - fixed) / (parts["activations"] + parts["logits"]))
     return sum(fractions) / len(fractions)
 
@@ -352,3 +448,73 @@ def two_steps(cfg: ProbeConfig, plan: PrecisionPlan, device: torch.device, batch
 
 def fits(cfg: ProbeConfig, plan: PrecisionPlan, device: torch.device, batch_size: int) -> bool:
     return two_steps(cfg, plan, device, batch_size) is not None
+
+
+# --- what fits W workers: `python -m nanochat.train.memory` -----------------------------------------
+@dataclass
+class FitQuestion:
+    """What depth and micro-batch fit W workers of a given memory, sharded and replicated (no GPU needed)."""
+
+    memory: str = option("16GB", "memory of each GPU (binary units: 16GB = 16 GiB)")
+    workers: int = option(1, "data-parallel workers, one GPU each")
+    dtype: str = option("float16", "compute dtype of the plan", choices=DTYPE_CHOICES[1:])
+    compile: bool = option(False, "the plan compiles (sm 7.0+; P100s run eager)")
+    depths: str = option("4,8,12,16,20,24,26,32", "comma-separated depths")
+    max_seq_len: int = option(2048, "context length T")
+    vocab_size: int = option(32768, "vocabulary size")
+    aspect_ratio: int = option(64, "model width per layer of depth")
+    head_dim: int = option(128, "attention head dimension")
+    total_batch_size: int = option(524288, "tokens per optimizer step over all workers; -1 = one micro-batch")
+
+
+def fit_table(q: FitQuestion) -> list[dict]:
+    """For each depth: per-rank optimizer state and bucket bytes, and the largest micro-batch (with its
+    accumulation and predicted peak) that fits sharded and replicated; batch 0 = nothing fits."""
+    budget, rows = parse_memory(q.memory), []
+    shape = dict(aspect_ratio=q.aspect_ratio, head_dim=q.head_dim)
+    for depth in int_list(q.depths):
+        row: dict = {"depth": depth, "params": sum(p.numel() for p in model_params(depth, q.vocab_size, **shape)[0])}
+        for shard in (True, False):
+            key = "sharded" if shard else "replicated"
+            share = rank_share(depth, q.vocab_size, **shape, world_size=q.workers, shard=shard)
+            fitting = fitting_batches(budget, depth, q.max_seq_len, q.vocab_size, q.dtype, q.compile, q.total_batch_size,
+                                      q.workers, **shape, shard=shard)
+            batch = max(fitting, default=0)
+            peak = predict_peak_bytes(depth, q.max_seq_len, batch, q.vocab_size, q.dtype, q.compile, **shape,
+                                      grad_accum=fitting[batch], world_size=q.workers, shard=shard) if batch else None
+            row[key] = {"optimizer_state": max(share.optimizer_state), "buckets": 4 * share.bucket_elements,
+                        "device_batch_size": batch, "grad_accum": fitting.get(batch), "peak": peak}
+        rows.append(row)
+    return rows
+
+
+def format_fit_table(q: FitQuestion, rows: list[dict]) -> str:
+    def batch(r: dict) -> str:
+        return f"{r['device_batch_size']} x {r['grad_accum']} ({r['peak'] / GiB:.1f})" if r["device_batch_size"] else "-"
+
+    compiled = "compiled" if q.compile else "eager"
+    lines = [f"{q.workers} worker(s) x {parse_memory(q.memory) / GiB:.1f} GiB, {q.dtype} {compiled}, T={q.max_seq_len}, "
+             f"V={q.vocab_size}, {q.total_batch_size:,} tokens per step; fits = predicted peak <= {HEADROOM:.0%} of the "
+             "memory. Per rank, GiB; micro-batch = rows x accumulation steps (predicted peak GiB); - = not even one row.",
+             "",
+             "| depth | parameters | optimizer state, sharded | optimizer state, replicated | gradient buckets, sharded "
+             "| gradient buckets, replicated | micro-batch, sharded | micro-batch, replicated |",
+             "|" + "---|" * 8]
+    for r in rows:
+        s, p = r["sharded"], r["replicated"]
+        lines.append(f"| {r['depth']} | {r['params'] / 1e6:,.0f} M | {s['optimizer_state'] / GiB:.2f} | {p['optimizer_state'] / GiB:.2f} "
+                     f"| {s['buckets'] / GiB:.2f} | {p['buckets'] / GiB:.2f} | {batch(s)} | {batch(p)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    q = parse_config(FitQuestion, argv, description=FitQuestion.__doc__)
+    if q.workers < 1:
+        raise SystemExit(f"--workers {q.workers}: give a positive number of workers")
+    rows = fit_table(q)
+    print(format_fit_table(q, rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
