@@ -30,6 +30,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -523,26 +524,93 @@ def load_model_state(path: str | Path, map_location: Any = "cpu") -> tuple[dict,
     return {_strip_compile_prefix(k): v for k, v in state.items()}, record["meta"]
 
 
-def load_for_inference(path: str | Path, device: str | torch.device, tokenizer_dir: str | Path | None = None) -> tuple:
-    """(model in eval mode, its tokenizer, the step dir, meta) for evaluation and chat (refusing
-    another tokenizer than the checkpoint's)."""
-    # imported here: this module stays free of tokenizer logic
+def read_meta(path: str | Path) -> dict:
+    """The caller's metadata of the checkpoint at `path` (a step_* dir, or a root / run dir: its latest
+    complete one), read without loading or hashing any weights."""
+    step_dir = resolve_checkpoint(path)
+    if not (step_dir / META_FILE).is_file():
+        raise CheckpointError(f"{step_dir} is not a checkpoint (no {META_FILE}); pass a step_* directory or a run directory")
+    return _read_record(step_dir)["meta"]
+
+
+def _search_order(requested: str | Path | None, flag: str, recorded: str | None, default: Path,
+                  default_name: str) -> list[tuple[Path, str]]:
+    """(directory, why it is tried): an explicit flag alone; without one, what the checkpoint recorded, then the default."""
+    if requested:
+        return [(Path(requested), flag)]
+    places = [(Path(recorded), "recorded in the checkpoint")] if recorded else []
+    if not recorded or Path(recorded).resolve() != default.resolve():
+        places.append((default, default_name))
+    return places
+
+
+def _first_holding(what: str, holds: Callable[[Path], bool], places: list[tuple[Path, str]], step_dir: Path, fix: str) -> Path:
+    """The first of `places` that holds `what`, else one line naming every place tried and `fix`."""
+    for directory, _ in places:
+        if holds(directory):
+            return directory
+    tried = "; ".join(f"{directory} ({why})" for directory, why in places)
+    raise CheckpointError(f"no {what} for {step_dir}: looked in {tried}. {fix}")
+
+
+def tokenizer_dir_for(meta: dict, requested: str | Path | None, step_dir: Path) -> Path:
+    """The directory to load the tokenizer of the checkpoint at `step_dir` (its `meta`) from: `requested`
+    (--tokenizer-dir), else the one the checkpoint recorded, else $NANOCHAT_BASE_DIR/tokenizer. Only a
+    missing tokenizer is refused here; check_tokenizer refuses a wrong one."""
     from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
 
+    recorded = meta.get("tokenizer_dir")
+    # the checkpoint's tokenizer is the only one that works: a new one would give its ids other meanings
+    if recorded and Tokenizer.saved_in(recorded):  # only a wrong --tokenizer-dir gets here
+        fix = f"It was trained with the tokenizer in {recorded}: drop --tokenizer-dir to use it."
+    elif recorded:
+        fix = f"It was trained with the tokenizer saved in {recorded}: if that moved, pass --tokenizer-dir <its new place>."
+    else:
+        fix = "Pass --tokenizer-dir <the directory of the tokenizer it was trained with>."
+    places = _search_order(requested, "--tokenizer-dir", recorded, default_tokenizer_dir(), "$NANOCHAT_BASE_DIR/tokenizer")
+    return _first_holding("tokenizer", Tokenizer.saved_in, places, step_dir, fix)
+
+
+def data_dir_for(meta: dict, requested: str | Path | None, step_dir: Path) -> Path:
+    """The shards to evaluate the checkpoint at `step_dir` (its `meta`) on: `requested` (--data-dir), else
+    those it was trained on (recorded), else $NANOCHAT_DATA or $NANOCHAT_BASE_DIR/data."""
+    from nanochat.dataset import BUILD_COMMAND, SHARD_GLOB, default_data_dir
+
+    recorded, default = meta.get("data_dir"), default_data_dir()
+    fix = (f"It was trained on the shards in {recorded}: if they moved, pass --data-dir <their new place>."
+           if recorded else f"Pass --data-dir DIR, or build shards with `{BUILD_COMMAND} --out {default}`.")
+    places = _search_order(requested, "--data-dir", recorded, default, "$NANOCHAT_DATA or $NANOCHAT_BASE_DIR/data")
+    return _first_holding("shards", lambda d: any(d.glob(SHARD_GLOB)), places, step_dir, fix)
+
+
+def load_for_inference(path: str | Path, device: str | torch.device, tokenizer_dir: str | Path | None = None) -> tuple:
+    """(model in eval mode, its tokenizer, the step dir, meta) for evaluation and chat. The tokenizer is
+    `tokenizer_dir` or the one the checkpoint recorded (tokenizer_dir_for), found and checked before any
+    weights load; another tokenizer than the checkpoint's is refused."""
+    # imported here: this module stays free of tokenizer logic
+    from nanochat.tokenizer import Tokenizer
+
     step_dir = resolve_checkpoint(path)
+    directory = tokenizer_dir_for(read_meta(step_dir), tokenizer_dir, step_dir)
+    tokenizer = Tokenizer.load(directory)
     model, meta = load_model(step_dir, device)
-    tokenizer_dir = tokenizer_dir or default_tokenizer_dir()
-    tokenizer = Tokenizer.load(tokenizer_dir)
-    check_tokenizer(meta, tokenizer.fingerprint(), tokenizer_dir, step_dir)
+    check_tokenizer(meta, tokenizer.fingerprint(), directory, step_dir)
     return model, tokenizer, step_dir, meta
 
 
 def check_tokenizer(meta: dict, fingerprint: str, tokenizer_dir: str | Path, step_dir: Path) -> None:
     """Refuse a tokenizer other than the one the checkpoint was trained with: its ids would mean
     other strings, and every answer would be garbage without any error."""
-    if meta.get("tokenizer") not in (None, fingerprint):
-        raise CheckpointError(f"the tokenizer in {tokenizer_dir} is not the one {step_dir} was trained with; "
-                              "pass the right --tokenizer-dir")
+    from nanochat.tokenizer import Tokenizer
+
+    trained_with = meta.get("tokenizer")
+    if trained_with in (None, fingerprint):
+        return
+    recorded = meta.get("tokenizer_dir")
+    elsewhere = recorded and Path(recorded).resolve() != Path(tokenizer_dir).resolve() and Tokenizer.saved_in(recorded)
+    fix = f"pass --tokenizer-dir {recorded}" if elsewhere else "pass --tokenizer-dir <the directory of the tokenizer it was trained with>"
+    raise CheckpointError(f"the tokenizer in {tokenizer_dir} (fingerprint {fingerprint}) is not the one {step_dir} was "
+                          f"trained with ({trained_with}{f', saved in {recorded}' if recorded else ''}); {fix}")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from nanochat.common import base_dir
 from nanochat.config import option, parse_command
 from nanochat.corpus import embedded_corpus
+from nanochat.errors import UsageError
 
 SHARD_GLOB = "shard_[0-9][0-9][0-9][0-9][0-9].parquet"
 BUILD_COMMAND = "python -m nanochat.dataset build"
@@ -47,8 +48,17 @@ SCHEMA = pa.schema([pa.field("text", pa.string())])
 EMBEDDED_LAYOUT = {"docs_per_row_group": 32, "row_groups_per_shard": 8, "val_docs": 64}
 
 
-class DataError(ValueError):
-    """A shard or source file that cannot be used; the message names the file."""
+class DataError(UsageError, ValueError):
+    """A shard or source file that cannot be used; the message names the file and what to do."""
+
+
+class NoShardsError(DataError, FileNotFoundError):
+    """A data directory without shards (a FileNotFoundError too, for callers that catch that)."""
+
+
+def _one_line(err: BaseException) -> str:
+    # pyarrow's messages can span lines; ours are printed as one (nanochat/errors.py)
+    return " ".join(str(err).split())
 
 
 def default_data_dir() -> Path:
@@ -67,7 +77,8 @@ def _open_shard(path: Path) -> pq.ParquetFile:
         shard = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as err:
         raise DataError(
-            f"{path} is not a readable parquet file ({err}); delete it and rebuild with `{BUILD_COMMAND}`."
+            f"{path} is not a readable parquet file ({_one_line(err)}); rebuild the shards from their source: "
+            f"`{BUILD_COMMAND} --source SOURCE --out {path.parent} --overwrite`."
         ) from err
     if "text" not in shard.schema_arrow.names:
         raise DataError(
@@ -91,7 +102,8 @@ def read_row_group(path: str | Path, index: int) -> list[str]:
         column = shard.read_row_group(index, columns=["text"]).column("text")
     except (OSError, pa.ArrowException) as err:
         raise DataError(
-            f"{path}: row group {index} is unreadable ({err}); rebuild with `{BUILD_COMMAND}`."
+            f"{path}: row group {index} is unreadable ({_one_line(err)}); rebuild the shards from their source: "
+            f"`{BUILD_COMMAND} --source SOURCE --out {path.parent} --overwrite`."
         ) from err
     if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
         raise DataError(
@@ -108,8 +120,9 @@ def list_shards(data_dir: str | Path) -> list[Path]:
     """All shards in `data_dir`, sorted (the last one is validation)."""
     shards = sorted(Path(data_dir).glob(SHARD_GLOB))
     if not shards:
-        raise FileNotFoundError(
-            f"no shard_*.parquet files in {data_dir}: create them with `{BUILD_COMMAND} --out {data_dir}`."
+        raise NoShardsError(
+            f"no shard_*.parquet files in {data_dir}: create them with `{BUILD_COMMAND} --out {data_dir}`, "
+            "or pass --data-dir DIR where they are."
         )
     return shards
 
@@ -119,8 +132,9 @@ def split_shards(shards: list[Path], split: str) -> list[Path]:
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if len(shards) < 2:
-        raise ValueError(
-            f"need at least 2 shards (train + val), found {len(shards)}: rebuild with more documents."
+        raise DataError(
+            f"need at least 2 shards (train + val), found {len(shards)}"
+            + (f" in {shards[0].parent}" if shards else "") + ": rebuild with more documents."
         )
     return shards[:-1] if split == "train" else shards[-1:]
 

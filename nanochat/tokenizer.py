@@ -135,6 +135,7 @@ class Tokenizer:
             raise ValueError("mergeable ranks must be exactly 0..n-1 (one id per token, no gaps)")
         self._ranks = mergeable_ranks
         self._pattern = pattern
+        self.directory: Path | None = None  # where it was loaded from or saved to (absolute): checkpoints record it
         first_special = len(mergeable_ranks)
         self._special_ids = {name: first_special + i for i, name in enumerate(SPECIAL_TOKENS)}
         self._enc = tiktoken.Encoding(
@@ -183,7 +184,13 @@ class Tokenizer:
             raise ValueError(
                 f"tokenizer file {path} is unreadable ({err}): retrain it with `{TRAIN_COMMAND} --out {directory}`."
             ) from err
+        tokenizer.directory = Path(directory).resolve()
         return tokenizer
+
+    @staticmethod
+    def saved_in(directory: str | Path) -> bool:
+        """Whether `directory` holds a saved tokenizer (without reading it)."""
+        return (Path(directory) / TOKENIZER_FILE).is_file()
 
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json and token_bytes.pt into `directory` (created if needed)."""
@@ -203,6 +210,7 @@ class Tokenizer:
         tmp = directory / (TOKEN_BYTES_FILE + ".tmp")
         torch.save(self.token_bytes(), tmp)
         os.replace(tmp, directory / TOKEN_BYTES_FILE)
+        self.directory = directory.resolve()
 
     # --- properties ----------------------------------------------------------
 

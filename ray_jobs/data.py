@@ -63,7 +63,7 @@ from ray.data import ExecutionOptions
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from nanochat.dataloader import pack_rows
-from nanochat.dataset import num_row_groups, read_row_group
+from nanochat.dataset import DataError, list_shards, num_row_groups, read_row_group, split_shards
 from nanochat.tokenizer import Tokenizer
 
 POSITION_KEYS = ("shard", "row_group", "offset")
@@ -161,7 +161,18 @@ class PackRows:
 # building the dataset
 
 
-def _work_items(shards: list[Path], start: dict | None) -> list[dict[str, int]]:
+def check_shards(data_dir: str | Path) -> list[Path]:
+    """The train shards of `data_dir`, after reading the footer of every shard (val included): a missing,
+    lone or damaged shard fails here, on the driver, before Ray starts (in one line naming the file).
+    Damage inside a row group's pages shows only when it is read, in a tokenizer actor (DataError too)."""
+    shards = list_shards(data_dir)
+    for shard in shards:
+        num_row_groups(shard)
+    return split_shards(shards, "train")
+
+
+def work_items(shards: list[Path], start: dict | None) -> list[dict[str, int]]:
+    """One item per row group of `shards`, from the row group of `start` (a checkpoint's data position) on."""
     # Opening every shard here checks them all (readable parquet, a 'text' column) before any
     # worker starts; damage inside a row group surfaces later, from the tokenizer actors.
     items = [
@@ -171,7 +182,7 @@ def _work_items(shards: list[Path], start: dict | None) -> list[dict[str, int]]:
         return items
     first = {"shard": int(start["shard"]), "row_group": int(start["row_group"])}
     if first not in items:
-        raise ValueError(
+        raise DataError(
             f"start position {start} names no row group of the {len(shards)} shards given: resume with "
             "the same shards (same order) as the run that saved it."
         )
@@ -197,7 +208,7 @@ def build_dataset(
     if tokenize_concurrency < 1:
         raise ValueError(f"tokenize_concurrency must be >= 1, got {tokenize_concurrency}")
     shards = [Path(s) for s in shards]
-    items = _work_items(shards, start)
+    items = work_items(shards, start)
     skip = 0 if start is None else int(start["offset"])
     if skip < 0:
         raise ValueError(f"start offset must be >= 0, got {skip}")

@@ -24,23 +24,24 @@ class RayDemoConfig(demo.DemoConfig):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_config(RayDemoConfig, argv, description=__doc__.splitlines()[0])
-    out, data, tok = demo.prepare(args)
-    storage = out / "ray_results"
+    out = demo.demo_dir(args)
+    storage = out / "ray_results"  # Ray Train writes each run to <storage>/<name>
+    files = demo.DemoFiles(out, base=storage / "demo", chat=storage / "demo_sft")
+    demo.prepare(args, files)
+    placement = ["--num-workers", str(args.num_workers), "--storage-path", str(storage)]
     summary = demo.stage("base training on Ray", "ray_jobs.train", train.main, [
-        *demo.train_args(args, data, tok), "--num-workers", str(args.num_workers),
-        "--storage-path", str(storage), "--name", "demo",
-        "--total-batch-size", str(1024 * args.num_workers),
+        *demo.train_args(args, files, workers=args.num_workers), *placement, "--name", files.base.name,
     ])
-    evaluation = demo.evaluate(data, tok, storage / "demo")
+    evaluation = demo.evaluate(files)
     sft = demo.stage("chat fine-tuning (SFT) on Ray", "ray_jobs.train", train.main, [
-        "--stage", "sft", *demo.sft_args(args, tok, storage / "demo", out / "sft"), "--num-workers", str(args.num_workers),
-        "--storage-path", str(storage), "--name", "demo_sft",
+        # the plain script takes the tokenizer from the base checkpoint; ray_jobs.train still needs it named
+        "--stage", "sft", *demo.sft_args(args, files), "--tokenizer-dir", str(files.tokenizer), *placement,
+        "--name", files.chat.name,
     ])
-    answer = demo.chat(tok, storage / "demo_sft")
-    print(f"\ndemo finished: val bpb {evaluation['val_bpb']:.3f}, final train loss {summary['final_loss']:.3f}, "
-          f"SFT val loss {sft['val_loss']:.3f}\n{demo.DEMO_QUESTION!r} -> {answer!r}\n"
-          f"files in {out}; the runs in MLflow: mlflow ui --backend-store-uri {summary['mlflow_uri']}")
-    return {"train": summary, "eval": evaluation, "sft": sft, "answer": answer}
+    results = {"train": summary, "eval": evaluation, "sft": sft, "answer": demo.chat(files)}
+    print(f"the runs in MLflow: mlflow ui --backend-store-uri {summary['mlflow_uri']}")
+    demo.finish(args, files, results)
+    return results
 
 
 if __name__ == "__main__":

@@ -22,13 +22,13 @@ node with wrong labels aborts the run with a table instead of silently training 
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 
 import ray
 from ray.train import ScalingConfig
 
 from nanochat.config import option, parse_config
+from nanochat.errors import UsageError, run_main
 from nanochat.precision import ACCELERATOR_TYPES, DTYPES, DeviceInfo, peak_flops, plan_for, precision_label
 
 LABEL_PRECISION = "nanochat/precision"
@@ -40,8 +40,9 @@ LONG_DTYPE = {precision_label(dtype): dtype for dtype in DTYPES}  # bf16 -> bflo
 UNKNOWN = "unknown"  # a GPU node with neither our labels nor an accelerator type we know
 
 
-class PrecisionGroupError(RuntimeError):
-    """A request that no single precision group can serve, or workers that disagree on their dtype."""
+class PrecisionGroupError(UsageError, RuntimeError):
+    """A request that no single precision group can serve, or workers that disagree on their dtype
+    (the message says what to do; `details` holds the table of the cluster or of the workers)."""
 
 
 @dataclass
@@ -65,15 +66,15 @@ class Group:
     gpu_names: set[str] = field(default_factory=set)
     peak_flops: float = 0.0  # sum over the group's GPUs, in the group's dtype; 0 when unknown
 
-    def worker_slots(self, use_gpu: bool, cpus_per_worker: float = 1) -> int:
+    def worker_slots(self, use_gpu: bool, cpus_per_worker: float = 1, gpus_per_worker: float = 1) -> int:
         """How many workers of this shape the group's nodes hold when the cluster is otherwise idle."""
-        return sum(_node_slots(node, use_gpu, cpus_per_worker) for node in self.nodes)
+        return sum(_node_slots(node, use_gpu, cpus_per_worker, gpus_per_worker) for node in self.nodes)
 
 
-def _node_slots(node: NodeInfo, use_gpu: bool, cpus_per_worker: float) -> int:
+def _node_slots(node: NodeInfo, use_gpu: bool, cpus_per_worker: float, gpus_per_worker: float = 1) -> int:
     # a worker needs its CPUs on the same node as its GPU, so count per node, not per group
     by_cpu = math.floor(node.num_cpus / cpus_per_worker + 1e-9) if cpus_per_worker > 0 else 10**9
-    return min(node.num_gpus, by_cpu) if use_gpu else by_cpu
+    return min(math.floor(node.num_gpus / gpus_per_worker + 1e-9), by_cpu) if use_gpu else by_cpu
 
 
 # -----------------------------------------------------------------------------
@@ -165,6 +166,16 @@ def format_groups(groups: dict[str, Group]) -> str:
     return _table(header, rows)
 
 
+def _summary(groups: dict[str, Group]) -> str:
+    """The cluster in a few words, for a one-line error: "it has fp32: 1 node(s), 16 CPUs"."""
+    if not groups:
+        return "it has no node that can run a worker"
+    parts = [f"{g.precision}: {len(g.nodes)} node(s), "
+             + (f"{g.gpus} GPU(s) ({', '.join(sorted(g.gpu_names))}), " if g.gpus else "") + f"{g.cpus:g} CPUs"
+             for g in groups.values()]
+    return "it has " + "; ".join(parts)
+
+
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
 
@@ -176,12 +187,20 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 # -----------------------------------------------------------------------------
 # Choosing a group
+def _need(num: int, role: str, use_gpu: bool, cpus_per_worker: float, gpus_per_worker: float) -> str:
+    if use_gpu:
+        return f"{num} {role}(s) of {gpus_per_worker:g} GPU each"
+    return f"{num} {cpus_per_worker:g}-CPU {role}(s)"
+
+
 def choose_group(
     groups: dict[str, Group],
     precision: str = "auto",
     num_workers: int = 1,
     use_gpu: bool = True,
     cpus_per_worker: float = 1,
+    gpus_per_worker: float = 1,
+    role: str = "worker",
 ) -> Group:
     """The one group that runs `num_workers` workers, or PrecisionGroupError with the cluster's table.
 
@@ -189,9 +208,8 @@ def choose_group(
     most CPUs). An explicit precision gets that group or a refusal, never a mix: refusing here, before
     any worker starts, beats a fit() that waits forever for resources the group does not have.
     """
-    unit = "GPU" if use_gpu else f"{cpus_per_worker:g}-CPU"
-    need = f"{num_workers} worker(s) of 1 {unit} each" if use_gpu else f"{num_workers} {unit} worker(s)"
-    table = format_groups(groups)
+    need = _need(num_workers, role, use_gpu, cpus_per_worker, gpus_per_worker)
+    table = "the cluster has:\n" + format_groups(groups)
     if precision != "auto":
         if precision not in PRECISIONS:
             raise PrecisionGroupError(
@@ -200,29 +218,31 @@ def choose_group(
         group = groups.get(precision)
         if group is None:
             raise PrecisionGroupError(
-                f"no {precision} nodes in this cluster, so {need} cannot start. The cluster has:\n{table}\n"
-                "Pick a precision the cluster has (or --precision auto), or add nodes started with "
-                "cluster/start_node.sh on matching GPUs."
+                f"no {precision} nodes in this cluster ({_summary(groups)}), so {need} cannot start: pick a "
+                "precision the cluster has (or drop --precision), or add nodes started with cluster/start_node.sh on matching GPUs.",
+                table,
             )
-        slots = group.worker_slots(use_gpu, cpus_per_worker)
+        slots = group.worker_slots(use_gpu, cpus_per_worker, gpus_per_worker)
         if slots < num_workers:
             raise PrecisionGroupError(
-                f"the {precision} group holds {slots} of the {need} requested; workers of one model must "
-                f"share one dtype, so they will not be spread over other groups. The cluster has:\n{table}\n"
-                f"Ask for at most {slots} worker(s), another precision, or add {precision} nodes."
+                f"the {precision} group holds {slots} of the {need} requested ({_summary(groups)}); {role}s of one "
+                f"model must share one dtype, so they will not be spread over other groups: ask for at most {slots} "
+                f"{role}(s), another precision, or add {precision} nodes.",
+                table,
             )
         return group
 
     candidates = [
         g
         for g in groups.values()
-        if g.precision in PRECISIONS and g.worker_slots(use_gpu, cpus_per_worker) >= num_workers
+        if g.precision in PRECISIONS and g.worker_slots(use_gpu, cpus_per_worker, gpus_per_worker) >= num_workers
     ]
     if not candidates:
-        most = max((g.worker_slots(use_gpu, cpus_per_worker) for g in groups.values()), default=0)
+        most = max((g.worker_slots(use_gpu, cpus_per_worker, gpus_per_worker) for g in groups.values()), default=0)
         raise PrecisionGroupError(
-            f"no single precision group holds {need}; workers of one model must share one dtype. "
-            f"The cluster has:\n{table}\nAsk for at most {most} worker(s) (or fewer CPUs per worker), or add nodes."
+            f"no single precision group holds {need} ({_summary(groups)}); {role}s of one model must share one "
+            f"dtype: ask for at most {most} {role}(s) (or fewer CPUs per {role}), or add nodes.",
+            table,
         )
     best = max(candidates, key=lambda g: (g.peak_flops, g.gpus, g.cpus))
     others = ", ".join(f"{g.precision} {g.peak_flops / 1e12:.1f}" for g in candidates if g is not best)
@@ -232,6 +252,26 @@ def choose_group(
         f"group that holds {need}" + (f" (other candidates, TFLOP/s: {others})" if others else "")
     )
     return best
+
+
+def check_room(
+    groups: dict[str, Group],
+    num_workers: int,
+    use_gpu: bool,
+    cpus_per_worker: float = 1,
+    gpus_per_worker: float = 1,
+    role: str = "worker",
+) -> None:
+    """Refuse `num_workers` workers that need not share a dtype (e.g. Serve replicas) when the whole
+    cluster cannot hold them: their placement would wait without end."""
+    slots = sum(g.worker_slots(use_gpu, cpus_per_worker, gpus_per_worker) for g in groups.values())
+    if slots < num_workers:
+        need = _need(num_workers, role, use_gpu, cpus_per_worker, gpus_per_worker)
+        raise PrecisionGroupError(
+            f"the cluster holds {slots} of the {need} requested ({_summary(groups)}): ask for fewer or smaller "
+            f"{role}s, or add nodes.",
+            "the cluster has:\n" + format_groups(groups),
+        )
 
 
 def scaling_config(
@@ -259,9 +299,11 @@ def plan_cluster(
     num_workers: int = 1,
     use_gpu: bool | None = None,
     cpus_per_worker: float = 1,
+    ray_nodes: list[dict] | None = None,
 ) -> tuple[Group, ScalingConfig]:
-    """(group, ScalingConfig) for the connected Ray cluster; refuses what no single group can run."""
-    nodes = nodes_from_ray(ray.nodes())
+    """(group, ScalingConfig) for the cluster of `ray_nodes` (in `ray.nodes()` form; default: the connected
+    cluster's); refuses what no single group can run."""
+    nodes = nodes_from_ray(ray.nodes() if ray_nodes is None else ray_nodes)
     if use_gpu is None:
         use_gpu = any(n.num_gpus for n in nodes)
     found = groups(nodes)
@@ -288,9 +330,10 @@ def check_worker_precisions(records: list[dict], expected: str) -> None:
     table = _table((*keys, f"expected {expected}"), rows)
     raise PrecisionGroupError(
         f"workers of one precision group disagree on the compute dtype (expected {expected} everywhere, "
-        f"got {', '.join(sorted(dtypes))}):\n{table}\n"
-        "A node's labels do not match its GPU: restart it with cluster/start_node.sh, which labels it from "
-        "its own precision probe, or choose the group explicitly with --precision."
+        f"got {', '.join(sorted(dtypes))}): a node's labels do not match its GPU; restart it with "
+        "cluster/start_node.sh, which labels it from its own precision probe, or choose the group explicitly "
+        "with --precision.",
+        table,
     )
 
 
@@ -310,4 +353,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

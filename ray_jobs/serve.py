@@ -21,8 +21,10 @@ binds 127.0.0.1 unless --host; $NANOCHAT_API_KEY (where the app is built) turns 
 # through Serve's ingress wrapper, where string annotations are not resolved
 
 import dataclasses
+import errno
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -36,15 +38,18 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from ray import serve
 from ray.serve import Application
 
+from nanochat import checkpoint
 from nanochat.checkpoint import load_for_inference, run_dir_of
 from nanochat.common import init_process
 from nanochat.config import CommonConfig, option, parse_config
+from nanochat.errors import UsageError
 from nanochat.infer.decode_thread import DecodeThread
 from nanochat.infer.engine import Engine, context_length
 from nanochat.infer.stream import AnswerStream
-from ray_jobs.cluster import connect
+from nanochat.tokenizer import Tokenizer
+from ray_jobs.cluster import connect, joins_cluster, planned_nodes, run_driver
 from ray_jobs.openai_api import Answer, ApiError, ChatRequest, api, authorize, completion, events, to_answer
-from ray_jobs.scheduler import LABEL_PRECISION
+from ray_jobs.scheduler import LABEL_PRECISION, check_room, choose_group, groups, nodes_from_ray
 
 PAGE = Path(__file__).parent / "static" / "chat.html"
 API_KEY_ENV = "NANOCHAT_API_KEY"
@@ -221,11 +226,58 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
 app = build_app  # `serve run ray_jobs.serve:app checkpoint=...` calls it with the key=value args
 
 
+def check_model(cfg: ServeConfig) -> None:
+    """The checkpoint resolves and its tokenizer is found, loads and is the one it was trained with, as a
+    replica will find them (without loading any weights)."""
+    step_dir = checkpoint.resolve_checkpoint(cfg.checkpoint)
+    meta = checkpoint.read_meta(step_dir)
+    directory = checkpoint.tokenizer_dir_for(meta, cfg.tokenizer_dir or None, step_dir)
+    try:
+        tokenizer = Tokenizer.load(directory)
+    except (FileNotFoundError, ValueError) as err:  # its message names the file and how to make a new one
+        raise UsageError(str(err)) from err
+    checkpoint.check_tokenizer(meta, tokenizer.fingerprint(), directory, step_dir)
+
+
+def check_port(host: str, port: int) -> None:
+    """Serve's HTTP proxy can bind host:port here; otherwise the deployment would fail after the model loaded."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy (uvicorn) binds
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            what = "is in use" if err.errno == errno.EADDRINUSE else f"cannot be bound ({err.strerror})"
+            raise UsageError(f"{host}:{port} {what}: pass another --port (or --host), or stop what holds it") from err
+
+
+def check_capacity(cfg: ServeConfig, nodes: list[dict]) -> None:
+    """The cluster has room for every replica (in the --precision group if one is named): Serve would
+    otherwise wait without end for a node that never comes."""
+    found = groups(nodes_from_ray(nodes))
+    gpus = _gpus_per_replica(cfg)
+    shape = {"use_gpu": gpus > 0, "cpus_per_worker": cfg.num_cpus, "gpus_per_worker": gpus or 1, "role": "replica"}
+    if cfg.precision == "any":  # replicas answer on their own: they may spread over groups
+        check_room(found, cfg.replicas, **shape)
+    else:
+        choose_group(found, cfg.precision, cfg.replicas, **shape)
+
+
+def preflight(cfg: ServeConfig, cpus: float) -> None:
+    """Everything checked before Ray, Serve or a GPU start, so that a mistake fails in one line and at once."""
+    if not cfg.checkpoint:
+        raise UsageError("pass --checkpoint (a step_* directory or a run directory)")
+    check_model(cfg)
+    if not joins_cluster(cfg.address):  # the proxy binds on this machine (a cluster's runs on its head node)
+        check_port(cfg.host, cfg.port)
+    check_capacity(cfg, planned_nodes(cfg.address, cfg.dtype, cfg.device, cpus))
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(ServeConfig, sys.argv[1:] if argv is None else argv, description=__doc__.splitlines()[0])
-    if not cfg.checkpoint:
-        raise SystemExit("serve: pass --checkpoint (a step_* directory or a run directory)")
-    connect(cfg.address, cfg.dtype, cfg.device, cfg.replicas * cfg.num_cpus + 2)  # + Serve's controller and proxy
+    cpus = cfg.replicas * cfg.num_cpus + 2  # + Serve's controller and proxy
+    preflight(cfg, cpus)
+    connect(cfg.address, cfg.dtype, cfg.device, cpus)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg), name="nanochat", route_prefix="/")
     shown = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
@@ -243,4 +295,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_driver(main)

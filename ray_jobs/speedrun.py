@@ -41,6 +41,7 @@ from pathlib import Path
 from nanochat.checkpoint import stage_run_dir
 from nanochat.common import base_dir
 from nanochat.config import option, parse_config
+from nanochat.errors import run_main
 from nanochat.train.budget import format_duration, parse_duration
 
 # (stage, share of the budget). Base training gets most: it is where the model learns; the
@@ -197,4 +198,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

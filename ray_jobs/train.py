@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import socket
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,13 +44,21 @@ from nanochat.checkpoint import write_snapshot
 from nanochat.common import base_dir
 from nanochat.config import option, parse_config
 from nanochat.dataset import default_data_dir, list_shards, split_shards
-from nanochat.tokenizer import default_tokenizer_dir
+from nanochat.errors import UsageError
+from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
 from nanochat.tracking import Tracker, default_uri
 from nanochat.train.harness import with_step_split
 from nanochat.train.loop import Run, restore_run, snapshot_run
 from nanochat.train.stages import STAGES, Stage
-from ray_jobs.cluster import connect
-from ray_jobs.data import build_dataset, data_config, iter_train_batches, resume_position
+from ray_jobs.cluster import connect, planned_nodes, run_driver
+from ray_jobs.data import (
+    build_dataset,
+    check_shards,
+    data_config,
+    iter_train_batches,
+    resume_position,
+    work_items,
+)
 from ray_jobs.scheduler import check_worker_precisions, format_groups, groups, nodes_from_ray, plan_cluster
 
 CLUSTER_MAX_FAILURES = 3  # a node lost on a multi-node cluster is routine (preemption), not a bug to stop on
@@ -225,7 +235,16 @@ class WorkerHooks:
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
 
+def quiet_report_log() -> None:
+    """Ray Train logs every `ray.train.report` at INFO, the whole metrics dict on one line; with a report
+    every --report-every steps that buries the progress bar. Its logger is named by its module's file."""
+    from ray.train.v2._internal.execution import context  # Ray's own module: only its logger's name is used
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict) -> None:
+    quiet_report_log()
     stage = STAGES[config["stage"]]
     cfg = stage.config(**config["stage_config"])
     ctx = ray.train.get_context()
@@ -310,56 +329,92 @@ def failures_allowed(requested: int, alive_nodes: int) -> int:
     return CLUSTER_MAX_FAILURES if alive_nodes > 1 else 0
 
 
+def load_tokenizer(directory: str) -> Tokenizer:
+    """The tokenizer, loaded on the driver to check it (the workers and the tokenizer actors load it again)."""
+    try:
+        return Tokenizer.load(directory)
+    except (FileNotFoundError, ValueError) as err:  # its messages say where it looked and how to make one
+        raise UsageError(str(err)) from err
+
+
+def check_resume(run_dir: Path, resume: bool, train_shards: list[Path] | None) -> None:
+    """Ray Train resumes a run from its storage folder by itself (same --name and --storage-path): make
+    that an explicit choice rather than a surprise, and make sure the shards still hold its data position."""
+    latest = checkpoint.find_latest(run_dir) if run_dir.exists() else None
+    if latest is None:
+        return
+    if not resume:
+        raise SystemExit(f"{run_dir} already holds checkpoints (latest: {latest.name}); pass --resume to "
+                         "continue that run, or --name / --storage-path for a new one")
+    position = checkpoint.load_checkpoint(latest, restore_rng=False)["loader_state"]
+    if train_shards is not None and position is not None:
+        work_items(train_shards, position)
+
+
+def preflight(cfg, stage: Stage, run_dir: Path) -> None:
+    """Everything the driver can check before it starts Ray, an MLflow run or a GPU, so that a mistake
+    fails in one line and at once: the shards (every footer read), the tokenizer, the checkpoint to
+    resume. (The checkpoint a later stage starts from is checked by resolve_paths.)"""
+    train_shards = check_shards(cfg.data_dir) if stage.shards else None
+    load_tokenizer(cfg.tokenizer_dir)
+    check_resume(run_dir, cfg.resume, train_shards)
+
+
+@contextmanager
+def ended(tracker: Tracker) -> Iterator[None]:
+    """The MLflow run ends FINISHED, FAILED on an error, KILLED on Ctrl-C: never left RUNNING."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     stage = stage_from_argv(argv)
     if stage not in STAGES:
-        raise SystemExit(f"unknown --stage {stage!r}; choose one of {', '.join(STAGES)}")
+        raise UsageError(f"unknown --stage {stage!r}; choose one of {', '.join(STAGES)}")
     cfg = parse_config(config_class(stage), argv, description=__doc__.splitlines()[0])
     resolve_paths(cfg, STAGES[stage])
-    connect(cfg.address, cfg.dtype, cfg.device,
-            cfg.num_workers * cfg.cpus_per_worker + cfg.tokenize_workers + 1)  # + the packing actor
-
-    cfg.max_failures = failures_allowed(cfg.max_failures, sum(n["Alive"] for n in ray.nodes()))
-    group, scaling = plan_cluster(cfg.precision, cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker)
-    print(f"cluster precision groups:\n{format_groups(groups(nodes_from_ray(ray.nodes())))}\n"
-          f"training on the {group.precision} group: {cfg.num_workers} worker(s) on {', '.join(sorted(group.gpu_names))}")
     storage = Path(cfg.storage_path or base_dir() / "ray_results").resolve()
     name = cfg.name or checkpoint.stage_run_dir(stage, cfg.depth).name
-    latest = checkpoint.find_latest(storage / name) if (storage / name).exists() else None
-    # Ray Train resumes a run from its storage folder by itself (same --name and --storage-path);
-    # make that an explicit choice rather than a surprise
-    if latest is not None and not cfg.resume:
-        raise SystemExit(f"{storage / name} already holds checkpoints (latest: {latest.name}); pass --resume to "
-                         "continue that run, or --name / --storage-path for a new one")
+    preflight(cfg, STAGES[stage], storage / name)
+    cpus = cfg.num_workers * cfg.cpus_per_worker + cfg.tokenize_workers + 1  # + the packing actor
+    nodes = planned_nodes(cfg.address, cfg.dtype, cfg.device, cpus)
+    group, scaling = plan_cluster(cfg.precision, cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, ray_nodes=nodes)
+    cfg.max_failures = failures_allowed(cfg.max_failures, sum(n["Alive"] for n in nodes))
+    print(f"cluster precision groups:\n{format_groups(groups(nodes_from_ray(nodes)))}\n"
+          f"training on the {group.precision} group: {cfg.num_workers} worker(s) on {', '.join(sorted(group.gpu_names))}")
+    connect(cfg.address, cfg.dtype, cfg.device, cpus)
     stage_fields = {f.name for f in dataclasses.fields(STAGES[stage].config)}
     stage_config = {k: v for k, v in dataclasses.asdict(cfg).items() if k in stage_fields}
     uri = cfg.mlflow_uri or default_uri(storage)
     tracker = Tracker.create(uri, cfg.mlflow_experiment, name, {**dataclasses.asdict(cfg), "precision_group": group.precision})
     print(f"MLflow run {tracker.run_id} in {uri}  (mlflow ui --backend-store-uri {uri})")
 
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "stage": stage, "stage_config": stage_config, "precision": group.precision,
-            "shard_optimizer": cfg.shard_optimizer, "grad_dtype": cfg.grad_dtype, "fault": os.environ.get(FAULT_ENV, ""),
-            "mlflow_uri": uri, "mlflow_run_id": tracker.run_id, "summary_path": str(storage / name / "summary.json"),
-        },
-        scaling_config=scaling,
-        run_config=RunConfig(
-            name=name, storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last),
-        ),
-        **(ray_datasets(cfg, storage / name) if STAGES[stage].shards else {}),
-    )
-    try:
+    with ended(tracker):
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "stage": stage, "stage_config": stage_config, "precision": group.precision,
+                "shard_optimizer": cfg.shard_optimizer, "grad_dtype": cfg.grad_dtype, "fault": os.environ.get(FAULT_ENV, ""),
+                "mlflow_uri": uri, "mlflow_run_id": tracker.run_id, "summary_path": str(storage / name / "summary.json"),
+            },
+            scaling_config=scaling,
+            run_config=RunConfig(
+                name=name, storage_path=str(storage),
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last),
+            ),
+            **(ray_datasets(cfg, storage / name) if STAGES[stage].shards else {}),
+        )
         result = trainer.fit()
-    except Exception:
-        tracker.finish("FAILED")
-        raise
-    tracker.log_loss_plot()
-    tracker.finish()
+        tracker.log_loss_plot()
     summary = json.loads((storage / name / "summary.json").read_text())
     summary.update(checkpoint=result.checkpoint.path if result.checkpoint else None, mlflow_run_id=tracker.run_id, mlflow_uri=uri)
     print("summary:", json.dumps(summary))
@@ -367,4 +422,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_driver(main)

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -48,7 +47,8 @@ from nanochat.train import memory
 from nanochat.train.base import BaseTrainConfig
 from nanochat.train.stages import STAGES
 from ray_jobs import train
-from ray_jobs.cluster import connect
+from ray_jobs.cluster import connect, planned_nodes, run_driver
+from ray_jobs.data import check_shards
 from ray_jobs.scheduler import Group, format_groups, groups, nodes_from_ray, plan_cluster
 
 METRIC = "val_bpb"
@@ -89,7 +89,10 @@ def config_class() -> type:
 
 
 def lr_range(text: str, flag: str) -> tuple[float, float]:
-    low, high = (float(v) for v in text.split(","))
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:  # not two numbers
+        low = high = 0.0
     if not 0 < low < high:
         raise SystemExit(f"{flag} {text!r}: give LOW,HIGH with 0 < LOW < HIGH, e.g. 0.005,0.08")
     return low, high
@@ -246,7 +249,7 @@ def run_trial(config: dict, fixed: dict) -> None:
     trainer = TorchTrainer(
         train.train_loop_per_worker,
         train_loop_config={
-            "stage": "base", "stage_config": settings, "precision": fixed["precision"],
+            "stage": "base", "stage_config": settings, "precision": fixed["precision"], **fixed["worker"],
             "mlflow_uri": fixed["mlflow_uri"], "mlflow_run_id": tracker.run_id, "summary_path": str(run_dir / "summary.json"),
         },
         scaling_config=fixed["scaling"],
@@ -380,6 +383,18 @@ def concurrency(cfg, group: Group) -> int:
     return 2
 
 
+def preflight(cfg, exp_dir: Path) -> Tokenizer:
+    """What the driver checks before it starts Ray, MLflow or a GPU (so a mistake fails in one line and at
+    once): the shards (every footer read), the tokenizer (returned), no earlier sweep in `exp_dir` unless
+    --resume."""
+    check_shards(cfg.data_dir)
+    tokenizer = train.load_tokenizer(cfg.tokenizer_dir)
+    if tune.Tuner.can_restore(exp_dir) and not cfg.resume:
+        raise SystemExit(f"{exp_dir} already holds a sweep; pass --resume to continue it (or rewrite its outputs "
+                         "when it finished), or --name / --storage-path for a new one")
+    return tokenizer
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_config(config_class(), argv, description=__doc__.splitlines()[0])
@@ -388,17 +403,20 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 < cfg.grace_evals < cfg.evals_per_trial:
         raise SystemExit(f"--grace-evals must be between 1 and --evals-per-trial - 1 (= {cfg.evals_per_trial - 1})")
     train.resolve_paths(cfg, STAGES["base"])
+    storage = Path(cfg.storage_path or base_dir() / "ray_results").resolve()
+    name = cfg.name or f"tune_d{cfg.depth}"
+    exp_dir = storage / name
+    vocab_size = preflight(cfg, exp_dir).vocab_size
     per_trial = 1 + cfg.num_workers * cfg.cpus_per_worker + cfg.tokenize_workers + 1  # trial driver + workers + data
-    connect(cfg.address, cfg.dtype, cfg.device, (cfg.max_concurrent or 2) * per_trial)
-
-    group, scaling = plan_cluster(cfg.precision, cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker)
+    cpus = (cfg.max_concurrent or 2) * per_trial
+    nodes = planned_nodes(cfg.address, cfg.dtype, cfg.device, cpus)
+    group, scaling = plan_cluster(cfg.precision, cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, ray_nodes=nodes)
     concurrent = concurrency(cfg, group)
-    print(f"cluster precision groups:\n{format_groups(groups(nodes_from_ray(ray.nodes())))}\n"
+    print(f"cluster precision groups:\n{format_groups(groups(nodes_from_ray(nodes)))}\n"
           f"tuning on the {group.precision} group ({', '.join(sorted(group.gpu_names))}): {cfg.num_workers} worker(s) "
           f"per trial, {concurrent} trial(s) at once")
 
     # --- the search space, after the memory filter
-    vocab_size = Tokenizer.load(cfg.tokenizer_dir).vocab_size
     budget, dtype, compile, source = memory_target(cfg, group)
     candidates = (int_list(cfg.device_batch_sizes), int_list(cfg.total_batch_sizes))
     kept, dropped = feasible_batches(
@@ -427,16 +445,17 @@ def main(argv: list[str] | None = None) -> dict:
                      "unembedding_lr": defaults.unembedding_lr}]
 
     # --- where everything goes
-    storage = Path(cfg.storage_path or base_dir() / "ray_results").resolve()
-    name = cfg.name or f"tune_d{cfg.depth}"
-    exp_dir = storage / name
+    connect(cfg.address, cfg.dtype, cfg.device, cpus)
     uri = cfg.mlflow_uri or default_uri(exp_dir)
     stage_fields = {f.name for f in dataclasses.fields(BaseTrainConfig)}
     fixed = {
         "stage_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k in stage_fields},
         "token_budget": cfg.token_budget, "evals_per_trial": cfg.evals_per_trial, "precision": group.precision,
         "scaling": scaling, "train_root": str(exp_dir / "train_runs"), "tokenize_workers": cfg.tokenize_workers,
-        "max_failures": cfg.max_failures, "mlflow_uri": uri, "mlflow_experiment": cfg.mlflow_experiment, "sweep": name,
+        "max_failures": train.failures_allowed(cfg.max_failures, sum(n["Alive"] for n in nodes)),
+        "mlflow_uri": uri, "mlflow_experiment": cfg.mlflow_experiment, "sweep": name,
+        # the rest of what ray_jobs.train hands its workers (no fault injection in a sweep)
+        "worker": {"shard_optimizer": cfg.shard_optimizer, "grad_dtype": cfg.grad_dtype, "fault": ""},
     }
     trainable = tune.with_parameters(run_trial, fixed=fixed)
 
@@ -450,10 +469,7 @@ def main(argv: list[str] | None = None) -> dict:
     # race on its schema migration
     ensure_experiment(uri, cfg.mlflow_experiment)
     print(f"MLflow: {uri}  (mlflow ui --backend-store-uri {uri})")
-    if tune.Tuner.can_restore(exp_dir):
-        if not cfg.resume:
-            raise SystemExit(f"{exp_dir} already holds a sweep; pass --resume to continue it (or rewrite its outputs "
-                             "when it finished), or --name / --storage-path for a new one")
+    if tune.Tuner.can_restore(exp_dir):  # with --resume: preflight refused it otherwise
         print(f"resuming the sweep in {exp_dir}")
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, param_space=space, resume_unfinished=True)
     else:
@@ -492,4 +508,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_driver(main)

@@ -6,6 +6,7 @@ Fixtures (session-scoped, built once from a slice of the embedded corpus):
                  16 val docs -> 3 train shards (12 row groups) + 1 val shard
   tokenizer_dir  Path: a tokenizer (vocab 512) trained on the train shards and saved there
   tokenizer      that tokenizer, loaded
+  local_ray      a local Ray instance shared by the modules that ask for it (see below)
 
 Markers: `@pytest.mark.slow` runs only with --runslow; `@pytest.mark.gpu` is skipped without CUDA.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,57 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip_gpu)
+        if uses_shared_ray(item):
+            SHARED_RAY_MODULES.add(item.module.__name__)
+
+
+# --- one local Ray instance for the whole session -------------------------------------------------
+# Starting Ray costs 5-20 s on a 2-core machine (and each module's first actors another interpreter
+# start each), so the instance `local_ray` starts stays up until the session ends, for every later
+# module that asks for it. Ray allows one instance per process: before a test of a module that
+# imports ray but does not ask for `local_ray` (it starts a cluster of its own), the shared one is
+# shut down, to be started again by the next module that asks.
+
+RAY_CPUS = 8  # logical CPUs: the most any module asks of it (a Tune trial and its data actors, Serve's replicas)
+SHARED_RAY_MODULES: set[str] = set()  # modules with a test that asks for the shared instance
+_shared_ray_running = False
+
+
+def uses_shared_ray(item: pytest.Item) -> bool:
+    """The test asks for this file's `local_ray`, not for a fixture of that name in its own module."""
+    module = getattr(item, "module", None)
+    return "local_ray" in getattr(item, "fixturenames", ()) and module is not None and not hasattr(module, "local_ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> None:
+    global _shared_ray_running
+    import ray
+
+    if not ray.is_initialized():
+        # address="local": an instance of our own, never a cluster that happens to run on this host
+        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False)
+        _shared_ray_running = True
+
+
+def stop_shared_ray() -> None:
+    global _shared_ray_running
+    ray = sys.modules.get("ray")
+    if _shared_ray_running and ray is not None and ray.is_initialized():
+        ray.shutdown()
+    _shared_ray_running = False
+
+
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures, which may start a Ray of their own
+def pytest_runtest_setup(item):
+    module = getattr(item, "module", None)
+    ray = sys.modules.get("ray")
+    if ray is not None and module is not None and vars(module).get("ray") is ray and module.__name__ not in SHARED_RAY_MODULES:
+        stop_shared_ray()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    stop_shared_ray()
 
 
 @pytest.fixture(scope="session")

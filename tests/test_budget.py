@@ -31,16 +31,21 @@ def test_fitted_horizon_fills_the_budget_and_no_more():
     assert due_between(100, 10, 300) == 2 and due_between(-1, 0, 10) == 0
 
 
+# long enough that the fixed costs (setup, the timed first steps, the final eval and samples) stay
+# well inside 10 %, on a busy machine too
+BUDGET_S = 40
+
+
 def test_time_budget_lands_within_ten_percent(data_dir, tokenizer_dir, tmp_path):
     run = tmp_path / "run"
     args = ["--device", "cpu", "--data-dir", str(data_dir), "--tokenizer-dir", str(tokenizer_dir), "--run-dir", str(run),
             "--depth", "2", "--head-dim", "32", "--max-seq-len", "64", "--device-batch-size", "4",
             "--total-batch-size", "512", "--eval-tokens", "1024", "--sample-every", "-1", "--eval-every", "200",
-            "--save-every", "-1", "--time-budget", "60s"]
+            "--save-every", "-1", "--time-budget", f"{BUDGET_S}s"]
     t0 = time.perf_counter()
     summary = base_train.main(args)
     wall = time.perf_counter() - t0
-    assert 54 <= wall <= 66, f"a 60 s budget took {wall:.1f} s"
+    assert 0.9 * BUDGET_S <= wall <= 1.1 * BUDGET_S, f"a {BUDGET_S} s budget took {wall:.1f} s"
     decision = summary["time_budget"]
     # the schedule saw the final horizon: the last step ran at the end of its warmdown
     records = read_metrics(run / "metrics.jsonl")

@@ -24,7 +24,9 @@ def free_port() -> int:
 
 
 def cli_env() -> dict:
-    env = dict(os.environ, RAY_DISABLE_USAGE_STATS="1")
+    # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S: a SIGTERMed `ray start --block` first drains its node for
+    # up to 30 s (for Serve proxies behind a load balancer); this head has nothing to drain
+    env = dict(os.environ, RAY_DISABLE_USAGE_STATS="1", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     env.pop("RAY_ADDRESS", None)
     if (Path.home() / ".ray" / "auth_token").exists():
         # a local ray.init() left a token behind: the new head uses token auth, and so must the client
@@ -55,7 +57,7 @@ def test_submitted_training_runs_and_logs_each_workers_plan(head, data_dir, toke
     runtime_env = json.dumps({"excludes": [".git", ".device", ".anchor", "runs"]})
     cmd = [
         *RAY, "job", "submit", "--address", head, "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--",
-        "python", "-m", "ray_jobs.train", "--device", "cpu", "--num-workers", "2",
+        "python", "-m", "ray_jobs.train", "--device", "cpu", "--num-workers", "2", "--tokenize-workers", "1",
         "--data-dir", str(data_dir), "--tokenizer-dir", str(tokenizer_dir), "--storage-path", str(tmp_path),
         "--depth", "2", "--head-dim", "32", "--max-seq-len", "64", "--device-batch-size", "4", "--total-batch-size", "512",
         "--num-iterations", "6", "--eval-every", "-1", "--eval-tokens", "1024", "--sample-every", "-1", "--save-every", "-1",

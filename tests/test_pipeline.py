@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 
 from nanochat import checkpoint, report
 from nanochat.runlog import read_metrics
@@ -38,7 +37,7 @@ def runs(tmp_path_factory, data_dir, tokenizer_dir) -> Path:
     mid_train.main(finetune_args(tokenizer_dir, root, "mid", "base", "--device-batch-size", "4", "--total-batch-size", "512",
                                  "--num-iterations", "12"))
     # SFT and RL in fp16 on the CPU: the same GradScaler step as every other stage
-    chat_sft.main(finetune_args(tokenizer_dir, root, "sft", "mid", "--device-batch-size", "4", "--num-iterations", "8",
+    chat_sft.main(finetune_args(tokenizer_dir, root, "sft", "mid", "--device-batch-size", "4", "--num-iterations", "4",
                                 "--dtype", "float16"))
     chat_rl.main(common(tokenizer_dir, "--init-from", str(root / "sft_d2"), "--run-dir", str(root / "rl_d2"),
                         "--num-iterations", "2", "--examples-per-step", "2", "--num-samples", "4", "--device-batch-size", "2",
@@ -70,14 +69,10 @@ def test_fp16_stages_use_the_grad_scaler(runs):
     assert 0 <= rl["final_reward"] <= 1 and 0 <= rl["pass_at_1"] <= 1
 
 
-def test_sft_stage_through_the_ray_driver(runs, tokenizer_dir, tmp_path):
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    try:
-        summary = ray_train.main(["--stage", "sft", *finetune_args(tokenizer_dir, runs, "sft", "mid", "--device-batch-size", "2",
-                                                                    "--num-iterations", "4", "--save-every", "2"),
-                                  "--num-workers", "2", "--storage-path", str(tmp_path / "ray"), "--name", "sft_ray"])
-    finally:
-        ray.shutdown()
+def test_sft_stage_through_the_ray_driver(runs, tokenizer_dir, tmp_path, local_ray):
+    summary = ray_train.main(["--stage", "sft", *finetune_args(tokenizer_dir, runs, "sft", "mid", "--device-batch-size", "2",
+                                                                "--num-iterations", "4", "--save-every", "2"),
+                              "--num-workers", "2", "--storage-path", str(tmp_path / "ray"), "--name", "sft_ray"])
     assert summary["stage"] == "sft" and summary["steps"] == 4 and summary["val_loss"] > 0
     latest = checkpoint.find_latest(tmp_path / "ray" / "sft_ray")
     state = checkpoint.load_checkpoint(latest, restore_rng=False)

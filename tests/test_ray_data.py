@@ -1,6 +1,6 @@
 """The Ray Data pipeline against the plain DataLoader and an independent reconstruction of the stream.
 
-One local Ray instance for the module (or the one already running in this process).
+On the session's shared local Ray instance (conftest.py's `local_ray`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 
 from nanochat.dataloader import DataLoader, pack_rows
@@ -23,20 +22,8 @@ from ray_jobs.data import build_dataset, iter_train_batches, resume_position
 
 SEQ_LEN, BATCH = 64, 4
 ROW_LEN = SEQ_LEN + 1
-# half a CPU per tokenizer: two of them plus the packer fit the 2-CPU test instance
+# half a CPU per tokenizer: two of them plus the packer fit in 2 CPUs
 TOKENIZER_CPUS = 0.5
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    if ray.is_initialized():
-        yield
-        return
-    # address="local": a fresh instance even if another Ray runs on this host
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
-"""The Ray Serve chat endpoint on CPU, over real HTTP: one local Ray cluster and Serve instance per
-module with two applications of the tiny checkpoint, "main" at / (default limits, no key) and
-"tight" at /tight (1 in the batch, 1 waiting, a bearer key). Answers are checked against the engine
-run in this process, streamed against non-streamed, and through the official `openai` client."""
+"""The Ray Serve chat endpoint on CPU, over real HTTP: one Serve instance per module (on the session's
+local Ray, conftest.py's `local_ray`) with two applications of the tiny checkpoint, "main" at /
+(default limits, no key) and "tight" at /tight (1 in the batch, 1 waiting, a bearer key). Answers are
+checked against the engine run in this process, streamed against non-streamed, and through the
+official `openai` client."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import ray
 from ray import serve
 
 from nanochat.chat import render_for_completion
@@ -48,11 +48,9 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_run, tokenizer_dir, monkeypatch_module) -> Server:  # noqa: F811
+def server(tiny_run, tokenizer_dir, monkeypatch_module, local_ray) -> Server:  # noqa: F811
     port = free_port()
     common = {"checkpoint": str(tiny_run), "tokenizer_dir": str(tokenizer_dir), "device": "cpu", "num_cpus": "0.5"}
-    # address="local": a cluster of our own, never one that happens to run on this machine
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         monkeypatch_module.delenv(serve_app.API_KEY_ENV, raising=False)
@@ -65,7 +63,6 @@ def server(tiny_run, tokenizer_dir, monkeypatch_module) -> Server:  # noqa: F811
         yield Server(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/tight", tiny_run, tokenizer_dir)
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,12 @@ model by `sync_weights()` (per request: a model being trained, as in RL, is deco
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch._inductor import config as inductor_config
 
 from nanochat.gpt import GPT, AttentionCache, attention
 from nanochat.infer.cache import KVCache
@@ -72,11 +73,16 @@ def _one_token(model: nn.Module, ids: torch.Tensor, step: StaticStep) -> torch.T
     return model(ids, kv_cache=step)[:, -1, :]
 
 
-# Compiled lazily, on its first call. Programmatic dependent launch (compute capability 9.0+, where
-# this torch has the option) lets each generated kernel launch while the one before it ends, as
-# the kernels of nanochat.infer.matvec_kernel and nanochat.infer.attention_kernel do.
-_PDL = {"triton.enable_pdl": True} if hasattr(inductor_config.triton, "enable_pdl") else {}
-_compiled_one_token = torch.compile(_one_token, dynamic=None, options=_PDL)
+@functools.cache
+def _compiled_one_token() -> Callable:
+    """`_one_token` under torch.compile, built on first use (importing inductor costs every entry point
+    seconds otherwise). Programmatic dependent launch (compute capability 9.0+, where this torch has the
+    option) lets each generated kernel launch while the one before it ends, as the kernels of
+    nanochat.infer.matvec_kernel and nanochat.infer.attention_kernel do."""
+    from torch._inductor import config as inductor_config
+
+    pdl = {"triton.enable_pdl": True} if hasattr(inductor_config.triton, "enable_pdl") else {}
+    return torch.compile(_one_token, dynamic=None, options=pdl)
 
 
 def decode_copy(model: GPT, dtype: torch.dtype, few_row_kernel: bool) -> GPT:
@@ -242,7 +248,7 @@ class Decoder:
         runs (compilation, cuBLAS/attention workspaces; capture needs them on a side stream) compute
         the step for real, and the captured graph is not replayed this time."""
         step = StaticStep(cache.k, cache.v, g.pos, g.pad, fused=self.fused)
-        fn = _compiled_one_token if self.compile else _one_token
+        fn = _compiled_one_token() if self.compile else _one_token
         weights = self.weights
         device = g.ids.device
         side = torch.cuda.Stream(device)

@@ -14,13 +14,13 @@ Writes base_eval.json into the checkpoint's run dir (or --out).
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 
 from nanochat.checkpoint import CheckpointError, load_for_inference, run_dir_of, stage_run_dir
 from nanochat.common import init_process, save_result
 from nanochat.config import CommonConfig, option, parse_config
+from nanochat.errors import run_main
 from nanochat.eval.core import TASKS, ModelScorer, evaluate_core, load_task
 from nanochat.eval.offline import MissingDataError
 
@@ -32,7 +32,7 @@ class BaseEvalConfig(CommonConfig):
     tasks: str = option(",".join(TASKS), "comma-separated task names")
     max_per_task: int = option(500, "examples per task (a seeded random subset); -1 = all")
     num_fewshot: int = option(-1, "demonstrations per prompt; -1 = each task's default")
-    tokenizer_dir: str = option("", "trained tokenizer; empty = $NANOCHAT_BASE_DIR/tokenizer")
+    tokenizer_dir: str = option("", "trained tokenizer; empty = the one the checkpoint recorded, else $NANOCHAT_BASE_DIR/tokenizer")
     out: str = option("", "result JSON; empty = <run dir>/base_eval.json")
 
 
@@ -90,4 +90,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -16,8 +16,7 @@ The stage lives in nanochat/train/base.py (setup, evaluation) and nanochat/train
 this script feeds them the plain loader and local checkpoints, ray_jobs/train.py Ray Data and Ray Train.
 """
 
-import sys
-
+from nanochat.errors import run_main
 from nanochat.train.stages import run_plain
 
 
@@ -26,4 +25,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

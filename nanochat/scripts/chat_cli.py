@@ -23,6 +23,7 @@ from nanochat.chat import render_for_completion
 from nanochat.checkpoint import CheckpointError, load_for_inference
 from nanochat.common import init_process
 from nanochat.config import CommonConfig, option, parse_config
+from nanochat.errors import run_main
 from nanochat.infer.engine import SAMPLING, Engine, context_length
 from nanochat.infer.stream import AnswerStream
 
@@ -37,7 +38,7 @@ class ChatCliConfig(CommonConfig):
     temperature: float = option(SAMPLING.temperature, "sampling temperature; 0 = greedy")
     top_k: int = option(SAMPLING.top_k, "sample among the k most likely tokens; 0 = all")
     max_tokens: int = option(512, "most tokens per answer")
-    tokenizer_dir: str = option("", "trained tokenizer; empty = $NANOCHAT_BASE_DIR/tokenizer")
+    tokenizer_dir: str = option("", "trained tokenizer; empty = the one the checkpoint recorded, else $NANOCHAT_BASE_DIR/tokenizer")
 
 
 class ContextFull(ValueError):
@@ -137,4 +138,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

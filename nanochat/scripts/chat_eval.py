@@ -21,7 +21,6 @@ Writes chat_eval.json (see `main`) into the checkpoint's run directory unless --
 from __future__ import annotations
 
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from nanochat.checkpoint import CheckpointError, load_for_inference, run_dir_of
 from nanochat.common import init_process, save_result
 from nanochat.config import CommonConfig, option, parse_config
 from nanochat.distributed import sum_counts, world
+from nanochat.errors import run_main
 from nanochat.eval.offline import MissingDataError
 from nanochat.infer.engine import SAMPLING, Engine, context_length
 from nanochat.precision import PrecisionPlan
@@ -60,7 +60,7 @@ class ChatEvalConfig(CommonConfig):
     max_new_tokens: int = option(256, "tokens per generated answer")
     temperature: float = option(0.0, "sampling temperature for generative tasks; 0 = greedy (scores that repeat)")
     top_k: int = option(SAMPLING.top_k, "sample among the k most likely tokens; 0 = all")
-    tokenizer_dir: str = option("", "trained tokenizer; empty = $NANOCHAT_BASE_DIR/tokenizer")
+    tokenizer_dir: str = option("", "trained tokenizer; empty = the one the checkpoint recorded, else $NANOCHAT_BASE_DIR/tokenizer")
     out: str = option("", "output JSON file; empty = <run dir of the checkpoint>/chat_eval.json")
 
 
@@ -274,4 +274,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -9,8 +9,7 @@ Plain on-policy policy gradient (the method: nanochat/train/rl.py); fp16 devices
 GradScaler step as every stage. Progress: mean reward per step, greedy pass@1 on held-out problems.
 """
 
-import sys
-
+from nanochat.errors import run_main
 from nanochat.train.stages import run_plain
 
 
@@ -19,4 +18,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -10,8 +10,7 @@ learning rates start at 2% of the base ones and decay linearly to zero (upstream
 schedule). fp16 devices use the same GradScaler step as base training.
 """
 
-import sys
-
+from nanochat.errors import run_main
 from nanochat.train.stages import run_plain
 
 
@@ -20,4 +19,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

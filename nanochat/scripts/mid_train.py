@@ -11,8 +11,7 @@ rates, with the loss on assistant tokens only. fp16 devices use the same GradSca
 training. --num-iterations -1 = --num-epochs passes over the mixture.
 """
 
-import sys
-
+from nanochat.errors import run_main
 from nanochat.train.stages import run_plain
 
 
@@ -21,4 +20,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -13,7 +13,7 @@ import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 
@@ -24,7 +24,7 @@ from nanochat.distributed import all_reduce_sum, sum_counts, world
 from nanochat.gpt import GPT
 from nanochat.infer.engine import Engine
 from nanochat.tasks import MID_MIXTURE, SFT_MIXTURE, load_mixture
-from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
+from nanochat.tokenizer import Tokenizer
 from nanochat.train.loop import LoopConfig, Run, StageConfig, build_run, grad_accum_steps, start_process
 
 CHAT_SAMPLES = ["Hello! Who are you?", "What is 23 times 17?", "How many r are in the word strawberry?"]
@@ -44,11 +44,23 @@ class StartFromConfig(StageConfig):
         return checkpoint.resolve_checkpoint(self.init_from or checkpoint.stage_run_dir(self.PREVIOUS, self.depth, runs_root))
 
 
+S = TypeVar("S", bound=StartFromConfig)
+
+
+def resolve_start(cfg: S) -> S:
+    """`cfg` with --init-from pinned to the start checkpoint's step dir and --tokenizer-dir defaulted to the
+    tokenizer that checkpoint recorded (an explicit flag wins), so a stage needs no --tokenizer-dir after
+    the one before it. Call it before the tokenizer loads (start_process)."""
+    start = cfg.init_checkpoint()
+    tokenizer_dir = checkpoint.tokenizer_dir_for(checkpoint.read_meta(start), cfg.tokenizer_dir, start)
+    return dataclasses.replace(cfg, init_from=str(start), tokenizer_dir=str(tokenizer_dir))
+
+
 def load_start(cfg: StartFromConfig, device: torch.device, tokenizer: Tokenizer) -> tuple[GPT, Path]:
     """The previous stage's model (in train mode) and its step dir; refuses another tokenizer."""
     path = cfg.init_checkpoint()
     model, meta = checkpoint.load_model(path, device)
-    checkpoint.check_tokenizer(meta, tokenizer.fingerprint(), cfg.tokenizer_dir or default_tokenizer_dir(), path)
+    checkpoint.check_tokenizer(meta, tokenizer.fingerprint(), tokenizer.directory or cfg.tokenizer_dir, path)
     return model.train(), path
 
 
@@ -146,6 +158,7 @@ def epoch_steps(cfg: FinetuneConfig, tokenizer: Tokenizer, conversations: list[C
 
 def setup(cfg: FinetuneConfig, device: torch.device, world_size: int = 1, rank: int = 0) -> FinetuneRun:
     """The previous stage's model with a fresh optimizer, the mixture split, and the step function."""
+    cfg = resolve_start(cfg)
     plan, tokenizer = start_process(cfg, device)
     model, start_path = load_start(cfg, device, tokenizer)
     if cfg.max_seq_len not in (-1, model.config.sequence_len):

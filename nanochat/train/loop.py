@@ -19,6 +19,7 @@ from tqdm import tqdm
 from nanochat import checkpoint
 from nanochat.common import init_process
 from nanochat.config import CommonConfig, ModelShapeConfig, option
+from nanochat.dataset import default_data_dir
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.precision import PrecisionPlan
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
@@ -182,8 +183,12 @@ def build_run(run_class: type[R], cfg: StageConfig, device: torch.device, plan: 
               meta: dict | None = None, **fields: object) -> R:
     """The stage's Run: `model`, its step, and a meta (stage, model, tokenizer, plan, settings, + `meta`)."""
     step_fn = make_step(model, plan, grad_accum, cfg, compile, lr_frac, weight_decay)
+    # where the tokenizer and the shards are, so later entry points need no flags for them (checkpoint.tokenizer_dir_for)
+    sources = {"tokenizer_dir": str(tokenizer.directory) if tokenizer.directory else None}
+    if hasattr(cfg, "data_dir"):  # a stage that reads shards
+        sources["data_dir"] = str(Path(cfg.data_dir or default_data_dir()).resolve())
     meta = {"stage": cfg.STAGE, "model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer.fingerprint(),
-            "plan": plan.to_dict(), "train_config": dataclasses.asdict(cfg), **(meta or {})}
+            **sources, "plan": plan.to_dict(), "train_config": dataclasses.asdict(cfg), **(meta or {})}
     return run_class(cfg=cfg, device=device, plan=plan, tokenizer=tokenizer, model=model, step_fn=step_fn, grad_accum=step_fn.grad_accum, tokens_per_step=tokens_per_step,
                      num_iterations=num_iterations, meta=meta, world_size=world_size, is_main=rank == 0, **fields)
 

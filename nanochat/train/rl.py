@@ -23,7 +23,7 @@ from nanochat.config import option
 from nanochat.distributed import sum_counts, world
 from nanochat.infer.engine import Engine
 from nanochat.tasks import Task, load_task
-from nanochat.train.finetune import StartFromConfig, load_start
+from nanochat.train.finetune import StartFromConfig, load_start, resolve_start
 from nanochat.train.loop import Run, build_run, start_process
 from nanochat.train.step import lr_multiplier, set_schedule
 
@@ -129,6 +129,7 @@ class Problems:
 
 
 def setup(cfg: ChatRLConfig, device: torch.device, world_size: int = 1, rank: int = 0) -> RLRun:
+    cfg = resolve_start(cfg)  # the start checkpoint's step dir, and its tokenizer unless --tokenizer-dir names one
     plan, tokenizer = start_process(cfg, device)
     model, start = load_start(cfg, device, tokenizer)
     grad_accum = cfg.examples_per_step * math.ceil(cfg.num_samples / cfg.device_batch_size)
