@@ -51,7 +51,7 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = run_id
         self.pending: list[mlflow.entities.Metric] = []
-        self.logged_through = 0  # steps up to this one are in the store already: not logged again
+        self.logged_through = -1  # steps up to this one are in the store already: not logged again
 
     @classmethod
     def create(cls, uri: str, experiment: str, run_name: str, params: dict) -> Tracker:
@@ -67,8 +67,8 @@ class Tracker:
     def resume(self, start_step: int) -> int:
         """Attach to a run that may have logged steps before: those (and only those) are skipped from now
         on, and a restart is marked at `start_step` (metric `restarted_at_step`). Returns the last step logged."""
-        self.logged_through = max((m.step for m in self.client.get_metric_history(self.run_id, "loss")), default=0)
-        if self.logged_through:
+        self.logged_through = max((m.step for m in self.client.get_metric_history(self.run_id, "loss")), default=-1)
+        if self.logged_through > 0:
             self.client.log_metric(self.run_id, "restarted_at_step", start_step, step=start_step)
         return self.logged_through
 

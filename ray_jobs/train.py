@@ -263,7 +263,7 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"resumed at step {start_step}, data position {position}", flush=True)
     batches = stage_batches(stage, run, rank, world, position)
     tracker = Tracker(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else None
-    if tracker and tracker.resume(start_step):
+    if tracker and tracker.resume(start_step) > 0:
         print(f"restarted at step {start_step}: steps up to {tracker.logged_through} are in MLflow already and are "
               "not logged again", flush=True)
     hooks = WorkerHooks(run, batches, rank, tracker, start_step, fault_hook(config["fault"], rank, restored is not None))
