@@ -1,15 +1,16 @@
 """Ray Data pipeline for pretraining: parquet row groups -> tokenizer actor pool -> one packer -> Train workers.
 
-    ds = build_dataset(split_shards(list_shards(data_dir), "train"), tokenizer_dir, seq_len=2048)
+    E = epochs_per_pass(shards)
+    ds = build_dataset(split_shards(list_shards(data_dir), "train"), tokenizer_dir, seq_len=2048, epochs=E)
     trainer = TorchTrainer(loop, datasets={"train": ds}, dataset_config=data_config(), ...)
     # inside the loop:
-    for x, y, position in iter_train_batches(ray.train.get_dataset_shard("train"), B, device): ...
+    for x, y, position in iter_train_batches(ray.train.get_dataset_shard("train"), B, device, epochs_per_pass=E): ...
 
-Pipeline (one pass over the dataset = one epoch):
-  1. work items: one row per row group, `{"shard": i, "row_group": j}`, in shard order, one block
-     each. Row groups rather than `read_parquet` files, so that a position names an exact place to
-     restart from and the reading goes through `nanochat.dataset.read_row_group`, whose errors
-     name the file.
+Pipeline (one pass over the dataset = one execution of it = `epochs` epochs):
+  1. work items: one row per row group and epoch, `{"epoch": e, "shard": i, "row_group": j}`, in
+     stream order, one block each. Row groups rather than `read_parquet` files, so that a position
+     names an exact place to restart from and the reading goes through
+     `nanochat.dataset.read_row_group`, whose errors name the file.
   2. `TokenizeRowGroups`, an actor pool (the tokenizer is loaded once per actor): each row group
      becomes its BOS-prefixed, concatenated token stream (column "tokens", list<int32>).
   3. `PackRows`, ONE ordered stateful actor: concatenates the streams, carries the remainder from
@@ -17,19 +18,27 @@ Pipeline (one pass over the dataset = one epoch):
      plain `DataLoader` uses. Each row: "tokens" int64[T+1] and "shard", "row_group", "offset",
      the source position of the row's first token (offset into that row group's token stream).
   4. Order is kept end to end (`preserve_order=True`), so a single consumer sees exactly the rows
-     of `DataLoader(shards, tokenizer, B, T, rank=0, world_size=1)` during the first epoch. The
-     tokens left over at the end of a pass (< T+1, plus the rows of a last incomplete batch) are
-     dropped, whereas the plain loader carries them into its next epoch. Ray Train applies its own
+     of `DataLoader(shards, tokenizer, B, T, rank=0, world_size=1)` during the pass's epochs (the
+     packer carries a row's worth of leftover tokens from one epoch into the next, as that loader
+     does). The tokens left over at the end of a pass (< T+1, plus the rows of a last incomplete
+     batch) are dropped. Ray Train applies its own
      execution options to dataset shards, so `ray_jobs/train.py` must pass
      `dataset_config=data_config()` to `TorchTrainer`, or the order is lost.
+
+Why several epochs per pass: Ray Data runs a dataset anew for every pass (new tokenizer and packer
+actors, each a fresh interpreter), 5-20 s before the first row. On a corpus the GPU reads in seconds
+(the embedded one: ~1M tokens, two seconds of an H200 at depth 12) that start-up, paid every epoch,
+was most of the run: the one-worker Ray run streamed 0.14x the plain script's tokens/s.
+`epochs_per_pass` sizes a pass to a few hundred million tokens (or one epoch of a corpus larger
+than that), which makes the start-up a fraction of a percent.
 
 Resuming after a failure: every batch comes with the position right after its last row (the first
 token of the next row). At each checkpoint the workers all-gather their positions and rank 0 stores
 `resume_position(positions)`, the earliest of them. `ray_jobs/train.py` hands Ray Train a dataset
 *factory* (`DatasetFromLatest`) that Ray Train calls each time it starts a worker group: it reads
-the latest checkpoint and builds `build_dataset(shards, ..., start=position)` (the rest of that
-epoch), with the full dataset for the later epochs (`iter_train_batches(..., epoch=position["epoch"],
-next_epochs=...)`). So a restart after a failure, or a `--resume`d run, streams on from the
+the latest checkpoint and builds `build_dataset(shards, ..., start=position, epochs=E)` (the rest
+of that pass), with the full dataset for the later passes (`iter_train_batches(...,
+epoch=position["epoch"], next_passes=..., epochs_per_pass=E)`). So a restart after a failure, or a `--resume`d run, streams on from the
 checkpoint instead of from the beginning, and nothing has to be re-tokenized to skip ahead.
 
 Tokens trained twice after a resume: none with one worker, and no token is ever skipped. With W
@@ -41,14 +50,15 @@ as many rows, all earlier in the stream; as all workers have trained the same nu
 checkpoint (they step together), each other worker has trained fewer rows past the resume point
 than that block holds. Prefetched rows are not trained, so the prefetch depth does not enter. A
 packed block is what `PackRows` makes of one row group: at most G + T tokens, G = tokens of the
-largest row group. At the very end of an epoch `equal=True` splits the last buffered blocks to
+largest row group. At the very end of a pass `equal=True` splits the last buffered blocks to
 even out the workers, which can cost up to three blocks per worker. Bound: at most
-(W - 1) x (G + T) tokens trained twice mid-epoch, and 3 x (W - 1) x (G + T) near an epoch's end
+(W - 1) x (G + T) tokens trained twice mid-pass, and 3 x (W - 1) x (G + T) near a pass's end
 (e.g. 1000-document row groups of ~1M tokens and 8 workers: under 7M, resp. 21M tokens).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +66,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 import ray.data
 import torch
@@ -66,7 +77,8 @@ from nanochat.dataloader import pack_rows
 from nanochat.dataset import DataError, list_shards, num_row_groups, read_row_group, split_shards
 from nanochat.tokenizer import Tokenizer
 
-POSITION_KEYS = ("shard", "row_group", "offset")
+SOURCE_KEYS = ("epoch", "shard", "row_group")  # a row group's place in the stream; epoch: counted in the pass
+POSITION_KEYS = (*SOURCE_KEYS, "offset")  # + the offset of a token in that row group's token stream
 # Packing is array slicing: a fraction of a CPU, so it does not crowd out the tokenizers.
 PACK_NUM_CPUS = 0.5
 
@@ -91,13 +103,8 @@ class TokenizeRowGroups:
             ids = self.tokenizer.encode(docs, prepend=self.bos)
             parts = [np.asarray(doc, dtype=np.int32) for doc in ids]
             streams.append(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32))
-        return pa.table(
-            {
-                "shard": pa.array(batch["shard"], type=pa.int64()),
-                "row_group": pa.array(batch["row_group"], type=pa.int64()),
-                "tokens": pa.array(streams, type=pa.list_(pa.int32())),
-            }
-        )
+        columns = {key: pa.array(batch[key], type=pa.int64()) for key in SOURCE_KEYS}
+        return pa.table({**columns, "tokens": pa.array(streams, type=pa.list_(pa.int32()))})
 
 
 class PackRows:
@@ -111,29 +118,30 @@ class PackRows:
         self.row_len = row_len
         self.skip = skip  # tokens still to drop before the first row (resuming mid row group)
         self.buffer = np.zeros(0, dtype=np.int64)
-        # pieces of the buffer: (index in buffer, shard, row_group, offset of that token in its row group)
-        self.pieces: list[tuple[int, int, int, int]] = []
+        # pieces of the buffer: (index in buffer, source, offset of that token in its row group's stream),
+        # source = (epoch, shard, row_group)
+        self.pieces: list[tuple[int, tuple[int, ...], int]] = []
 
-    def _append(self, shard: int, row_group: int, tokens: np.ndarray) -> None:
+    def _append(self, source: tuple[int, ...], tokens: np.ndarray) -> None:
         offset = min(self.skip, len(tokens))
         self.skip -= offset
         if offset < len(tokens):
-            self.pieces.append((len(self.buffer), shard, row_group, offset))
+            self.pieces.append((len(self.buffer), source, offset))
             self.buffer = np.concatenate([self.buffer, tokens[offset:].astype(np.int64)])
 
-    def _source(self, index: int) -> tuple[int, int, int]:
-        """(shard, row_group, offset) of buffer[index]."""
-        start, shard, row_group, offset = next(p for p in reversed(self.pieces) if p[0] <= index)
-        return shard, row_group, offset + index - start
+    def _position(self, index: int) -> tuple[int, ...]:
+        """(epoch, shard, row_group, offset) of buffer[index]."""
+        start, source, offset = next(p for p in reversed(self.pieces) if p[0] <= index)
+        return (*source, offset + index - start)
 
     def _keep_from(self, cut: int) -> None:
         """Drop buffer[:cut], keeping the positions of what remains."""
         kept = []
-        for i, (start, shard, row_group, offset) in enumerate(self.pieces):
+        for i, (start, source, offset) in enumerate(self.pieces):
             end = self.pieces[i + 1][0] if i + 1 < len(self.pieces) else len(self.buffer)
             if end > cut:
                 first = max(start, cut)
-                kept.append((first - cut, shard, row_group, offset + first - start))
+                kept.append((first - cut, source, offset + first - start))
         self.pieces = kept
         self.buffer = self.buffer[cut:].copy()
 
@@ -143,16 +151,14 @@ class PackRows:
             lengths = pc.list_value_length(batch.column("tokens")).to_numpy()
             flat = pc.list_flatten(batch.column("tokens")).to_numpy()
             streams = np.split(flat, np.cumsum(lengths)[:-1])
-            locations = zip(
-                batch.column("shard").to_pylist(), batch.column("row_group").to_pylist(), strict=True
-            )
-            for (shard, row_group), stream in zip(locations, streams, strict=True):
-                self._append(shard, row_group, stream)
+            sources = zip(*(batch.column(key).to_pylist() for key in SOURCE_KEYS), strict=True)
+            for source, stream in zip(sources, streams, strict=True):
+                self._append(source, stream)
         rows, rest = pack_rows(self.buffer, self.row_len)
-        sources = np.array([self._source(i * self.row_len) for i in range(len(rows))], dtype=np.int64)
-        sources = sources.reshape(len(rows), len(POSITION_KEYS))
+        positions = np.array([self._position(i * self.row_len) for i in range(len(rows))], dtype=np.int64)
+        positions = positions.reshape(len(rows), len(POSITION_KEYS))
         out = {"tokens": rows.copy()}
-        out.update({key: sources[:, k] for k, key in enumerate(POSITION_KEYS)})
+        out.update({key: positions[:, k] for k, key in enumerate(POSITION_KEYS)})
         self._keep_from(len(self.buffer) - len(rest))
         return out
 
@@ -171,22 +177,49 @@ def check_shards(data_dir: str | Path) -> list[Path]:
     return split_shards(shards, "train")
 
 
-def work_items(shards: list[Path], start: dict | None) -> list[dict[str, int]]:
-    """One item per row group of `shards`, from the row group of `start` (a checkpoint's data position) on."""
+def work_items(shards: list[Path], start: dict | None, epochs: int = 1) -> list[dict[str, int]]:
+    """One item per row group of `shards` and epoch (counted from 0), from the row group of `start`
+    (a checkpoint's data position; its epoch is the caller's to count) on."""
     # Opening every shard here checks them all (readable parquet, a 'text' column) before any
     # worker starts; damage inside a row group surfaces later, from the tokenizer actors.
-    items = [
-        {"shard": s, "row_group": g} for s, path in enumerate(shards) for g in range(num_row_groups(path))
-    ]
-    if start is None:
-        return items
-    first = {"shard": int(start["shard"]), "row_group": int(start["row_group"])}
-    if first not in items:
-        raise DataError(
-            f"start position {start} names no row group of the {len(shards)} shards given: resume with "
-            "the same shards (same order) as the run that saved it."
-        )
-    return items[items.index(first) :]
+    row_groups = [(s, g) for s, path in enumerate(shards) for g in range(num_row_groups(path))]
+    first = 0
+    if start is not None:
+        where = (int(start["shard"]), int(start["row_group"]))
+        if where not in row_groups:
+            raise DataError(
+                f"start position {start} names no row group of the {len(shards)} shards given: resume with "
+                "the same shards (same order) as the run that saved it."
+            )
+        first = row_groups.index(where)
+    items = [{"epoch": e, "shard": s, "row_group": g} for e in range(epochs) for s, g in row_groups]
+    return items[first:]
+
+
+# A pass of a few hundred million tokens hides its 5-20 s start-up (module docstring) behind about
+# ten minutes of one fast GPU; the cap on row groups per pass keeps the work items (one block each,
+# created on the driver) a few thousand.
+TOKENS_PER_PASS = 1 << 28
+ROW_GROUPS_PER_PASS = 8192
+TEXT_BYTES_PER_TOKEN = 4.0  # BPE on English text; an estimate is enough to size a pass
+
+
+def estimated_tokens(shards: list[Path]) -> float:
+    """Tokens in one epoch of `shards`, estimated from the parquet footers (uncompressed text bytes)."""
+    text_bytes = 0
+    for path in shards:
+        meta = pq.ParquetFile(path).metadata
+        column = meta.schema.names.index("text")
+        text_bytes += sum(meta.row_group(g).column(column).total_uncompressed_size for g in range(meta.num_row_groups))
+    return text_bytes / TEXT_BYTES_PER_TOKEN
+
+
+def epochs_per_pass(shards: list[Path]) -> int:
+    """How many epochs one execution of the dataset streams: 1 for a corpus of TOKENS_PER_PASS tokens or
+    more, enough epochs for about that many tokens for a smaller one."""
+    row_groups = sum(num_row_groups(path) for path in shards)
+    wanted = math.ceil(TOKENS_PER_PASS / max(1.0, estimated_tokens(shards)))
+    return max(1, min(wanted, ROW_GROUPS_PER_PASS // max(1, row_groups)))
 
 
 def build_dataset(
@@ -194,21 +227,26 @@ def build_dataset(
     tokenizer_dir: str | Path,
     seq_len: int,
     start: dict | None = None,
+    epochs: int = 1,
     tokenize_concurrency: int = 2,
     tokenize_num_cpus: float = 1.0,
 ) -> ray.data.Dataset:
-    """One epoch of packed rows {"tokens": int64[seq_len + 1], "shard", "row_group", "offset"}.
+    """`epochs` epochs of packed rows {"tokens": int64[seq_len + 1], "epoch", "shard", "row_group", "offset"}
+    (epoch counted from 0 in this pass).
 
     `start` = {"shard": s, "row_group": g, "offset": k} (a position from `iter_train_batches`):
     begin at row group g of shards[s] and drop the first k tokens of the stream from there; k may
-    run past that row group, into the following ones. Any "epoch" key is ignored here.
+    run past that row group, into the following ones. Any "epoch" key is ignored here: the pass's
+    first epoch is the start's (`iter_train_batches` counts them).
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     if tokenize_concurrency < 1:
         raise ValueError(f"tokenize_concurrency must be >= 1, got {tokenize_concurrency}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
     shards = [Path(s) for s in shards]
-    items = work_items(shards, start)
+    items = work_items(shards, start, epochs)
     skip = 0 if start is None else int(start["offset"])
     if skip < 0:
         raise ValueError(f"start offset must be >= 0, got {skip}")
@@ -288,15 +326,17 @@ def iter_train_batches(
     device: torch.device | str,
     prefetch_batches: int = 2,
     epoch: int = 0,
-    next_epochs: ray.data.DataIterator | None = None,
+    next_passes: ray.data.DataIterator | None = None,
+    epochs_per_pass: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
     """Endless (x, y, position): x, y int64 (batch_size, T) on `device`; position = where to resume after it.
 
     position = {"epoch", "shard", "row_group", "offset"}: the first token of the row after this
     batch's last row (offset may run past the end of its row group; `build_dataset` accepts that).
-    Each pass over the iterator is one epoch, counted from `epoch`. After a resume, pass the
-    iterator of `build_dataset(start=position)` as `data_iterator` (read once: the rest of the
-    epoch) and the full dataset's iterator as `next_epochs` (read for every later epoch).
+    Each pass over an iterator streams `epochs_per_pass` epochs (its dataset's `epochs`), the first
+    numbered `epoch`. After a resume, pass the iterator of `build_dataset(start=position)` as
+    `data_iterator` (read once: the rest of that pass) and the full dataset's iterator as
+    `next_passes` (read for every later pass).
 
     The positions stay on the host (x and y alone go to the device), so reading them never waits
     for the GPU.
@@ -316,15 +356,15 @@ def iter_train_batches(
         ):
             batches += 1
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            yield x, y, {"epoch": epoch, **position}
-        # A resumed pass may be empty (resumed right at the end of an epoch); a full one may not.
-        if batches == 0 and (next_epochs is None or iterator is next_epochs):
+            yield x, y, {**position, "epoch": epoch + position["epoch"]}
+        # A resumed pass may be empty (resumed right at the end of a pass); a full one may not.
+        if batches == 0 and (next_passes is None or iterator is next_passes):
             raise ValueError(
                 f"the dataset yields no full batch of {batch_size} rows per worker: use a smaller "
                 "batch size or sequence length, fewer workers, or more data."
             )
-        iterator = next_epochs if next_epochs is not None else data_iterator
-        epoch += 1
+        iterator = next_passes if next_passes is not None else data_iterator
+        epoch += epochs_per_pass
 
 
 def resume_position(positions: list[dict]) -> dict:
@@ -334,9 +374,8 @@ def resume_position(positions: list[dict]) -> dict:
     their row group: positions handed out by one run are all row boundaries, T+1 tokens apart,
     and an offset runs at most T tokens past its row group. Rows the other workers trained past
     this point are trained again: at most (world_size - 1) x (G + T) tokens, G = tokens of the
-    largest row group, or three times that near the end of an epoch (the module docstring says why).
+    largest row group, or three times that near the end of a pass (the module docstring says why).
     """
     if not positions:
         raise ValueError("resume_position needs the position of at least one worker, got none")
-    keys = ("epoch", *POSITION_KEYS)
-    return dict(min(positions, key=lambda p: tuple(int(p.get(k, 0)) for k in keys)))
+    return dict(min(positions, key=lambda p: tuple(int(p.get(k, 0)) for k in POSITION_KEYS)))

@@ -18,7 +18,7 @@ import torch
 
 from nanochat.dataloader import DataLoader, pack_rows
 from nanochat.dataset import DataError, list_shards, split_shards
-from ray_jobs.data import build_dataset, iter_train_batches, resume_position
+from ray_jobs.data import POSITION_KEYS, build_dataset, epochs_per_pass, iter_train_batches, resume_position
 
 SEQ_LEN, BATCH = 64, 4
 ROW_LEN = SEQ_LEN + 1
@@ -46,8 +46,8 @@ def row_group_streams(train_shards, tokenizer) -> dict[tuple[int, int], np.ndarr
 
 
 def stream_index(position: dict, streams: dict) -> int:
-    """Index in the one-epoch stream of a position (its offset may run past its row group)."""
-    before = 0
+    """Index in the stream of epochs of a position (its offset may run past its row group)."""
+    before = position["epoch"] * sum(len(tokens) for tokens in streams.values())
     for location, tokens in streams.items():
         if location == (position["shard"], position["row_group"]):
             return before + position["offset"]
@@ -63,28 +63,36 @@ def take(batches, count: int) -> list:
 
 
 @pytest.fixture(scope="module")
-def epoch(local_ray, train_shards, tokenizer_dir, row_group_streams):
-    """All full batches of one streamed epoch, tokenized by two actors: [(x, y, position)]."""
+def two_epochs(local_ray, train_shards, tokenizer_dir, row_group_streams):
+    """All full batches of a pass of two epochs, tokenized by two actors: [(x, y, position)]."""
     total = sum(len(t) for t in row_group_streams.values())
-    num_batches = total // ROW_LEN // BATCH
-    ds = build_dataset(train_shards, tokenizer_dir, SEQ_LEN, tokenize_num_cpus=TOKENIZER_CPUS)
-    return take(iter_train_batches(ds.iterator(), BATCH, "cpu"), num_batches)
+    num_batches = 2 * total // ROW_LEN // BATCH
+    ds = build_dataset(train_shards, tokenizer_dir, SEQ_LEN, epochs=2, tokenize_num_cpus=TOKENIZER_CPUS)
+    return take(iter_train_batches(ds.iterator(), BATCH, "cpu", epochs_per_pass=2), num_batches)
+
+
+@pytest.fixture(scope="module")
+def epoch(two_epochs):
+    """The batches of the first epoch."""
+    return [batch for batch in two_epochs if batch[2]["epoch"] == 0]
 
 
 # -----------------------------------------------------------------------------
 
 
-def test_streamed_batches_equal_the_plain_loader(epoch, train_shards, tokenizer, row_group_streams):
+def test_streamed_batches_equal_the_plain_loader(two_epochs, epoch, train_shards, tokenizer, row_group_streams):
+    """Across the epoch boundary too: the packer carries the first epoch's last tokens into the second."""
     plain = DataLoader(train_shards, tokenizer, BATCH, SEQ_LEN)
-    for i, (x, y, position) in enumerate(epoch):
+    for i, (x, y, position) in enumerate(two_epochs):
         px, py = next(plain)
         assert torch.equal(x, px) and torch.equal(y, py), f"batch {i} differs"
         assert x.dtype == torch.int64 and x.shape == (BATCH, SEQ_LEN)
         # two routes to the same place in the stream: our position and the plain loader's state
-        assert position["epoch"] == 0
+        assert position["epoch"] == plain.state_dict()["epoch"]
         assert stream_index(position, row_group_streams) == stream_index(
             plain.state_dict(), row_group_streams
         )
+    assert {p["epoch"] for _, _, p in two_epochs} == {0, 1}
     assert len({p["shard"] for _, _, p in epoch}) == len(train_shards) >= 3
     assert len({(p["shard"], p["row_group"]) for _, _, p in epoch}) == len(row_group_streams) >= 12
 
@@ -104,9 +112,9 @@ def test_resume_continues_exactly(epoch, train_shards, tokenizer_dir, row_group_
     b = next(i for i in range(len(epoch) - 4, 0, -1) if epoch[i][2]["offset"] < length(epoch[i][2]))
     from_a = build_dataset(train_shards, tokenizer_dir, SEQ_LEN, start=epoch[a][2], tokenize_concurrency=1)
     from_b = build_dataset(train_shards, tokenizer_dir, SEQ_LEN, start=epoch[b][2], tokenize_concurrency=1)
-    # One pass from A (the rest of the epoch), then every later epoch from B: B stands in for the
+    # One pass from A (the rest of the epoch), then every later pass from B: B stands in for the
     # full dataset here, so that one run checks both starts and the epoch count.
-    batches = iter_train_batches(from_a.iterator(), BATCH, "cpu", epoch=5, next_epochs=from_b.iterator())
+    batches = iter_train_batches(from_a.iterator(), BATCH, "cpu", epoch=5, next_passes=from_b.iterator())
     expected = epoch[a + 1 :] + epoch[b + 1 :]
     got = take(batches, len(expected))
     assert got[0][2]["shard"] == 1, "resuming from A starts in shard 1"
@@ -114,6 +122,19 @@ def test_resume_continues_exactly(epoch, train_shards, tokenizer_dir, row_group_
         assert torch.equal(x, ex) and torch.equal(y, ey), f"resumed batch {i} differs"
         assert {**position, "epoch": 0} == expected_position
     assert [p["epoch"] for _, _, p in got] == [5] * (len(epoch) - a - 1) + [6] * (len(epoch) - b - 1)
+
+
+def test_a_pass_holds_many_epochs_of_a_small_corpus_and_one_of_a_large(train_shards, row_group_streams, monkeypatch):
+    from ray_jobs import data
+
+    actual = sum(len(tokens) for tokens in row_group_streams.values())
+    assert 0.25 < data.estimated_tokens(train_shards) / actual < 4, "the footer estimate is off by more than 4x"
+    epochs = epochs_per_pass(train_shards)
+    assert 1 < epochs and epochs * len(row_group_streams) <= data.ROW_GROUPS_PER_PASS
+    monkeypatch.setattr(data, "ROW_GROUPS_PER_PASS", 10**9)
+    assert epochs_per_pass(train_shards) * data.estimated_tokens(train_shards) >= data.TOKENS_PER_PASS
+    monkeypatch.setattr(data, "TOKENS_PER_PASS", actual // 10)  # a corpus ten times a pass: one epoch
+    assert epochs_per_pass(train_shards) == 1
 
 
 def test_resume_position_is_the_earliest():
@@ -172,9 +193,9 @@ def test_two_consumers_get_disjoint_rows(local_ray, train_shards, tokenizer_dir,
 
     def read(i: int) -> None:
         for batch in splits[i].iter_batches(batch_size=None, batch_format="numpy"):
-            columns = (batch["tokens"], batch["shard"], batch["row_group"], batch["offset"])
+            columns = (batch["tokens"], *(batch[key] for key in POSITION_KEYS))
             for row, *place in zip(*columns, strict=True):
-                position = dict(zip(("shard", "row_group", "offset"), map(int, place), strict=True))
+                position = dict(zip(POSITION_KEYS, map(int, place), strict=True))
                 received[i].append((stream_index(position, row_group_streams), row))
 
     # the consumers of a streaming split must read at the same time
