@@ -42,6 +42,7 @@ from torch.amp import GradScaler
 from torch.optim import Optimizer
 
 from nanochat.common import base_dir
+from nanochat.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ STEP_DIR_RE = re.compile(r"^step_(\d+)$")
 LEFTOVER_PREFIXES = (".tmp-", ".old-", ".del-")  # hidden dirs of saves/deletes that were cut short
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UsageError, RuntimeError):
     """A checkpoint is missing, damaged, or does not belong to the run that tries to load it."""
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from nanochat.errors import DEBUG_ENV, DEBUG_FLAG
+
 T = TypeVar("T")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # --dtype; nanochat/precision.py maps them to torch
 
@@ -62,9 +64,16 @@ def _flag_type(tp: Any) -> Any:
     raise TypeError(f"config field type {tp!r} has no command-line form")
 
 
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """`--debug` in the parser's help; nanochat.errors.run_main acts on it before any flag is parsed."""
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help=f"show the traceback of a mistake that otherwise ends in one line (or set {DEBUG_ENV}=1)")
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """`--config` and one flag per field of the dataclass `cls`."""
+    """`--config`, `--debug` and one flag per field of the dataclass `cls`."""
     parser.add_argument("--config", type=Path, help="JSON file of settings (e.g. best_config.json); flags override it")
+    add_debug_flag(parser)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         name = "--" + f.name.replace("_", "-")
@@ -91,6 +100,7 @@ def parse_command(commands: dict[str, type], argv: list[str] | None = None,
                   description: str | None = None) -> tuple[str, Any]:
     """`COMMAND --flags`, one dataclass per command: (the command, its settings)."""
     parser = argparse.ArgumentParser(description=description)
+    add_debug_flag(parser)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, cls in commands.items():
         summary = (cls.__doc__ or "").strip().splitlines()[0]

@@ -42,13 +42,10 @@ class UsageError(Exception):
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    """The error classes that mean the user's input is wrong, each raised with a message that says what to do."""
-    # imported here: the classes live next to the code that raises them, and this module stays cheap to import
-    from nanochat.checkpoint import CheckpointError
-    from nanochat.eval.offline import MissingDataError
-    from nanochat.precision import PrecisionError
-
-    return UsageError, CheckpointError, MissingDataError, PrecisionError  # UsageError: DataError, PrecisionGroupError...
+    """The error classes that mean the user's input is wrong, each raised with a message that says what to do:
+    UsageError and its subclasses (CheckpointError, DataError, TokenizerError, PrecisionError, ...), which
+    live next to the code that raises them."""
+    return (UsageError,)
 
 
 def no_wrapped(error: BaseException) -> Iterable[BaseException]:

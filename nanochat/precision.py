@@ -12,7 +12,8 @@ Every decision about numeric precision lives here, so a reader finds it in one f
 Why: bfloat16 needs Ampere (8.0) tensor cores; below that PyTorch would emulate it slowly, so it is
 refused. P100 runs fp16 at twice its fp32 rate, but P40/GTX 10xx (6.1) run fp16 at 1/64 of fp32,
 so those stay in fp32. fp16's narrow exponent range needs a GradScaler. torch.compile generates
-Triton kernels, and Triton needs compute capability 7.0.
+Triton kernels, and Triton needs compute capability 7.0. A CPU takes --dtype bfloat16 (autocast supports
+it) with a one-line note of what it costs there: most CPUs emulate its matmuls, tens of times slower.
 
 Usage:
     python -m nanochat.precision                      # the plan for this machine
@@ -31,22 +32,26 @@ scheduler and Tune read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import math
 import os
 import re
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from nanochat.config import DTYPE_CHOICES, option, parse_config
+from nanochat.errors import UsageError
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_CHOICES if name != "auto"}
 GB = 1024**3
 
 
-class PrecisionError(ValueError):
+class PrecisionError(UsageError, ValueError):
     """A dtype request this device cannot honour, or a malformed device description."""
 
 
@@ -340,11 +345,53 @@ def parse_simulated(spec: str) -> DeviceInfo:
 
 
 def resolve(requested: str | None = "auto", device: DeviceInfo | str | torch.device | None = None) -> PrecisionPlan:
-    """The plan for this process: `--dtype` first, then $NANOCHAT_DTYPE, then auto; honours $NANOCHAT_EMULATE."""
+    """The plan for this process: `--dtype` first, then $NANOCHAT_DTYPE, then auto; honours $NANOCHAT_EMULATE.
+    bfloat16 on a CPU is accepted with a one-line note on stderr (once per process) saying what it costs."""
     info = device if isinstance(device, DeviceInfo) else detect(device)
     if requested in (None, "auto"):
         requested = os.environ.get("NANOCHAT_DTYPE") or "auto"
-    return plan_for(info, requested, os.environ.get("NANOCHAT_EMULATE") or None)
+    plan = plan_for(info, requested, os.environ.get("NANOCHAT_EMULATE") or None)
+    if plan.device == "cpu" and plan.dtype == "bfloat16":
+        note_cpu_bfloat16()
+    return plan
+
+
+def cpu_bfloat16_slowdown(size: int = 128, seconds: float = 0.01) -> float:
+    """How many times longer a size x size matmul takes in bfloat16 than in float32 on one core of this CPU
+    (the fastest of the calls made in `seconds` each, after a warm-up)."""
+
+    def fastest(dtype: torch.dtype) -> float:
+        a = torch.randn(size, size).to(dtype)
+        a @ a  # warm-up: the first call picks and prepares the kernel
+        best, end = math.inf, time.perf_counter() + seconds
+        while best == math.inf or time.perf_counter() < end:
+            start = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    # one thread: on a busy machine a multi-threaded float32 matmul would time the wait for its threads
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fastest(torch.bfloat16) / fastest(torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cpu_bfloat16_note(slowdown: float) -> str:
+    """The note for bfloat16 on a CPU whose bfloat16 matmuls take `slowdown` times as long as float32 ones.
+    CPUs without bfloat16 instructions (AVX512-BF16, AMX) convert every element: tens of times slower."""
+    if slowdown >= 1.5:
+        return (f"note: bfloat16 on this CPU runs its matmuls emulated, {slowdown:.0f}x slower than float32 ones here "
+                "(timed now); --dtype float32, what auto picks on a CPU, is faster")
+    return f"note: bfloat16 on this CPU: its matmuls take {slowdown:.1f}x the time of float32 ones here (timed now)"
+
+
+@functools.cache
+def note_cpu_bfloat16() -> None:
+    """The note on stderr, once per process however many times a plan is resolved."""
+    print(cpu_bfloat16_note(cpu_bfloat16_slowdown()), file=sys.stderr, flush=True)
 
 
 def apply_process_settings(plan: PrecisionPlan, device: torch.device | str | None = None) -> None:

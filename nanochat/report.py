@@ -15,6 +15,7 @@ What it reads (anything may be missing; a stage not run yet is reported as missi
 
     <root>/base_d<depth>/summary.json, metrics.jsonl, base_eval.json
     <root>/{mid,sft,rl}_d<depth>/summary.json, metrics.jsonl, chat_eval.json
+    <root>/speedrun.json    a speedrun's budget and each stage's planned and actual seconds (ray_jobs/speedrun.py)
 
 What it writes, into --out (default <root>/report): report.md, loss_<stage>.png, eval.png; when
 comparing, report.md is the comparison and each root's card sits in <out>/<label>/. The same files
@@ -43,6 +44,7 @@ EVAL_FILE = {"base": "base_eval.json", "mid": "chat_eval.json", "sft": "chat_eva
 CURVE_KEYS = ("loss", "val_bpb", "val_loss", "reward")  # per-step keys worth a panel, when recorded
 TASK_ORDER = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")  # upstream's order
 _FOLDER = re.compile(r"^(base|mid|sft|rl)_d(\d+)$")
+SPEEDRUN_FILE = "speedrun.json"
 
 
 @dataclass
@@ -85,6 +87,7 @@ class Pipeline:
     notes: list[str]
     host: dict[str, str]
     created: str
+    speedrun: dict = field(default_factory=dict)  # speedrun.json: {"budget_s", "stages": {stage: {"planned_s", "seconds"}}}
 
 
 def collect(root: str | Path, label: str | None = None, depth: int | None = None) -> Pipeline:
@@ -103,7 +106,8 @@ def collect(root: str | Path, label: str | None = None, depth: int | None = None
     stages = {name: _load_stage(name, folders[name], notes) for name in STAGES if name in folders}
     missing = {name: f"no {name}_d{depth if depth is not None else '<depth>'} folder in {root}"
                for name in STAGES if name not in folders}
-    return Pipeline(root, label or default_label(root), depth, stages, missing, notes, host_info(), _now())
+    return Pipeline(root, label or default_label(root), depth, stages, missing, notes, host_info(), _now(),
+                    _read_json(root / SPEEDRUN_FILE, notes))
 
 
 def _stage_folders(root: Path) -> dict[int, dict[str, Path]]:
@@ -330,7 +334,7 @@ def render_card(p: Pipeline, gpu_hourly_cost: float | None = None, images: dict[
     """The whole card as markdown; `images` maps "loss_<stage>"/"eval" to PNG paths relative to it."""
     images = images or {}
     sections = [_header(p), _hardware(p), _training(p, images), _evaluation(p, images),
-                _summary(p, gpu_hourly_cost), _notes(p)]
+                _summary(p, gpu_hourly_cost), _time_budget(p.speedrun), _notes(p)]
     return "\n".join(line for section in sections for line in section).rstrip() + "\n"
 
 
@@ -408,6 +412,31 @@ def _summary(p: Pipeline, gpu_hourly_cost: float | None) -> list[str]:
     table = [md_table(["Metric", *(s.upper() for s in stages)], rows), ""] if rows else ["No metrics recorded.", ""]
     return ["## Summary", "", *table, f"Total wall time: {fmt(t['wall_time_s'], 'duration')}{untimed}", "",
             cost_line(t, gpu_hourly_cost), ""]
+
+
+def _signed(seconds: float) -> str:
+    return ("-" if round(seconds) < 0 else "+") + _duration(abs(seconds))
+
+
+def _time_budget(speedrun: dict) -> list[str]:
+    """A speedrun's planned against actual seconds, per stage and in all, and the overrun if any. The card
+    is written by the last stage, so that stage's own time is not in it (its plan is)."""
+    budget, stages = _number(speedrun.get("budget_s")), speedrun.get("stages")
+    if budget is None or not isinstance(stages, dict):
+        return []
+    rows, spent = [], 0.0
+    for stage, entry in stages.items():
+        planned, actual = _number(entry.get("planned_s")), _number(entry.get("seconds"))
+        spent += actual or 0.0
+        over = _signed(actual - planned) if actual is not None and planned is not None else "-"
+        rows.append([stage, fmt(planned, "duration"), fmt(actual, "duration") if actual is not None else "running", over])
+    unfinished = [stage for stage, entry in stages.items() if _number(entry.get("seconds")) is None]
+    pending = f" ({', '.join(unfinished)} still running as this card was written)" if unfinished else ""
+    verdict = (f"over the budget by {_duration(spent - budget)} ({(spent - budget) / budget:.0%})" if spent > budget
+               else f"within the budget, {_duration(budget - spent)} left")
+    rows.append(["total", fmt(budget, "duration"), fmt(spent, "duration"), _signed(spent - budget)])
+    return ["## Time budget", "", md_table(["Stage", "Planned", "Actual", "Over"], rows), "",
+            f"Speedrun: {_duration(spent)} of {_duration(budget)}{pending}: {verdict}.", ""]
 
 
 def _notes(p: Pipeline) -> list[str]:

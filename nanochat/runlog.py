@@ -1,4 +1,5 @@
-"""The run log: the metrics file a training run appends to, and the plots drawn from run records.
+"""The run log: the metrics file a training run appends to, the progress bar it shows, and the plots
+drawn from run records.
 
 Training writes `metrics.jsonl` through `MetricsLog`; the report card (nanochat/report.py) and MLflow
 (nanochat/tracking.py) read it back. The one rule: a record's `step` counts optimizer steps done.
@@ -7,8 +8,14 @@ Training writes `metrics.jsonl` through `MetricsLog`; the report card (nanochat/
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TextIO
+
+from tqdm import tqdm
+
+LOG_REDRAW_S = 10.0  # a bar that is not on a terminal prints a line at most this often
 
 
 class MetricsLog:
@@ -28,6 +35,33 @@ class MetricsLog:
     def log(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class WholeLines:
+    """A progress bar's output as whole lines, for a log file, a pipe or a Ray worker (whose output Ray
+    forwards line by line). tqdm redraws by writing '\\r' and the bar with no newline: in a log each redraw
+    piles onto one line, and through Ray each becomes a line of its own and the newline that follows
+    an empty one. Here each redraw is one line, and a redraw that only clears the bar writes nothing."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        for piece in text.replace("\n", "\r").split("\r"):
+            if piece.strip():
+                self.stream.write(piece.rstrip() + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(iterable: Iterable | None = None, **options) -> tqdm:
+    """tqdm(iterable, **options) on stderr: redrawn in place on a terminal; anywhere else one whole line
+    (WholeLines) at most every LOG_REDRAW_S seconds."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, file=sys.stderr, **options)
+    return tqdm(iterable, file=WholeLines(sys.stderr), **{"mininterval": LOG_REDRAW_S, **options})
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -25,6 +25,7 @@ import tiktoken
 import torch
 
 from nanochat.common import base_dir
+from nanochat.errors import UsageError
 
 try:
     import rustbpe
@@ -56,6 +57,14 @@ FILE_FORMAT = "nanochat-bpe-v1"
 TOKENIZER_FILE = "tokenizer.json"
 TOKEN_BYTES_FILE = "token_bytes.pt"
 TRAIN_COMMAND = "python -m nanochat.scripts.tok_train"
+
+
+class TokenizerError(UsageError, ValueError):
+    """A saved tokenizer that cannot be read; the message says how to make a new one."""
+
+
+class MissingTokenizerError(TokenizerError, FileNotFoundError):
+    """No tokenizer where one was looked for (a FileNotFoundError too, for callers that catch that)."""
 
 
 def default_tokenizer_dir() -> Path:
@@ -169,9 +178,7 @@ class Tokenizer:
         """Load what `save` wrote; a missing or damaged file raises with what to do about it."""
         path = Path(directory) / TOKENIZER_FILE
         if not path.is_file():
-            raise FileNotFoundError(
-                f"no tokenizer at {path}: train one with `{TRAIN_COMMAND} --out {directory}`."
-            )
+            raise MissingTokenizerError(f"no tokenizer at {path}: train one with `{TRAIN_COMMAND} --out {directory}`.")
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
             if saved.get("format") != FILE_FORMAT:
@@ -181,7 +188,7 @@ class Tokenizer:
             if saved["special_tokens"] != tokenizer._special_ids:
                 raise ValueError("its special tokens differ from this code's SPECIAL_TOKENS")
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(
+            raise TokenizerError(
                 f"tokenizer file {path} is unreadable ({err}): retrain it with `{TRAIN_COMMAND} --out {directory}`."
             ) from err
         tokenizer.directory = Path(directory).resolve()

@@ -1,6 +1,7 @@
 """The tiny end-to-end demo through the Ray layer, on CPU: shards from the embedded corpus -> BPE
 tokenizer -> a local Ray cluster -> Ray Data streaming the shards into a TorchTrainer -> MLflow
-tracking -> evaluation and samples -> a short SFT on Ray -> one chat answer. A few minutes on a laptop.
+tracking (experiment "demo" in $NANOCHAT_BASE_DIR/mlflow.db, the store every entry point shares) ->
+evaluation and samples -> a short SFT on Ray -> one chat answer. A few minutes on a laptop.
 
     python -m ray_jobs.demo                    # writes under $NANOCHAT_BASE_DIR/demo
     python -m ray_jobs.demo --num-workers 2    # two data-parallel workers (gloo)
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from nanochat.config import option, parse_config
 from nanochat.scripts import demo
+from nanochat.tracking import default_uri, ui_command
 from ray_jobs import train
 
 
@@ -28,7 +30,9 @@ def main(argv: list[str] | None = None) -> dict:
     storage = out / "ray_results"  # Ray Train writes each run to <storage>/<name>
     files = demo.DemoFiles(out, base=storage / "demo", chat=storage / "demo_sft")
     demo.prepare(args, files)
-    placement = ["--num-workers", str(args.num_workers), "--storage-path", str(storage)]
+    # the runs go to the base dir's store like every other entry point's, not next to the demo's checkpoints
+    placement = ["--num-workers", str(args.num_workers), "--storage-path", str(storage),
+                 "--mlflow-uri", default_uri(), "--mlflow-experiment", "demo"]
     summary = demo.stage("base training on Ray", "ray_jobs.train", train.main, [
         *demo.train_args(args, files, workers=args.num_workers), *placement, "--name", files.base.name,
     ])
@@ -39,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--name", files.chat.name,
     ])
     results = {"train": summary, "eval": evaluation, "sft": sft, "answer": demo.chat(files)}
-    print(f"the runs in MLflow: mlflow ui --backend-store-uri {summary['mlflow_uri']}")
+    print(f"the runs in MLflow (experiment demo): {ui_command(summary['mlflow_uri'])}")
     demo.finish(args, files, results)
     return results
 

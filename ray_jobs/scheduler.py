@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import ray
-from ray.train import ScalingConfig
 
 from nanochat.config import option, parse_config
 from nanochat.errors import UsageError, run_main
 from nanochat.precision import ACCELERATOR_TYPES, DTYPES, DeviceInfo, peak_flops, plan_for, precision_label
+
+if TYPE_CHECKING:
+    from ray.train import ScalingConfig
 
 LABEL_PRECISION = "nanochat/precision"
 LABEL_GPU = "nanochat/gpu"
@@ -278,6 +281,9 @@ def scaling_config(
     group: Group, num_workers: int, use_gpu: bool, cpus_per_worker: float = 1
 ) -> ScalingConfig:
     """A ray.train.ScalingConfig that keeps every worker on the nodes of `group`."""
+    # imported here: Ray Train costs the entry points' fast checks seconds at import
+    from ray.train import ScalingConfig
+
     resources: dict[str, float] = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1

@@ -12,13 +12,13 @@
     ray job submit --working-dir . -- python -m ray_jobs.serve --checkpoint /shared/runs/sft_d12 --host 0.0.0.0
 
 Then use the `openai` client (base_url="http://127.0.0.1:8000/v1") or a browser at
-http://127.0.0.1:8000/ (the API: ray_jobs/openai_api.py; the tour: docs/serving.md). Each replica
-picks its own precision plan and decodes up to --max-concurrency requests in one continuous batch;
-binds 127.0.0.1 unless --host; $NANOCHAT_API_KEY (where the app is built) turns on bearer auth.
+http://127.0.0.1:8000/ (a replica: ray_jobs/replica.py; the API: ray_jobs/openai_api.py; the tour:
+docs/serving.md). Each replica picks its own precision plan and decodes up to --max-concurrency
+requests in one continuous batch; binds 127.0.0.1 unless --host; $NANOCHAT_API_KEY (where the app is
+built) turns on bearer auth.
 """
 
-# no `from __future__ import annotations` here: FastAPI reads the routes' parameter types at run time,
-# through Serve's ingress wrapper, where string annotations are not resolved
+from __future__ import annotations
 
 import dataclasses
 import errno
@@ -27,29 +27,21 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from fastapi import Request
-from fastapi.responses import HTMLResponse, StreamingResponse
-from ray import serve
-from ray.serve import Application
 
 from nanochat import checkpoint
-from nanochat.checkpoint import load_for_inference, run_dir_of
-from nanochat.common import init_process
 from nanochat.config import CommonConfig, option, parse_config
 from nanochat.errors import UsageError
-from nanochat.infer.decode_thread import DecodeThread
-from nanochat.infer.engine import Engine, context_length
-from nanochat.infer.stream import AnswerStream
 from nanochat.tokenizer import Tokenizer
 from ray_jobs.cluster import connect, joins_cluster, planned_nodes, run_driver
-from ray_jobs.openai_api import Answer, ApiError, ChatRequest, api, authorize, completion, events, to_answer
 from ray_jobs.scheduler import LABEL_PRECISION, check_room, choose_group, groups, nodes_from_ray
+
+if TYPE_CHECKING:
+    from ray.serve import Application
 
 PAGE = Path(__file__).parent / "static" / "chat.html"
 API_KEY_ENV = "NANOCHAT_API_KEY"
@@ -96,100 +88,6 @@ def config_from_args(args: dict[str, Any] | ServeConfig) -> ServeConfig:
 
 
 # -----------------------------------------------------------------------------
-# the deployment: one replica's model, decoding thread and routes
-
-
-@serve.deployment
-@serve.ingress(api)
-class ChatServer:
-    """One replica: the model on this replica's device, its batch decoder and the API's routes."""
-
-    def __init__(self, cfg: ServeConfig, api_key: str | None = None):
-        self.cfg, self.api_key = cfg, api_key or None
-        self.device, self.plan = init_process(cfg)
-        if cfg.precision != "any" and cfg.dtype == "auto" and self.plan.short != cfg.precision:
-            raise RuntimeError(f"this replica was pinned to the {cfg.precision} group but its device "
-                               f"({self.plan.name}) plans {self.plan.short}: check the node's {LABEL_PRECISION} label")
-        model, tokenizer, step_dir, meta = load_for_inference(cfg.checkpoint, self.device, cfg.tokenizer_dir or None)
-        self.engine = Engine(model, tokenizer, self.plan)
-        self.context = context_length(model)  # prompt + answer must fit
-        # a quarter more cache columns than one request can use, so the shared cache is compacted
-        # at most every context/4 steps (see nanochat/infer/batch.py)
-        self.decoder = DecodeThread(self.engine, cfg.max_concurrency, self.context + self.context // 4)
-        self.model_id = cfg.model_name or run_dir_of(step_dir).name
-        self.created = int(time.time())
-        self.active = 0  # admitted requests: decoding or waiting for a batch
-        self.limit = cfg.max_concurrency + cfg.max_queue
-        print(f"[replica] {step_dir} ({meta.get('stage', '?')} model) on {self.plan.name}, {self.plan.dtype}; "
-              f"context {self.context}, batches of up to {cfg.max_concurrency}", flush=True)
-
-    async def _pieces(self, answer: Answer) -> AsyncIterator[str]:
-        """The answer's text, piece by piece. Admission happens before the first (empty) piece: 429
-        when this replica's batch and queue are full. Closing the iterator frees the slot."""
-        if self.active >= self.limit:
-            raise ApiError(429, f"this replica is busy ({self.cfg.max_concurrency} answering, {self.cfg.max_queue} "
-                                "waiting); retry shortly", "queue_full", type="rate_limit_error", headers={"Retry-After": "1"})
-        self.active += 1
-        try:
-            yield ""
-            stream = AnswerStream(self.engine.tokenizer)
-            queue = self.decoder.submit(answer.request)
-            while (token := await queue.get()) is not None:
-                if isinstance(token, Exception):
-                    raise token
-                answer.completion_tokens += 1
-                if token in self.engine.stop_ids:
-                    answer.finish_reason = "stop"
-                    break
-                piece = stream.feed(token)
-                if piece:
-                    yield piece
-            tail = stream.finish()
-            if tail:
-                yield tail
-        finally:
-            self.decoder.cancel(answer.request)  # a no-op when it finished; frees the slot when the reader left early
-            self.active -= 1
-
-    # ---- routes
-
-    @api.get("/health")
-    async def health(self) -> dict:
-        return {"status": "ok", "active": self.active, "max_concurrency": self.cfg.max_concurrency,
-                "max_queue": self.cfg.max_queue}
-
-    @api.get("/", response_class=HTMLResponse)
-    async def page(self) -> HTMLResponse:
-        if not PAGE.is_file():
-            raise ApiError(404, f"the chat page is missing: {PAGE} is not in this install (the API under /v1 works)",
-                           "page_missing")
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
-
-    @api.get("/v1/models")
-    async def models(self, request: Request) -> dict:
-        authorize(request, self.api_key)
-        model = {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "nanochat",
-                 "context_length": self.context}
-        return {"object": "list", "data": [model]}
-
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatRequest, request: Request):
-        authorize(request, self.api_key)
-        answer = to_answer(body, self.engine.tokenizer, self.context)
-        pieces = self._pieces(answer)
-        await pieces.__anext__()  # admitted (or 429 before any byte is sent)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(events(self.model_id, answer, pieces, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            text = "".join([piece async for piece in pieces])
-        finally:
-            await pieces.aclose()
-        return completion(self.model_id, answer, text)
-
-
-# -----------------------------------------------------------------------------
 # building and running
 
 
@@ -205,6 +103,8 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
     """The Serve application for `args` (ServeConfig's fields, e.g. {"checkpoint": ..., "replicas": "2"}).
 
     The API key is read here, from $NANOCHAT_API_KEY of the process that builds the app."""
+    from ray_jobs.replica import ChatServer  # Ray Serve, FastAPI and the decoder load here, after the checks
+
     cfg = config_from_args(args)
     if not cfg.checkpoint:
         raise ValueError("pass checkpoint=<a step_* directory or a run directory>")
@@ -232,10 +132,7 @@ def check_model(cfg: ServeConfig) -> None:
     step_dir = checkpoint.resolve_checkpoint(cfg.checkpoint)
     meta = checkpoint.read_meta(step_dir)
     directory = checkpoint.tokenizer_dir_for(meta, cfg.tokenizer_dir or None, step_dir)
-    try:
-        tokenizer = Tokenizer.load(directory)
-    except (FileNotFoundError, ValueError) as err:  # its message names the file and how to make a new one
-        raise UsageError(str(err)) from err
+    tokenizer = Tokenizer.load(directory)
     checkpoint.check_tokenizer(meta, tokenizer.fingerprint(), directory, step_dir)
 
 
@@ -277,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(ServeConfig, sys.argv[1:] if argv is None else argv, description=__doc__.splitlines()[0])
     cpus = cfg.replicas * cfg.num_cpus + 2  # + Serve's controller and proxy
     preflight(cfg, cpus)
+    from ray import serve  # after the checks: seconds to import
+
     connect(cfg.address, cfg.dtype, cfg.device, cpus)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg), name="nanochat", route_prefix="/")

@@ -28,16 +28,15 @@ import socket
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+# Ray Train (seconds to import) is imported where it runs, so that a mistake fails before it loads: by
+# the driver once its checks have passed (main), and in a worker by train_loop_per_worker, under which
+# all the worker-side code below runs.
 import ray
-import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig, RunConfig
-from ray.train.torch import TorchTrainer
 
 from nanochat import checkpoint
 from nanochat.checkpoint import write_snapshot
@@ -46,7 +45,7 @@ from nanochat.config import option, parse_config
 from nanochat.dataset import default_data_dir, list_shards, split_shards
 from nanochat.errors import UsageError
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
-from nanochat.tracking import Tracker, default_uri
+from nanochat.tracking import Tracker, default_uri, ui_command
 from nanochat.train.harness import with_step_split
 from nanochat.train.loop import Run, restore_run, snapshot_run
 from nanochat.train.stages import STAGES, Stage
@@ -55,6 +54,7 @@ from ray_jobs.data import (
     build_dataset,
     check_shards,
     data_config,
+    epochs_per_pass,
     iter_train_batches,
     resume_position,
     work_items,
@@ -85,7 +85,8 @@ class RayOptions:
     grad_dtype: str = option("", "send gradients as bfloat16 or float16 (slow networks); empty = their own dtype",
                              choices=("", "bfloat16", "float16"))
     address: str = option("", "Ray cluster address; empty = $RAY_ADDRESS or a new local cluster")
-    mlflow_uri: str = option("", "MLflow tracking URI; empty = sqlite:///<storage>/mlflow.db")
+    mlflow_uri: str = option("", "MLflow tracking URI; empty = sqlite:///$NANOCHAT_BASE_DIR/mlflow.db, the store every "
+                             "entry point shares (<--storage-path>/mlflow.db when that is given)")
     mlflow_experiment: str = option("nanochat", "MLflow experiment")
 
 
@@ -110,11 +111,12 @@ def stage_from_argv(argv: list[str]) -> str:
 class RayBatches:
     """(x, y) batches from this worker's Ray Data shard; `position` = where to resume after the last one."""
 
-    def __init__(self, device: torch.device, batch_size: int, expected_start: dict | None):
+    def __init__(self, device: torch.device, batch_size: int, expected_start: dict | None, epochs: int):
         first_pass = ray.train.get_dataset_shard("train")
-        every_epoch = ray.train.get_dataset_shard("train_epochs")
+        every_pass = ray.train.get_dataset_shard("train_passes")
         epoch = expected_start["epoch"] if expected_start else 0
-        self.stream = iter_train_batches(first_pass, batch_size, device, epoch=epoch, next_epochs=every_epoch)
+        self.stream = iter_train_batches(first_pass, batch_size, device, epoch=epoch, next_passes=every_pass,
+                                         epochs_per_pass=epochs)
         self.position = expected_start
 
     def __iter__(self) -> RayBatches:
@@ -135,12 +137,24 @@ def gather(obj: object) -> list:
 
 
 def check_group(run: Run, rank: int, expected: str) -> None:
-    """Defense in depth: every worker's own probe must agree with the group the scheduler chose."""
-    mine = {"rank": rank, "host": socket.gethostname(), "gpu": run.plan.name, "dtype": run.plan.short}
-    print(f"[worker {rank} on {mine['host']}] precision plan: {run.plan.name}, {run.plan.dtype}, "
-          f"GradScaler {'on' if run.plan.grad_scaler else 'off'}, compile {'on' if run.plan.compile else 'off'}, "
-          f"attention {run.plan.attention} ({run.plan.reason})", flush=True)
-    check_worker_precisions(gather(mine), expected)
+    """Defense in depth: every worker's own probe must agree with the group the scheduler chose. Rank 0
+    prints the plans, one line for the workers that share one."""
+    plan = (f"{run.plan.name}, {run.plan.dtype}, GradScaler {'on' if run.plan.grad_scaler else 'off'}, "
+            f"compile {'on' if run.plan.compile else 'off'}, attention {run.plan.attention} ({run.plan.reason})")
+    everyone = gather({"rank": rank, "host": socket.gethostname(), "gpu": run.plan.name, "dtype": run.plan.short, "plan": plan})
+    if rank == 0:
+        for line in plan_lines(everyone):
+            print(line, flush=True)
+    check_worker_precisions(everyone, expected)
+
+
+def plan_lines(workers: list[dict]) -> list[str]:
+    """'[workers 0, 1 on HOSTS] precision plan: PLAN', one line per distinct plan among `workers`."""
+    sharing: dict[str, list[dict]] = {}
+    for worker in workers:
+        sharing.setdefault(worker["plan"], []).append(worker)
+    return [f"[{'worker' if len(group) == 1 else 'workers'} {', '.join(str(w['rank']) for w in group)} on "
+            f"{', '.join(sorted({w['host'] for w in group}))}] precision plan: {plan}" for plan, group in sharing.items()]
 
 
 def numeric(record: dict) -> dict:
@@ -165,7 +179,8 @@ def stage_batches(stage: Stage, run: Run, rank: int, world: int, position: dict 
     """Ray Data batches for a stage that trains on the shards; the stage's own per-worker batches for the
     others, whose checkpointed position holds one entry per worker (their shares advance at different paces)."""
     if stage.shards:
-        return RayBatches(run.device, run.cfg.device_batch_size, position)
+        epochs = epochs_per_pass(split_shards(list_shards(run.cfg.data_dir), "train"))  # what the driver's datasets hold (ray_datasets)
+        return RayBatches(run.device, run.cfg.device_batch_size, position, epochs)
     mine = None
     if position is not None and len(position["workers"]) == world:
         mine = position["workers"][rank]
@@ -231,8 +246,8 @@ class WorkerHooks:
             return
         self.tracker.flush()
         path = write_snapshot(self.local_root, snapshot_run(self.run, step, data_position, optimizer_state))
-        ray.train.report(numeric(self.last), checkpoint=Checkpoint.from_directory(path), checkpoint_dir_name=path.name,
-                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+        ray.train.report(numeric(self.last), checkpoint=ray.train.Checkpoint.from_directory(path), checkpoint_dir_name=path.name,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
 
 
 def quiet_report_log() -> None:
@@ -244,6 +259,8 @@ def quiet_report_log() -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    import ray.train.torch  # loaded already in a Ray Train worker; for the code below (see the imports)
+
     quiet_report_log()
     stage = STAGES[config["stage"]]
     cfg = stage.config(**config["stage_config"])
@@ -262,16 +279,17 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"resumed at step {start_step}, data position {position}", flush=True)
     batches = stage_batches(stage, run, rank, world, position)
-    tracker = Tracker(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else None
+    # a Tune trial's run is judged at its evaluations (ray_jobs/tune.py): nothing is logged past a stop
+    judged = config.get("mlflow_judged", {})
+    tracker = Tracker(config["mlflow_uri"], config["mlflow_run_id"], **judged) if rank == 0 else None
     if tracker and tracker.resume(start_step) > 0:
         print(f"restarted at step {start_step}: steps up to {tracker.logged_through} are in MLflow already and are "
               "not logged again", flush=True)
     hooks = WorkerHooks(run, batches, rank, tracker, start_step, fault_hook(config["fault"], rank, restored is not None))
     summary = stage.loop(run, batches, start_step, with_step_split(run, hooks.log, cfg.report_every), hooks.save)
-    if rank == 0:
+    if rank == 0:  # the driver prints it
         tracker.log_json("summary.json", summary)
         Path(config["summary_path"]).write_text(json.dumps(summary, indent=2))
-        print("summary:", json.dumps(summary), flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -291,7 +309,8 @@ class DatasetFromLatest:
     def __call__(self) -> ray.data.Dataset:
         latest = checkpoint.find_latest(self.run_dir) if self.run_dir.exists() else None
         start = checkpoint.load_checkpoint(latest, restore_rng=False)["loader_state"] if latest else None
-        return quiet(build_dataset(self.shards, self.tokenizer_dir, self.seq_len, start=start, tokenize_concurrency=self.concurrency))
+        return quiet(build_dataset(self.shards, self.tokenizer_dir, self.seq_len, start=start,
+                                   epochs=epochs_per_pass(self.shards), tokenize_concurrency=self.concurrency))
 
 
 def quiet(ds: ray.data.Dataset) -> ray.data.Dataset:
@@ -317,7 +336,8 @@ def ray_datasets(cfg, run_dir: Path) -> dict:
     shards = split_shards(list_shards(cfg.data_dir), "train")
     datasets = {
         "train": DatasetFromLatest(shards, cfg.tokenizer_dir, cfg.max_seq_len, run_dir, cfg.tokenize_workers),
-        "train_epochs": lambda: quiet(build_dataset(shards, cfg.tokenizer_dir, cfg.max_seq_len, tokenize_concurrency=cfg.tokenize_workers)),
+        "train_passes": lambda: quiet(build_dataset(shards, cfg.tokenizer_dir, cfg.max_seq_len, epochs=epochs_per_pass(shards),
+                                                    tokenize_concurrency=cfg.tokenize_workers)),
     }
     return {"datasets": datasets, "dataset_config": data_config()}
 
@@ -330,11 +350,9 @@ def failures_allowed(requested: int, alive_nodes: int) -> int:
 
 
 def load_tokenizer(directory: str) -> Tokenizer:
-    """The tokenizer, loaded on the driver to check it (the workers and the tokenizer actors load it again)."""
-    try:
-        return Tokenizer.load(directory)
-    except (FileNotFoundError, ValueError) as err:  # its messages say where it looked and how to make one
-        raise UsageError(str(err)) from err
+    """The tokenizer, loaded on the driver to check it (the workers and the tokenizer actors load it again);
+    a missing or unreadable one is a TokenizerError that says where it looked and how to make one."""
+    return Tokenizer.load(directory)
 
 
 def check_resume(run_dir: Path, resume: bool, train_shards: list[Path] | None) -> None:
@@ -360,20 +378,6 @@ def preflight(cfg, stage: Stage, run_dir: Path) -> None:
     check_resume(run_dir, cfg.resume, train_shards)
 
 
-@contextmanager
-def ended(tracker: Tracker) -> Iterator[None]:
-    """The MLflow run ends FINISHED, FAILED on an error, KILLED on Ctrl-C: never left RUNNING."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        tracker.finish("KILLED")
-        raise
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish()
-
-
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     stage = stage_from_argv(argv)
@@ -391,13 +395,16 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"cluster precision groups:\n{format_groups(groups(nodes_from_ray(nodes)))}\n"
           f"training on the {group.precision} group: {cfg.num_workers} worker(s) on {', '.join(sorted(group.gpu_names))}")
     connect(cfg.address, cfg.dtype, cfg.device, cpus)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig  # after the checks (see the imports)
+    from ray.train.torch import TorchTrainer
+
     stage_fields = {f.name for f in dataclasses.fields(STAGES[stage].config)}
     stage_config = {k: v for k, v in dataclasses.asdict(cfg).items() if k in stage_fields}
-    uri = cfg.mlflow_uri or default_uri(storage)
-    tracker = Tracker.create(uri, cfg.mlflow_experiment, name, {**dataclasses.asdict(cfg), "precision_group": group.precision})
-    print(f"MLflow run {tracker.run_id} in {uri}  (mlflow ui --backend-store-uri {uri})")
-
-    with ended(tracker):
+    uri = cfg.mlflow_uri or default_uri(cfg.storage_path)
+    params = {**dataclasses.asdict(cfg), "precision_group": group.precision}
+    # the run ends with the block: FAILED on an error, KILLED on Ctrl-C or SIGTERM (`ray job stop`)
+    with Tracker.create(uri, cfg.mlflow_experiment, name, params).ending() as tracker:
+        print(f"MLflow run {tracker.run_id} in {uri}  ({ui_command(uri)})")
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={

@@ -26,15 +26,17 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.result import DONE
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
@@ -42,7 +44,7 @@ from nanochat.common import base_dir
 from nanochat.config import DTYPE_CHOICES, int_list, option, parse_config
 from nanochat.precision import ACCELERATOR_TYPES, GB, DeviceInfo, PrecisionPlan, gpu_memory, plan_for, resolve
 from nanochat.tokenizer import Tokenizer
-from nanochat.tracking import Tracker, artifact_location, default_uri
+from nanochat.tracking import Tracker, artifact_location, default_uri, end_status, sigterm_as_exit, ui_command
 from nanochat.train import memory
 from nanochat.train.base import BaseTrainConfig
 from nanochat.train.stages import STAGES
@@ -81,6 +83,7 @@ class TuneOptions:
     resume: bool = option(False, "continue the sweep in --storage-path/--name (a finished one: rewrite its outputs)")
     # base_train evaluates 10M tokens by default: far too much for evaluations this frequent
     eval_tokens: int = option(2 * 524288, "validation tokens per evaluation")
+    mlflow_experiment: str = option("", "MLflow experiment of the trials' runs; empty = the sweep's name")
 
 
 def config_class() -> type:
@@ -224,7 +227,17 @@ def trial_settings(fixed: dict, config: dict) -> dict:
         **fixed["stage_config"], "device_batch_size": device_batch_size, "total_batch_size": total_batch_size,
         "matrix_lr": config["matrix_lr"], "embedding_lr": config["embedding_lr"], "unembedding_lr": config["unembedding_lr"],
         "num_iterations": steps, "eval_every": every, "save_every": every, "keep_last": 1, "sample_every": -1,
+        # reports (what ASHA judges) at the evaluations only: each one carries a fresh val bpb
+        "report_every": every,
     }
+
+
+def judged_at(settings: dict) -> dict:
+    """Where ASHA judges the trial (nanochat.tracking.Tracker's verdict_steps, last_step): at each
+    evaluation before the end. Its MLflow run holds back what comes after one of them until the verdict
+    lets it go on, so a stopped trial logs nothing after its stop."""
+    every, steps = settings["eval_every"], settings["num_iterations"]
+    return {"verdict_steps": list(range(every, steps, every)), "last_step": steps}
 
 
 def run_trial(config: dict, fixed: dict) -> None:
@@ -237,6 +250,7 @@ def run_trial(config: dict, fixed: dict) -> None:
     id_file = run_dir / RUN_ID_FILE
     if id_file.exists():
         tracker = Tracker(fixed["mlflow_uri"], id_file.read_text().strip())
+        tracker.client.update_run(tracker.run_id, status="RUNNING")  # it ended KILLED with the interrupted sweep
     else:
         params = {**settings, "trial_id": trial_id, "sweep": fixed["sweep"], "precision_group": fixed["precision"]}
         tracker = Tracker.create(fixed["mlflow_uri"], fixed["mlflow_experiment"], f"{fixed['sweep']}/{trial_id}", params)
@@ -250,7 +264,8 @@ def run_trial(config: dict, fixed: dict) -> None:
         train.train_loop_per_worker,
         train_loop_config={
             "stage": "base", "stage_config": settings, "precision": fixed["precision"], **fixed["worker"],
-            "mlflow_uri": fixed["mlflow_uri"], "mlflow_run_id": tracker.run_id, "summary_path": str(run_dir / "summary.json"),
+            "mlflow_uri": fixed["mlflow_uri"], "mlflow_run_id": tracker.run_id, "mlflow_judged": judged_at(settings),
+            "summary_path": str(run_dir / "summary.json"),
         },
         scaling_config=fixed["scaling"],
         run_config=RunConfig(
@@ -262,22 +277,26 @@ def run_trial(config: dict, fixed: dict) -> None:
         ),
         **train.ray_datasets(data, run_dir),
     )
-    trainer.fit()
-    # failures and ASHA stops (at a rung or at max_t) end the trial from outside: MlflowTrialStatus
-    # on the driver closes the run then; this covers a trial that returns first
-    tracker.finish()
+    # ASHA's stops (at a rung or at max_t) end the trial from outside: MlflowTrialStatus on the driver
+    # ends the run then, and that verdict stands; this ends a trial that returns or fails first
+    with tracker.ending():
+        trainer.fit()
 
 
 def ensure_experiment(uri: str, experiment: str) -> str:
     """The id of MLflow experiment `experiment` in the store at `uri`, created (store included) if missing."""
+    from mlflow.tracking import MlflowClient  # here: mlflow costs the fast checks seconds at import
+
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     return found.experiment_id if found else client.create_experiment(experiment, artifact_location(uri))
 
 
 class MlflowTrialStatus(tune.Callback):
-    """Closes each trial's MLflow run on the driver: ASHA's stop kills the trial's process, so the trial
-    cannot be relied on to close it itself."""
+    """Writes ASHA's verdicts into the trials' MLflow runs on the driver, the moment they are taken: a
+    trial that goes on is told so (its workers hold back what they log past an evaluation until then), a
+    stopped one has its run ended (KILLED, or FINISHED at the full budget) before its process is killed,
+    which it cannot be relied on to do itself; a trial's error ends its run FAILED."""
 
     def __init__(self, mlflow_uri: str, train_root: str, token_budget: int):
         self.mlflow_uri, self.train_root, self.token_budget = mlflow_uri, train_root, token_budget
@@ -286,21 +305,41 @@ class MlflowTrialStatus(tune.Callback):
         id_file = Path(self.train_root) / trial.trial_id / RUN_ID_FILE
         return Tracker(self.mlflow_uri, id_file.read_text().strip()) if id_file.exists() else None
 
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         tracker = self._tracker(trial)
         if tracker is None:
             return
-        tokens = (trial.last_result or {}).get(TIME_ATTR, 0)
+        if not result.get(DONE):  # Tune marks the result that stops a trial (ASHA's verdict) done
+            tracker.judged(int(result["step"]))
+            return
+        tokens = result.get(TIME_ATTR, 0)
         stopped = tokens < self.token_budget
         tracker.client.set_tag(tracker.run_id, "asha", f"stopped at {tokens:,} tokens" if stopped else "completed")
-        # also for completed trials: ASHA stops a trial at max_t too, which can kill it before
-        # run_trial gets to close its run
         tracker.finish("KILLED" if stopped else "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         tracker = self._tracker(trial)
         if tracker is not None:
             tracker.finish("FAILED")
+
+
+@contextmanager
+def runs_end_with_the_sweep(uri: str, experiment_id: str, sweep: str) -> Iterator[None]:
+    """Trials still running when the sweep's driver stops (Ctrl-C, SIGTERM, an error) stop with it: their
+    runs end KILLED (FAILED on an error) instead of staying RUNNING. `--resume` opens them again."""
+    status = "KILLED"  # Tune's own Ctrl-C handling returns from fit() with the trials unfinished
+    try:
+        with sigterm_as_exit():
+            yield
+    except BaseException as error:
+        status = end_status(error)
+        raise
+    finally:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        for run in client.search_runs([experiment_id], f"tags.sweep = '{sweep}' and attributes.status = 'RUNNING'"):
+            client.set_terminated(run.info.run_id, status)
 
 
 # -----------------------------------------------------------------------------
@@ -446,14 +485,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     # --- where everything goes
     connect(cfg.address, cfg.dtype, cfg.device, cpus)
-    uri = cfg.mlflow_uri or default_uri(exp_dir)
+    uri = cfg.mlflow_uri or default_uri(cfg.storage_path)
+    experiment = cfg.mlflow_experiment or name
     stage_fields = {f.name for f in dataclasses.fields(BaseTrainConfig)}
     fixed = {
         "stage_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k in stage_fields},
         "token_budget": cfg.token_budget, "evals_per_trial": cfg.evals_per_trial, "precision": group.precision,
         "scaling": scaling, "train_root": str(exp_dir / "train_runs"), "tokenize_workers": cfg.tokenize_workers,
         "max_failures": train.failures_allowed(cfg.max_failures, sum(n["Alive"] for n in nodes)),
-        "mlflow_uri": uri, "mlflow_experiment": cfg.mlflow_experiment, "sweep": name,
+        "mlflow_uri": uri, "mlflow_experiment": experiment, "sweep": name,
         # the rest of what ray_jobs.train hands its workers (no fault injection in a sweep)
         "worker": {"shard_optimizer": cfg.shard_optimizer, "grad_dtype": cfg.grad_dtype, "fault": ""},
     }
@@ -467,8 +507,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"grace {cfg.grace_evals} evaluation(s), reduction factor {cfg.reduction_factor}")
     # create the store and the experiment here, once: concurrent trials creating a fresh sqlite store
     # race on its schema migration
-    ensure_experiment(uri, cfg.mlflow_experiment)
-    print(f"MLflow: {uri}  (mlflow ui --backend-store-uri {uri})")
+    experiment_id = ensure_experiment(uri, experiment)
+    print(f"MLflow: experiment {experiment} in {uri}  ({ui_command(uri)})")
     if tune.Tuner.can_restore(exp_dir):  # with --resume: preflight refused it otherwise
         print(f"resuming the sweep in {exp_dir}")
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, param_space=space, resume_unfinished=True)
@@ -487,7 +527,8 @@ def main(argv: list[str] | None = None) -> dict:
                 callbacks=[MlflowTrialStatus(uri, fixed["train_root"], cfg.token_budget)],
             ),
         )
-    results = tuner.fit()
+    with runs_end_with_the_sweep(uri, experiment_id, name):
+        results = tuner.fit()
 
     # --- outputs
     rows = trial_rows(results, cfg.token_budget)

@@ -52,11 +52,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 # --- one local Ray instance for the whole session -------------------------------------------------
-# Starting Ray costs 5-20 s on a 2-core machine (and each module's first actors another interpreter
-# start each), so the instance `local_ray` starts stays up until the session ends, for every later
-# module that asks for it. Ray allows one instance per process: before a test of a module that
-# imports ray but does not ask for `local_ray` (it starts a cluster of its own), the shared one is
-# shut down, to be started again by the next module that asks.
+# Starting Ray costs 5-20 s on a 2-core machine, so the instance `local_ray` starts stays up until
+# the session ends, for every later module that asks for it. Ray allows one instance per process:
+# before a test of a module that imports ray but does not ask for `local_ray` (it starts a cluster
+# of its own), the shared one is shut down, to be started again by the next module that asks.
 
 RAY_CPUS = 8  # logical CPUs: the most any module asks of it (a Tune trial and its data actors, Serve's replicas)
 SHARED_RAY_MODULES: set[str] = set()  # modules with a test that asks for the shared instance

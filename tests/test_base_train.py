@@ -13,15 +13,19 @@ import pytest
 import torch
 
 from nanochat.checkpoint import find_latest
+from nanochat.dataloader import DataLoader
+from nanochat.dataset import list_shards, split_shards
+from nanochat.errors import UsageError
+from nanochat.eval.bpb import eval_steps, split_tokens
 from nanochat.runlog import read_metrics
 from nanochat.scripts import base_loss, base_train
 
 
-def train_args(data_dir: Path, tokenizer_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+def train_args(data_dir: Path, tokenizer_dir: Path, run_dir: Path, *extra: str, eval_tokens: str | None = "1024") -> list[str]:
     return [
         "--device", "cpu", "--data-dir", str(data_dir), "--tokenizer-dir", str(tokenizer_dir), "--run-dir", str(run_dir),
         "--depth", "2", "--head-dim", "32", "--max-seq-len", "64", "--device-batch-size", "4",
-        "--total-batch-size", "512", "--eval-tokens", "1024", "--sample-every", "-1", *extra,
+        "--total-batch-size", "512", *(["--eval-tokens", eval_tokens] if eval_tokens else []), "--sample-every", "-1", *extra,
     ]
 
 
@@ -73,3 +77,34 @@ def test_killed_run_resumes_to_the_same_parameters(data_dir, tokenizer_dir, tmp_
 def test_total_batch_must_divide(data_dir, tokenizer_dir, tmp_path):
     with pytest.raises(ValueError, match="not a multiple of device batch x seq len x workers = 256"):
         base_train.main(train_args(data_dir, tokenizer_dir, tmp_path, "--total-batch-size", "1000", "--num-iterations", "1"))
+
+
+def test_evaluation_reads_the_validation_split_at_most_once(data_dir, tokenizer, capsys):
+    """More --eval-tokens than the split holds: the full batches of one pass, said once. Two routes to that
+    count: the split's tokens counted, and the loader, whose stream starts over on the batch after them."""
+    shards = split_shards(list_shards(data_dir), "val")
+    held = split_tokens(shards, tokenizer, limit=10**12)
+    steps = eval_steps(10**9, 4, 64, shards, tokenizer)
+    assert steps == held // (4 * 65)  # rows of T + 1 tokens
+    assert capsys.readouterr().out == (f"eval: --eval-tokens 1,000,000,000 > the validation split's {held:,} tokens: "
+                                       f"evaluating {steps * 4 * 64:,} ({steps} batches of 4 x 64)\n")
+    loader = DataLoader(shards, tokenizer, 4, 64, prefetch=0)
+    for _ in range(steps):
+        next(loader)
+    assert loader.epoch == 0
+    next(loader)
+    assert loader.epoch == 1
+    # fewer tokens asked than the split holds: as asked, nothing said
+    assert eval_steps(1024, 4, 64, shards, tokenizer) == 4 and capsys.readouterr().out == ""
+    with pytest.raises(UsageError, match="fewer than one evaluation batch of 1000 x 65: lower --device-batch-size"):
+        eval_steps(10**9, 1000, 64, shards, tokenizer)
+
+
+def test_default_eval_tokens_read_the_validation_split_once(data_dir, tokenizer_dir, tokenizer, tmp_path, capsys):
+    summary = base_train.main(train_args(data_dir, tokenizer_dir, tmp_path / "run", "--num-iterations", "2",
+                                         "--save-every", "-1", eval_tokens=None))  # the default: 10,485,760
+    out = capsys.readouterr().out
+    assert out.count("eval: --eval-tokens 10,485,760 > the validation split's ") == 1
+    held = split_tokens(split_shards(list_shards(data_dir), "val"), tokenizer, limit=10**12)
+    assert f"the validation split's {held:,} tokens: evaluating {held // (4 * 65) * 4 * 64:,}" in out
+    assert summary["val_bpb"] > 0

@@ -6,9 +6,10 @@ import time
 
 import pytest
 
+from nanochat.errors import UsageError
 from nanochat.runlog import read_metrics
 from nanochat.scripts import base_train
-from nanochat.train.budget import Costs, due_between, fit_iterations, parse_duration
+from nanochat.train.budget import WARMUP_STEPS, Costs, due_between, fit_iterations, parse_duration
 
 
 def test_durations():
@@ -36,14 +37,17 @@ def test_fitted_horizon_fills_the_budget_and_no_more():
 BUDGET_S = 60
 
 
-def test_time_budget_lands_within_ten_percent(data_dir, tokenizer_dir, tmp_path):
-    run = tmp_path / "run"
-    args = ["--device", "cpu", "--data-dir", str(data_dir), "--tokenizer-dir", str(tokenizer_dir), "--run-dir", str(run),
+def budgeted_args(data_dir, tokenizer_dir, run, budget: str) -> list[str]:
+    return ["--device", "cpu", "--data-dir", str(data_dir), "--tokenizer-dir", str(tokenizer_dir), "--run-dir", str(run),
             "--depth", "2", "--head-dim", "32", "--max-seq-len", "64", "--device-batch-size", "4",
             "--total-batch-size", "512", "--eval-tokens", "1024", "--sample-every", "-1", "--eval-every", "200",
-            "--save-every", "-1", "--time-budget", f"{BUDGET_S}s"]
+            "--save-every", "-1", "--time-budget", budget]
+
+
+def test_time_budget_lands_within_ten_percent(data_dir, tokenizer_dir, tmp_path):
+    run = tmp_path / "run"
     t0 = time.perf_counter()
-    summary = base_train.main(args)
+    summary = base_train.main(budgeted_args(data_dir, tokenizer_dir, run, f"{BUDGET_S}s"))
     wall = time.perf_counter() - t0
     assert 0.9 * BUDGET_S <= wall <= 1.1 * BUDGET_S, f"a {BUDGET_S} s budget took {wall:.1f} s"
     decision = summary["time_budget"]
@@ -52,3 +56,15 @@ def test_time_budget_lands_within_ten_percent(data_dir, tokenizer_dir, tmp_path)
     assert summary["steps"] == decision["num_iterations"] == len(records)
     assert records[-1]["lr_mult"] == pytest.approx(1 / round(0.2 * summary["steps"]))
     assert decision["tokens_per_param"] == pytest.approx(summary["steps"] * 512 / summary["params"])
+
+
+def test_a_budget_too_small_to_calibrate_is_refused_at_the_first_timed_step(data_dir, tokenizer_dir, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(UsageError) as refused:
+        base_train.main(budgeted_args(data_dir, tokenizer_dir, run, "1s"))
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("--time-budget 1s is too small to calibrate: ")
+    minimum = int(message.split("Give at least --time-budget ")[1].split("s")[0])
+    assert minimum > 1 and message.endswith("or --num-iterations instead.")
+    # stopped as soon as the cost was known: the warm-up steps and the first timed one, no more
+    assert len(read_metrics(run / "metrics.jsonl")) == WARMUP_STEPS

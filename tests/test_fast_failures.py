@@ -1,13 +1,16 @@
 """Mistakes fail fast: each entry point, run as a real `python -m` process, refuses a missing checkpoint,
 tokenizer or shards, a damaged shard, a busy port or a precision group the machine does not have in
-ONE line on stderr (`error: ...`, no traceback), with exit status 2, within FAST_S seconds (most of it
-is importing torch and Ray), before starting Ray, a server or an MLflow run. `--debug` shows the
+ONE line on stderr (`error: ...`, no traceback), with exit status 2, in under FAST_CPU_S seconds of work
+(most of it importing torch), before starting Ray, a server or an MLflow run. `--debug` shows the
 traceback. A row group damaged past its footer can only show when a Ray Data actor reads it: that run
 (slow: Ray starts) must end the same way, its MLflow run FAILED."""
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
+import resource
 import shutil
 import socket
 import sqlite3
@@ -23,9 +26,12 @@ from nanochat.checkpoint import find_latest
 from tests.conftest import REPO
 from tests.test_chat_eval import tiny_run  # noqa: F401  (the shared tiny checkpoint fixture)
 
-# The issue asks for 10 s. Importing torch, Ray and MLflow alone takes 7-12 s of one core on a 2-core machine
-# (more under load), and the check itself under a second after that; the bound leaves a loaded CI machine room.
-FAST_S = 30.0
+# The issue asks for 10 s on a 2-core machine. A failure's cost is the CPU time of its process (importing
+# torch and the checks: 3-6 s), which is its wall-clock time on an idle machine; a loaded machine stretches
+# the wall-clock time, not the work, so that gets more room. A run that started Ray, a server or an MLflow
+# run would show in the wall-clock time (and in the files checked), not in the CPU time of its process.
+FAST_CPU_S = 10.0
+FAST_WALL_S = 30.0
 TINY = ["--depth", "1", "--head-dim", "32", "--max-seq-len", "64", "--device-batch-size", "4", "--total-batch-size", "256",
         "--num-iterations", "4", "--eval-tokens", "256", "--eval-every", "-1", "--sample-every", "-1", "--save-every", "-1",
         "--compile", "off"]
@@ -37,16 +43,22 @@ def run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
+def children_cpu_seconds() -> float:
+    """CPU time (user + system) of this process's finished child processes so far."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
 def fails_fast(args: list[str], tmp_path: Path) -> tuple[str, str]:
     """(the one error line, stdout) of a run that must fail fast as a user error."""
-    start = time.perf_counter()
+    start, cpu_before = time.perf_counter(), children_cpu_seconds()
     out = run(args, tmp_path)
-    seconds = time.perf_counter() - start
-    print(f"python -m {args[0]}: exit {out.returncode} in {seconds:.1f} s")  # the measured time (pytest -s)
+    seconds, cpu = time.perf_counter() - start, children_cpu_seconds() - cpu_before
+    print(f"python -m {args[0]}: exit {out.returncode} in {seconds:.1f} s, {cpu:.1f} s of CPU")  # pytest -s
     assert out.returncode == 2, out.stderr
     lines = out.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
-    assert seconds < FAST_S, f"took {seconds:.1f} s"
+    assert cpu < FAST_CPU_S and seconds < FAST_WALL_S, f"took {seconds:.1f} s, {cpu:.1f} s of CPU"
     return lines[0], out.stdout
 
 
@@ -192,3 +204,24 @@ def test_a_damaged_row_group_read_through_ray(tmp_path, data_dir, tokenizer_dir)
     assert "Failed to apply UDF" not in errors[0]  # Ray's retry advice stays out of the message
     with sqlite3.connect(tmp_path / "storage" / "mlflow.db") as db:
         assert [row[0] for row in db.execute("SELECT status FROM runs")] == ["FAILED"]
+
+
+# -----------------------------------------------------------------------------
+# --debug in every entry point's help
+
+
+def entry_points() -> list[str]:
+    """Every module of the project that runs as `python -m ...`."""
+    files = [*(REPO / "nanochat").rglob("*.py"), *(REPO / "ray_jobs").glob("*.py")]
+    return sorted(".".join(f.relative_to(REPO).with_suffix("").parts) for f in files
+                  if re.search(r'^if __name__ == "__main__":', f.read_text(), re.MULTILINE))
+
+
+def test_every_entry_point_offers_debug_in_its_help(capsys):
+    modules = entry_points()
+    assert {"nanochat.scripts.base_train", "ray_jobs.serve", "ray_jobs.train", "nanochat.dataset"} <= set(modules)
+    for module in modules:
+        with pytest.raises(SystemExit) as shown:
+            importlib.import_module(module).main(["--help"])
+        assert shown.value.code == 0, module
+        assert "--debug" in capsys.readouterr().out, f"python -m {module} --help does not list --debug"

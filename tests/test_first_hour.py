@@ -1,25 +1,36 @@
 """A new user's first hour: the demo's outputs (built once, tiny, by the demo's own pieces) through the
-commands it prints at the end, with no flags beyond those printed. Checkpoints name their tokenizer and
-shards, so nothing else is needed; a tokenizer that moved fails in one line that says where it looked."""
+commands it prints at the end (chat, serve and its client snippet, tune for real; the speedrun in
+tests/test_speedrun.py), with no flags beyond those printed but the server's port. Checkpoints name their
+tokenizer and shards, so nothing else is needed; a tokenizer that moved fails in one line that says where
+it looked."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import io
+import json
 import math
+import os
 import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from nanochat import checkpoint
 from nanochat.config import parse_config
 from nanochat.dataset import list_shards
+from nanochat.errors import UsageError
 from nanochat.scripts import base_loss, base_train, chat_cli, chat_sft, demo
 from nanochat.tokenizer import Tokenizer
 from nanochat.train.base import BaseTrainConfig
 from nanochat.train.loop import grad_accum_steps
-from nanochat.train.stages import STAGES
+from tests.conftest import REPO
 
 TINY = demo.DemoConfig(steps=4, depth=1, vocab_size=512)
 TINY_ACCUMULATION = demo.TOTAL_BATCH // (demo.DEVICE_BATCH * demo.SEQ_LEN)  # the speedrun at the demo's batch
@@ -43,7 +54,8 @@ def outputs(tmp_path_factory, base_dir):
     the last). SFT and the evaluation get no --tokenizer-dir / --data-dir: the checkpoints name them.
     Returns (files, results, what the demo printed at the end)."""
     out = (tmp_path_factory.mktemp("demo") / "demo").resolve()
-    files = demo.DemoFiles(out, base=out / "run", chat=out / "sft")
+    # where the Ray demo (the README's first command) puts its models: the printed lines are the README's
+    files = demo.DemoFiles(out, base=out / "ray_results" / "demo", chat=out / "ray_results" / "demo_sft")
     demo.prepare(TINY, files)
     results = {"train": base_train.main([*demo.train_args(TINY, files), "--run-dir", str(files.base), "--eval-tokens", "1024"]),
                "eval": base_loss.main(["--checkpoint", str(files.base), *EVAL])}
@@ -60,6 +72,13 @@ def printed_commands(text: str) -> dict[str, list[str]]:
     """module -> argv of each `python -m module ...` line the demo printed."""
     commands = [shlex.split(line) for line in text.splitlines() if line.startswith("python -m ")]
     return {argv[2]: argv[3:] for argv in commands}
+
+
+def test_the_readme_shows_what_the_demo_prints_next(outputs):
+    files, _, _ = outputs
+    # at the demo's default sizes, its directory written $DEMO
+    printed = demo.next_steps(demo.DemoConfig(), files).replace(str(files.out), "$DEMO")
+    assert printed in (REPO / "README.md").read_text(), "README.md's 'what next' block is not what the demo prints"
 
 
 def test_checkpoints_record_their_tokenizer_and_data(outputs):
@@ -115,27 +134,101 @@ def test_a_wrong_tokenizer_flag_is_refused_and_the_right_one_named(outputs, toke
     assert f"pass --tokenizer-dir {files.tokenizer}" in message
 
 
-def test_printed_serve_command_and_client_snippet(outputs):
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def port_is_free(host: str, port: int) -> bool:
+    from ray_jobs.serve import check_port
+
+    try:
+        check_port(host, port)
+    except UsageError:
+        return False
+    return True
+
+
+def wait_for_line(log: Path, process: subprocess.Popen, start: str, timeout: float) -> None:
+    """Until a line of `log` (the output of `process`) starts with `start`; fails with the log's tail when the
+    process ends first or the time is up."""
+    deadline = time.monotonic() + timeout
+    while not any(line.startswith(start) for line in log.read_text().splitlines()):
+        tail = "\n".join(log.read_text().splitlines()[-30:])
+        assert process.poll() is None, f"exited with {process.returncode} before {start!r}:\n{tail}"
+        assert time.monotonic() < deadline, f"no {start!r} line after {timeout:.0f} s:\n{tail}"
+        time.sleep(0.5)
+
+
+@pytest.mark.timeout(600)  # about half a minute on a 2-core machine, most of it Serve and its replica starting
+def test_printed_serve_command_answers_the_printed_client_snippet(outputs, local_ray, tmp_path):
+    """The printed server as a real process, stopped by SIGTERM, and the printed snippet against it. Two things
+    differ from a user's terminal: the server joins the session's local Ray through $RAY_ADDRESS (one Ray start
+    less), and it listens on a free port, as the snippet's URL then says (8000 may be taken on a test machine)."""
+    import ray
+    from openai import OpenAI
+    from ray import serve
+
     from ray_jobs.serve import ServeConfig
 
     files, results, printed = outputs
-    cfg = parse_config(ServeConfig, printed_commands(printed)["ray_jobs.serve"])
-    # what each replica loads (ray_jobs/serve.py ChatServer), without starting Ray
-    _, tokenizer, step_dir, _ = checkpoint.load_for_inference(cfg.checkpoint, "cpu", cfg.tokenizer_dir or None)
-    assert tokenizer.directory == files.tokenizer and checkpoint.run_dir_of(step_dir) == files.chat
+    argv = printed_commands(printed)["ray_jobs.serve"]
+    assert argv == ["--checkpoint", str(files.chat)]  # the checkpoint names its tokenizer: nothing else needed
+    default, port = ServeConfig(), free_port()
     snippet = printed.split("python - <<'EOF'\n")[1].split("\nEOF")[0]
-    compile(snippet, "snippet", "exec")
-    assert f'model="{files.chat.name}"' in snippet and len(snippet.splitlines()) == 4
+    printed_url = f'base_url="http://{default.host}:{default.port}/v1"'
+    assert printed_url in snippet  # the snippet asks the server the printed command starts
+    url = f"http://{default.host}:{port}/v1"
+    snippet = snippet.replace(printed_url, f'base_url="{url}"')
+
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "ray_jobs.serve", *argv, "--port", str(port)], cwd=REPO,
+                                  env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_line(log, server, "serving ", timeout=300)
+        asked = subprocess.run([sys.executable, "-"], input=snippet, capture_output=True, text=True, timeout=120)
+        assert asked.returncode == 0 and asked.stdout.strip(), asked.stderr
+        client = OpenAI(base_url=url, api_key="none")
+        model = client.models.list().data[0].id
+        assert f'model="{model}"' in snippet
+        # the served model is the one the demo asked: the same greedy answer as its chat CLI
+        greedy = client.chat.completions.create(model=model, messages=[{"role": "user", "content": demo.DEMO_QUESTION}],
+                                                temperature=0, max_tokens=48)
+        assert greedy.choices[0].message.content == results["answer"]
+
+        server.send_signal(signal.SIGTERM)  # what `ray job stop` and `kill` send
+        assert server.wait(timeout=120) == 0
+        # Serve's proxy stopped with it: the port is free again (Ray ends the proxy's process a moment later)
+        deadline = time.monotonic() + 30
+        while not port_is_free(default.host, port):
+            assert time.monotonic() < deadline, f"port {port} still held 30 s after the server exited"
+            time.sleep(0.5)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        serve.shutdown()  # a server that failed half-way leaves no Serve in the shared Ray
+        print(log.read_text()[-5000:])  # shown when the test fails
 
 
-def test_printed_tune_command_parses_and_finds_its_inputs(outputs):
-    from ray_jobs import train, tune
+@pytest.mark.timeout(600)  # a trainer start per trial: about a minute of CPU, most of it Ray starting processes
+def test_printed_tune_command_sweeps_the_demo_shards(outputs, base_dir, local_ray):
+    from ray_jobs import tune
 
-    files, _, printed = outputs
-    cfg = parse_config(tune.config_class(), printed_commands(printed)["ray_jobs.tune"])
-    train.resolve_paths(cfg, STAGES["base"])  # what tune.main does before it starts Ray
-    assert Tokenizer.load(cfg.tokenizer_dir).directory == files.tokenizer
-    assert list_shards(cfg.data_dir) == list_shards(files.data)
+    _, _, printed = outputs
+    argv = printed_commands(printed)["ray_jobs.tune"]
+    cfg = parse_config(tune.config_class(), argv)
+    out = tune.main(argv)
+    trials = out["trials"]
+    assert len(trials) == cfg.num_samples and all(t["status"] != "error" for t in trials)
+    assert any(t["status"] == "completed" and t["tokens"] == cfg.token_budget for t in trials)
+    experiment = Path(out["experiment_dir"])
+    assert experiment.parent == base_dir / "ray_results"  # where docs/tuning.md says a sweep goes
+    best = json.loads((experiment / "best_config.json").read_text())
+    assert (best["depth"], best["max_seq_len"], best["head_dim"]) == (TINY.depth, demo.SEQ_LEN, demo.HEAD_DIM)
 
 
 def test_printed_speedrun_command_parses_into_valid_stages(outputs):

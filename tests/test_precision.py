@@ -4,6 +4,7 @@ and emulation rules."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -106,6 +107,31 @@ def test_explicit_overrides_apply_exactly():
     assert plan_for(DeviceInfo("cpu", "CPU"), "bfloat16").dtype == "bfloat16"  # CPU autocast supports bf16
     with pytest.raises(PrecisionError, match="unknown dtype"):
         plan_for(h100, "float8")
+
+
+def test_bfloat16_on_a_cpu_is_accepted_with_one_note_of_its_cost(capsys, monkeypatch):
+    monkeypatch.delenv("NANOCHAT_DTYPE", raising=False)
+    monkeypatch.delenv("NANOCHAT_EMULATE", raising=False)
+    precision.note_cpu_bfloat16.cache_clear()  # as in a fresh process
+    assert precision.main(["--simulate", "cpu", "--dtype", "bfloat16", "--json"]) == 0
+    precision.resolve("bfloat16", "cpu")
+    out, err = capsys.readouterr()
+    assert json.loads(out)["dtype"] == "bfloat16"  # stdout stays one JSON object
+    note = err.splitlines()
+    assert len(note) == 1, note  # once per process
+    assert re.fullmatch(r"note: bfloat16 on this CPU.* [\d.]+x .*\(timed now\).*", note[0]), note  # measured here
+    # no note where there is nothing to say: float32 on a CPU, bfloat16 on a GPU that has it
+    precision.note_cpu_bfloat16.cache_clear()
+    precision.resolve("float32", "cpu")
+    precision.resolve("bfloat16", DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0)))
+    assert capsys.readouterr().err == ""
+
+
+def test_the_cpu_bfloat16_note_says_why_when_it_is_slow():
+    slow, native = precision.cpu_bfloat16_note(41.6), precision.cpu_bfloat16_note(0.8)
+    assert "emulated, 42x slower than float32" in slow and "--dtype float32" in slow
+    assert "0.8x the time of float32" in native and "slower" not in native
+    assert "\n" not in slow + native
 
 
 def test_env_dtype_applies_when_flag_is_auto(capsys, monkeypatch):

@@ -3,6 +3,8 @@ checkpoints, MLflow, and recovery from a killed worker."""
 
 from __future__ import annotations
 
+import json
+import re
 import statistics
 from pathlib import Path
 
@@ -39,7 +41,12 @@ def mlflow_losses(summary: dict) -> list[float]:
     return list(losses)
 
 
-def test_ray_training_matches_the_single_process_script(local_ray, data_dir, tokenizer_dir, tmp_path):
+def printed_lines(captured: pytest.CaptureResult) -> list[str]:
+    """What a run printed, worker lines included (Ray forwards them to the driver), without Ray's colours."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", captured.out + captured.err).split("\n")
+
+
+def test_ray_training_matches_the_single_process_script(local_ray, data_dir, tokenizer_dir, tmp_path, capfd):
     plain_args = ("--eval-every", "-1", "--save-every", "-1", "--run-dir", str(tmp_path / "plain"))
     base_train.main(tiny(data_dir, tokenizer_dir, "--device-batch-size", "8", *plain_args))
     plain = [r["loss"] for r in read_metrics(tmp_path / "plain" / "metrics.jsonl")]
@@ -53,8 +60,19 @@ def test_ray_training_matches_the_single_process_script(local_ray, data_dir, tok
     # split hands each worker other rows than the single process reads, so after the first step
     # the curves agree only within the noise of which text is seen (the all-reduce itself is
     # checked exactly in test_training.py)
+    capfd.readouterr()
     two = ray_train.main(tiny(data_dir, tokenizer_dir, "--device-batch-size", "4", "--num-workers", "2",
                               "--storage-path", str(tmp_path / "ray"), "--name", "two", "--save-every", "8", "--eval-every", "-1"))
+    # quiet: the workers' plan and the summary once each, the progress bar in whole lines (no redraws by
+    # carriage return, no empty worker lines)
+    printed = printed_lines(capfd.readouterr())
+    workers = [line for line in printed if re.match(r"\(RayTrainWorker pid=\d+", line)]
+    plans = [line for line in printed if "precision plan:" in line]
+    assert len(plans) == 1 and re.match(r"\(RayTrainWorker pid=\d+.*\) \[workers 0, 1 on \S+\] precision plan: CPU, float32", plans[0])
+    assert [line for line in printed if "summary:" in line] == [f"summary: {json.dumps(two)}"]
+    assert any(re.search(r"\) base: +\d+%\|.*\| \d+/16 ", line) for line in workers)
+    assert not [line for line in workers if not line.split(")", 1)[1].strip()], "empty worker lines"
+    assert not [line for line in printed if "\r" in line], "carriage-return redraws"
     assert two["steps"] == STEPS and two["skipped_steps"] == 0
     distributed = mlflow_losses(two)
     assert abs(plain[0] - distributed[0]) < 0.1

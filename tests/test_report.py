@@ -135,6 +135,7 @@ def test_card_shows_every_stage_and_the_cost(bf16_root):
     # 3723+600 + 1800+300 + 900+300 + 1200+277 s = 9100 s = 2.53 h
     assert summary["Wall time (train + eval)"] == ["1h12m03s", "35m00s", "20m00s", "24m37s"]
     assert "Total wall time: 2h31m40s\n" in text
+    assert "## Time budget" not in text  # no speedrun.json: not a speedrun
     assert "Cost: $5.06 (2.53 GPU-hours x $2/GPU-hour)" in text
 
     links = image_links(md)
@@ -210,3 +211,17 @@ def test_comparison_agrees_with_the_cards_and_mlflow(bf16_root, p100_root, tmp_p
     assert metrics["bf16.rl.mean_reward"] == pytest.approx(0.4567)
     assert metrics["bf16.total.cost_usd"] == pytest.approx(9100 / 3600 * 1.5)
     assert run.data.params["runs.p100"] == str(p100_root)
+
+
+def test_speedrun_card_states_planned_against_actual_time_and_the_overrun(tmp_path):
+    stages = {"tokenizer": {"planned_s": 8.0, "seconds": 6.0}, "base": {"planned_s": 100.0, "seconds": 131.0},
+              "chat_eval": {"planned_s": 20.0, "seconds": 19.0}, "report": {"planned_s": 8.0, "seconds": None}}
+    (tmp_path / "speedrun.json").write_text(json.dumps({"budget_s": 140.0, "stages": stages}))
+    text = main(["--runs-dir", str(tmp_path), "--no-mlflow"]).read_text()
+    rows = table(text, "## Time budget")
+    assert rows["Stage"] == ["Planned", "Actual", "Over"]
+    assert rows["tokenizer"] == ["0m08s", "0m06s", "-0m02s"] and rows["base"] == ["1m40s", "2m11s", "+0m31s"]
+    assert rows["report"] == ["0m08s", "running", "-"]
+    assert rows["total"] == ["2m20s", "2m36s", "+0m16s"]  # 6 + 131 + 19 s spent before the card
+    assert ("Speedrun: 2m36s of 2m20s (report still running as this card was written): over the budget by 0m16s (11%)."
+            in text)

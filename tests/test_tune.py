@@ -1,5 +1,6 @@
 """ray_jobs.tune: the memory filter (pure), and a real tiny sweep on a local Ray cluster (CPU) whose
-best_config.json base_train accepts."""
+best_config.json base_train accepts, whose trials are MLflow runs of the base dir's store that end
+with ASHA's verdict and log nothing after it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from nanochat.config import parse_config
 from nanochat.precision import GB
 from nanochat.scripts import base_train
+from nanochat.tracking import Tracker, default_uri
 from nanochat.train import memory
 from nanochat.train.base import BaseTrainConfig
 from ray_jobs import tune as ray_tune
@@ -63,24 +65,27 @@ SAMPLES = 2
 BUDGET = 16384  # tokens per trial: 16 steps of 1024 or 32 steps of 512
 
 
-def sweep_args(data_dir, tokenizer_dir, storage, *extra: str) -> list[str]:
+def sweep_args(data_dir, tokenizer_dir, *extra: str) -> list[str]:
+    """The sweep's flags: its outputs and MLflow runs go to the defaults under $NANOCHAT_BASE_DIR."""
     return [
         "--device", "cpu", "--data-dir", str(data_dir), "--tokenizer-dir", str(tokenizer_dir),
         "--depth", "2", "--head-dim", "32", "--max-seq-len", "64", "--device-batch-sizes", "4,8",
         "--total-batch-sizes", "512,1024", "--token-budget", str(BUDGET), "--evals-per-trial", "4",
         "--grace-evals", "1", "--reduction-factor", "2", "--eval-tokens", "1024", "--num-samples", str(SAMPLES),
-        "--max-concurrent", "1", "--tokenize-workers", "1", "--search-seed", "0",
-        "--storage-path", str(storage), "--name", "sweep", *extra,
+        "--max-concurrent", "1", "--tokenize-workers", "1", "--search-seed", "0", "--name", "sweep", *extra,
     ]
 
 
 @pytest.mark.timeout(900)  # about 1-2 min on a 2-core machine: Ray starts a trainer per trial
-def test_tiny_sweep_stops_early_logs_everything_and_its_best_config_trains(local_ray, data_dir, tokenizer_dir, tmp_path):
+def test_tiny_sweep_stops_early_logs_everything_and_its_best_config_trains(local_ray, data_dir, tokenizer_dir, tmp_path,
+                                                                           monkeypatch):
+    base = tmp_path / "nanochat"
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))  # read by the driver only: it hands the trials every path
     started = time.perf_counter()
-    args = sweep_args(data_dir, tokenizer_dir, tmp_path)
+    args = sweep_args(data_dir, tokenizer_dir)
     out = ray_tune.main(args)
     print(f"sweep of {SAMPLES} trials: {time.perf_counter() - started:.0f} s")
-    exp = tmp_path / "sweep"
+    exp = base / "ray_results" / "sweep"
 
     trials = out["trials"]
     assert len(trials) == SAMPLES and not [t for t in trials if t["status"] == "error"]
@@ -92,21 +97,21 @@ def test_tiny_sweep_stops_early_logs_everything_and_its_best_config_trains(local
     defaults = BaseTrainConfig()
     assert any(t["matrix_lr"] == defaults.matrix_lr and t["embedding_lr"] == defaults.embedding_lr for t in trials)
 
-    # every trial is one MLflow run with its parameters and its bpb; ASHA's stops are marked
+    # every trial is one MLflow run, in the base dir's one store, experiment = the sweep, with its
+    # parameters and its bpb; each ends with ASHA's verdict and logs nothing after the step it was judged
+    # on: the last evaluation in MLflow is the one Tune saw last
+    assert out["mlflow_uri"] == default_uri() == f"sqlite:///{base / 'mlflow.db'}"
     client = MlflowClient(out["mlflow_uri"])
-    experiment = client.get_experiment_by_name("nanochat")
+    experiment = client.get_experiment_by_name("sweep")
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(t["trial_id"] for t in trials)
     for run in runs:
         row = next(t for t in trials if t["trial_id"] == run.data.tags["trial_id"])
         assert float(run.data.params["matrix_lr"]) == pytest.approx(row["matrix_lr"])
         assert int(run.data.params["device_batch_size"]) == row["device_batch_size"]
-        # a stopped trial may log one more evaluation before Tune's stop reaches it: the value
-        # ASHA judged is in its history
-        history = [m.value for m in client.get_metric_history(run.info.run_id, "val_bpb")]
-        assert any(v == pytest.approx(row["val_bpb"]) for v in history)
-        if row["status"] == "completed":
-            assert history[-1] == pytest.approx(row["val_bpb"])
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_bpb"))
+        assert history[-1] == (row["steps"], pytest.approx(row["val_bpb"]))
+        assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == row["steps"]
         assert run.info.status == ("FINISHED" if row["status"] == "completed" else "KILLED")
 
     # outputs; best_config.json holds only base_train settings, and base_train trains with them
@@ -135,3 +140,28 @@ def test_tiny_sweep_stops_early_logs_everything_and_its_best_config_trains(local
     assert json.loads(best_file.read_text()) == best
     assert sorted(t["trial_id"] for t in again["trials"]) == sorted(t["trial_id"] for t in trials)
     assert len(client.search_runs([experiment.experiment_id])) == SAMPLES
+
+
+def test_runs_still_running_end_with_the_sweep(tmp_path):
+    """A sweep's driver stopped by Ctrl-C (or Tune's own Ctrl-C handling, SIGTERM, an error) leaves no trial's
+    run RUNNING; finished runs and other sweeps' runs keep their status."""
+    store = default_uri(tmp_path)
+    experiment_id = ray_tune.ensure_experiment(store, "sweeps")
+
+    def trial_run(sweep: str) -> Tracker:
+        tracker = Tracker.create(store, "sweeps", f"{sweep}/trial", {})
+        tracker.client.set_tag(tracker.run_id, "sweep", sweep)
+        return tracker
+
+    def status(tracker: Tracker) -> str:
+        return tracker.client.get_run(tracker.run_id).info.status
+
+    running, finished, other = trial_run("a"), trial_run("a"), trial_run("b")
+    finished.finish()
+    with pytest.raises(KeyboardInterrupt), ray_tune.runs_end_with_the_sweep(store, experiment_id, "a"):
+        raise KeyboardInterrupt
+    assert (status(running), status(finished), status(other)) == ("KILLED", "FINISHED", "RUNNING")
+    crashed = trial_run("b")
+    with pytest.raises(RuntimeError), ray_tune.runs_end_with_the_sweep(store, experiment_id, "b"):
+        raise RuntimeError("the driver broke")
+    assert (status(other), status(crashed)) == ("FAILED", "FAILED")

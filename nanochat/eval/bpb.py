@@ -3,25 +3,66 @@
 Summed cross-entropy (nats) over target tokens divided by ln(2) times the UTF-8 bytes those tokens
 spell. Special tokens (0 bytes) and ignored targets (-1) are left out of both sums. Under a process
 group both sums are added up over the ranks, so each rank evaluates only its share of the batches.
+An evaluation reads at most one pass over its split (`eval_steps`): never the same tokens twice.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from nanochat.dataset import num_row_groups, read_row_group
 from nanochat.distributed import all_reduce_sum
+from nanochat.errors import UsageError
 from nanochat.precision import PrecisionPlan
+from nanochat.runlog import progress_bar
+from nanochat.tokenizer import Tokenizer
+
+
+def split_tokens(shards: Sequence[Path], tokenizer: Tokenizer, limit: int) -> int:
+    """Tokens in the stream the DataLoader packs from `shards` (each document BOS-prefixed), counted
+    row group by row group until `limit` is reached: past it the count is a lower bound, not the split's."""
+    count = 0
+    for shard in shards:
+        for group in range(num_row_groups(shard)):
+            if count >= limit:
+                return count
+            docs = read_row_group(shard, group)
+            count += sum(len(ids) for ids in tokenizer.encode(docs, prepend=tokenizer.bos_token_id))
+    return count
+
+
+def eval_steps(eval_tokens: int, batch_size: int, seq_len: int, shards: Sequence[Path], tokenizer: Tokenizer,
+               split: str = "validation", verbose: bool = True) -> int:
+    """Batches of batch_size x seq_len that an evaluation of `eval_tokens` reads: as many as asked (at
+    least one), but no more than one pass over the split holds (the loader would start it over and count
+    the same tokens twice). Says so when it caps (`verbose`: the main process of a group)."""
+    asked = max(1, eval_tokens // (batch_size * seq_len))
+    row_tokens = batch_size * (seq_len + 1)  # a row is T + 1 tokens: the inputs and the shifted targets
+    held = split_tokens(shards, tokenizer, asked * row_tokens)
+    steps = min(asked, held // row_tokens)
+    if steps == 0:
+        raise UsageError(
+            f"the {split} split ({', '.join(str(s) for s in shards)}) holds {held:,} tokens, fewer than one evaluation "
+            f"batch of {batch_size} x {seq_len + 1}: lower --device-batch-size or --max-seq-len, or build the shards "
+            "with more validation documents (python -m nanochat.dataset build --val-docs N)")
+    if steps < asked and verbose:
+        print(f"eval: --eval-tokens {eval_tokens:,} > the {split} split's {held:,} tokens: evaluating "
+              f"{steps * batch_size * seq_len:,} ({steps} batches of {batch_size} x {seq_len})", flush=True)
+    return steps
 
 
 @torch.no_grad()
 def evaluate_bpb(
-    model: nn.Module, plan: PrecisionPlan, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, token_bytes: torch.Tensor
+    model: nn.Module, plan: PrecisionPlan, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int,
+    token_bytes: torch.Tensor, progress: str = "",
 ) -> float:
-    """Bits per byte over `steps` batches drawn from `batches`.
+    """Bits per byte over `steps` batches drawn from `batches`; a progress bar named `progress` when given
+    (one process of a group shows it).
 
     Collective under a process group: each rank passes its own share of the batches (its own `steps`,
     0 allowed) and every rank returns the bits per byte of all of them."""
@@ -30,6 +71,9 @@ def evaluate_bpb(
     nbytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
     was_training = model.training
     model.eval()
+    # on the training bar's line while it runs (position 0: a nested bar would move the cursor), gone when done
+    bar = progress_bar(total=steps, desc=progress, unit="batch", dynamic_ncols=True, leave=False, position=0,
+                       disable=not progress)
     for _ in range(steps):
         x, y = next(batches)
         with plan.compute_context():
@@ -38,6 +82,8 @@ def evaluate_bpb(
         counted = token_bytes[y.clamp(min=0)] * (y >= 0)
         nats += (loss.double() * (counted > 0)).sum()
         nbytes += counted.sum()
+        bar.update(1)
+    bar.close()
     model.train(was_training)
     all_reduce_sum(nats)
     all_reduce_sum(nbytes)

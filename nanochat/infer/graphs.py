@@ -46,10 +46,10 @@ class StaticStep(AttentionCache):
         seen = ((keys >= self.pad[:, None]) | (keys == self.pos_t)) & (keys <= self.pos_t)  # (rows, S)
         return seen[:, None, None, :], False
 
-    # Left out of compilation: compiled code that writes into a view of an input writes the whole
-    # input back afterwards (a copy of the full cache at every step). The graph break costs only
-    # at capture time; a replayed graph has no Python in it.
-    @torch.compiler.disable
+    # Left out of compilation (`_compiled_one_token` wraps it in torch.compiler.disable): compiled
+    # code that writes into a view of an input writes the whole input back afterwards (a copy of the
+    # full cache at every step). The graph break costs only at capture time; a replayed graph has no
+    # Python in it.
     def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = k.size(0)
         self.k[layer, :rows].index_copy_(2, self.pos_t, k)
@@ -81,6 +81,8 @@ def _compiled_one_token() -> Callable:
     nanochat.infer.matvec_kernel and nanochat.infer.attention_kernel do."""
     from torch._inductor import config as inductor_config
 
+    # here, not as a decorator on the method: torch.compiler.disable imports dynamo (seconds) at once
+    StaticStep.insert = torch.compiler.disable(StaticStep.insert)
     pdl = {"triton.enable_pdl": True} if hasattr(inductor_config.triton, "enable_pdl") else {}
     return torch.compile(_one_token, dynamic=None, options=pdl)
 

@@ -26,7 +26,7 @@ from nanochat.config import CommonConfig, option, parse_config
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import list_shards, split_shards
 from nanochat.errors import run_main
-from nanochat.eval.bpb import evaluate_bpb
+from nanochat.eval.bpb import eval_steps, evaluate_bpb
 from nanochat.infer.engine import sample_text
 
 PROMPTS = ["In the beginning", "The meaning of life is", "He said to them,", "The king of"]
@@ -37,7 +37,7 @@ class BaseLossConfig(CommonConfig):
     run_dir: str = option("", "run directory (its checkpoints/ holds the model); empty = runs/base_d12")
     checkpoint: str = option("", "a specific step_* checkpoint directory instead of the run's latest")
     device_batch_size: int = option(32, "rows per forward pass")
-    eval_tokens: int = option(20 * 524288, "tokens per split")
+    eval_tokens: int = option(20 * 524288, "tokens per split (at most what the split holds)")
     data_dir: str = option("", "parquet shards; empty = those the checkpoint was trained on, else $NANOCHAT_DATA or $NANOCHAT_BASE_DIR/data")
     tokenizer_dir: str = option("", "trained tokenizer; empty = the one the checkpoint recorded, else $NANOCHAT_BASE_DIR/tokenizer")
     max_new_tokens: int = option(32, "tokens per sample")
@@ -53,11 +53,12 @@ def main(argv: list[str] | None = None) -> dict:
     except CheckpointError as e:
         raise SystemExit(f"base_loss: {e}") from None
     seq_len = model.config.sequence_len
-    steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * seq_len))
     result: dict = {"checkpoint": str(source), "dtype": plan.dtype}
-    for split in ("train", "val"):
-        loader = DataLoader(split_shards(shards, split), tokenizer, cfg.device_batch_size, seq_len, device)
-        result[f"{split}_bpb"] = evaluate_bpb(model, plan, iter(loader), steps, tokenizer.token_bytes())
+    for split, name in (("train", "train"), ("val", "validation")):
+        split_files = split_shards(shards, split)
+        steps = eval_steps(cfg.eval_tokens, cfg.device_batch_size, seq_len, split_files, tokenizer, name)
+        loader = DataLoader(split_files, tokenizer, cfg.device_batch_size, seq_len, device)
+        result[f"{split}_bpb"] = evaluate_bpb(model, plan, iter(loader), steps, tokenizer.token_bytes(), f"{split} bpb")
         print(f"{split} bpb: {result[f'{split}_bpb']:.4f}")
     result["samples"] = {p: sample_text(model, tokenizer, plan, p, cfg.max_new_tokens) for p in PROMPTS}
     for prompt, text in result["samples"].items():

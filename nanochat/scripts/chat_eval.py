@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from nanochat.chat import Conversation, render_for_completion
 from nanochat.checkpoint import CheckpointError, load_for_inference, run_dir_of
@@ -38,6 +37,7 @@ from nanochat.errors import run_main
 from nanochat.eval.offline import MissingDataError
 from nanochat.infer.engine import SAMPLING, Engine, context_length
 from nanochat.precision import PrecisionPlan
+from nanochat.runlog import progress_bar
 from nanochat.tasks import Task, load_task
 from nanochat.tokenizer import Tokenizer
 
@@ -89,7 +89,7 @@ def evaluate_task(task: Task, answer_fn: AnswerFn, max_problems: int | None = No
     rank, world_size = world()
     mine = indices[rank::world_size]
     correct = too_long = 0
-    bar = tqdm(total=len(mine), desc=task.name, dynamic_ncols=True, disable=not progress or rank != 0)
+    bar = progress_bar(total=len(mine), desc=task.name, dynamic_ncols=True, disable=not progress or rank != 0)
     for start in range(0, len(mine), batch_size):
         batch = [task[i] for i in mine[start : start + batch_size]]
         responses = answer_fn(batch)

@@ -114,6 +114,15 @@ def chat(files: DemoFiles) -> str:
     ])
 
 
+def speedrun_command(args: DemoConfig, files: DemoFiles) -> list[str]:
+    """The speedrun on the demo's shards at the demo's size (and its SFT mixture for mid-training too), every
+    stage inside a budget a 2-core CPU keeps to: what next_steps prints and tests/test_speedrun.py runs."""
+    return ["python", "-m", "ray_jobs.speedrun", "--data", str(files.data), "--depth", str(args.depth),
+            "--seq-len", str(SEQ_LEN), "--vocab", str(args.vocab_size), "--device-batch", str(DEVICE_BATCH),
+            "--total-batch", str(TOTAL_BATCH), "--mid-mixture", DEMO_MIXTURE, "--sft-mixture", DEMO_MIXTURE,
+            "--time-budget", "2m30s"]
+
+
 def next_steps(args: DemoConfig, files: DemoFiles) -> str:
     """What to run next on the demo's files, as lines to paste into a shell (comments say what each does).
     The checkpoints name their tokenizer, so the chat model needs no other flag; tune and the speedrun
@@ -122,11 +131,10 @@ def next_steps(args: DemoConfig, files: DemoFiles) -> str:
     tune = ["python", "-m", "ray_jobs.tune", "--data-dir", str(files.data), "--tokenizer-dir", str(files.tokenizer),
             "--depth", str(args.depth), "--head-dim", str(HEAD_DIM), "--max-seq-len", str(SEQ_LEN),
             "--device-batch-sizes", f"{DEVICE_BATCH // 2},{DEVICE_BATCH}", "--total-batch-sizes", f"{TOTAL_BATCH},{2 * TOTAL_BATCH}",
-            "--token-budget", str(64 * TOTAL_BATCH), "--eval-tokens", str(4 * TOTAL_BATCH), "--num-samples", "4",
-            "--max-concurrent", "1"]
-    speedrun = ["python", "-m", "ray_jobs.speedrun", "--data", str(files.data), "--depth", str(args.depth),
-                "--seq-len", str(SEQ_LEN), "--vocab", str(args.vocab_size), "--device-batch", str(DEVICE_BATCH),
-                "--total-batch", str(TOTAL_BATCH), "--time-budget", "5m"]
+            # the smallest sweep that shows ASHA at work: the default settings against one sampled trial, 16 steps
+            # at most, judged at 4 evaluations (each trial's start, not its training, is most of its time on a CPU)
+            "--token-budget", str(16 * TOTAL_BATCH), "--evals-per-trial", "4", "--eval-tokens", str(4 * TOTAL_BATCH),
+            "--num-samples", "2", "--max-concurrent", "1"]
     messages = json.dumps([{"role": "user", "content": DEMO_QUESTION}])
     return "\n".join([
         "# chat with the fine-tuned model in the terminal ('quit' leaves)",
@@ -142,8 +150,8 @@ def next_steps(args: DemoConfig, files: DemoFiles) -> str:
         "EOF",
         "# tune base training's batch size and learning rates with Ray Tune, on the demo's shards (docs/tuning.md)",
         shlex.join(tune),
-        "# the whole pipeline, shards to report card, inside a time budget (ray_jobs/speedrun.py)",
-        shlex.join(speedrun),
+        "# the whole pipeline, tokenizer to report card, inside a time budget (ray_jobs/speedrun.py)",
+        shlex.join(speedrun_command(args, files)),
     ])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -14,7 +15,7 @@ from nanochat.config import ModelShapeConfig, option
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import default_data_dir, list_shards, split_shards
 from nanochat.distributed import world
-from nanochat.eval.bpb import evaluate_bpb
+from nanochat.eval.bpb import eval_steps, evaluate_bpb
 from nanochat.infer.engine import sample_text
 from nanochat.precision import PrecisionPlan
 from nanochat.train.loop import LoopConfig, Run, build_run, grad_accum_steps, new_model, start_process
@@ -28,7 +29,7 @@ class BaseTrainConfig(ModelShapeConfig, LoopConfig):
     STAGE: ClassVar[str] = "base"
 
     target_param_data_ratio: float = option(20.0, "training tokens per parameter when --num-iterations is -1 (Chinchilla: 20)")
-    eval_tokens: int = option(20 * 524288, "validation tokens per evaluation")
+    eval_tokens: int = option(20 * 524288, "validation tokens per evaluation (at most what the validation split holds)")
     data_dir: str = option("", "parquet shards; empty = $NANOCHAT_DATA or $NANOCHAT_BASE_DIR/data")
     # a number or "auto"; setup() turns it into an int once (resolve_device_batch_size), so Run.cfg
     # and everything after setup reads an int
@@ -37,19 +38,25 @@ class BaseTrainConfig(ModelShapeConfig, LoopConfig):
         "predicts to fit, checked by a probe step, with accumulation reaching --total-batch-size (CPU/MPS: 8)")
 
 
+def val_shards(cfg: BaseTrainConfig) -> list[Path]:
+    return split_shards(list_shards(cfg.data_dir or default_data_dir()), "val")
+
+
+@dataclass(kw_only=True)
 class BaseRun(Run):
+    eval_steps: int  # validation batches per evaluation: --eval-tokens, capped at what the split holds
+
     def val_loader(self) -> DataLoader:
         """The validation stream; under a process group this rank's batches of it (rank r: r, r+W, ...)."""
-        shards = split_shards(list_shards(self.cfg.data_dir or default_data_dir()), "val")
-        return DataLoader(shards, self.tokenizer, self.cfg.device_batch_size, self.cfg.max_seq_len, self.device,
-                          batch_split=world())
+        return DataLoader(val_shards(self.cfg), self.tokenizer, self.cfg.device_batch_size, self.cfg.max_seq_len,
+                          self.device, batch_split=world())
 
     def evaluate(self) -> dict[str, float]:
         """Bits per byte on the first batches of the validation shard, split over the ranks (collective)."""
-        steps = max(1, self.cfg.eval_tokens // (self.cfg.device_batch_size * self.cfg.max_seq_len))
         rank, world_size = world()
-        mine = len(range(rank, steps, world_size))  # batches rank, rank + W, ... of the `steps` one process takes
-        return {"val_bpb": evaluate_bpb(self.model, self.plan, self.val_loader(), mine, self.tokenizer.token_bytes())}
+        mine = len(range(rank, self.eval_steps, world_size))  # batches rank, rank + W, ... of those one process takes
+        return {"val_bpb": evaluate_bpb(self.model, self.plan, self.val_loader(), mine, self.tokenizer.token_bytes(),
+                                        progress="val bpb" if self.is_main else "")}
 
     def samples(self) -> dict[str, str]:
         """A few greedy continuations to eyeball during training."""
@@ -98,9 +105,11 @@ def setup(cfg: BaseTrainConfig, device: torch.device, world_size: int = 1, rank:
     grad_accum = grad_accum_steps(cfg, cfg.max_seq_len, world_size)
     tokens_per_step = grad_accum * cfg.device_batch_size * cfg.max_seq_len * world_size
     num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else max(1, round(cfg.target_param_data_ratio * model.num_params() / tokens_per_step))
+    # counted once, before the run's clock starts (a --time-budget counts from build_run)
+    steps = eval_steps(cfg.eval_tokens, cfg.device_batch_size, cfg.max_seq_len, val_shards(cfg), tokenizer, verbose=rank == 0)
     return build_run(BaseRun, cfg, device, plan, tokenizer, model, grad_accum, compile=cfg.compile,
                      weight_decay=cfg.weight_decay, tokens_per_step=tokens_per_step,
-                     num_iterations=num_iterations, world_size=world_size, rank=rank)
+                     num_iterations=num_iterations, world_size=world_size, rank=rank, eval_steps=steps)
 
 
 def shard_batches(run: BaseRun, rank: int = 0, world: int = 1, position: dict | None = None) -> DataLoader:

@@ -12,6 +12,9 @@ turned into a `num_iterations` early in the run, and only moved while the schedu
    fit in what is left of the budget, all workers agree on the smallest, and a checkpoint is
    written at once whose meta holds the decision, so a resumed run keeps the same horizon.
 
+A budget too small for steps 1-4 and the run's final eval/sample/save is refused (UsageError) at the
+first timed step, once their cost is known, rather than overrun.
+
 The budget counts from the moment the stage's model was built (`Run.started`): interpreter start,
 imports and the data loader's first file open come before it and are the caller's to leave room
 for (ray_jobs/speedrun.py does). Until step 4 the schedule runs with a provisional horizon; the
@@ -30,6 +33,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
+
+from nanochat.errors import UsageError
 
 WARMUP_STEPS = 3  # left out of the timing (same constant as the throughput average in loop.train)
 MEASURE_STEPS = 10  # timed steps before the decision: a fixed count, so every worker decides at the same step
@@ -100,12 +105,19 @@ def fit_iterations(remaining_s: float, done: int, costs: Costs, eval_every: int,
     return lo
 
 
-def agree_min(value: int, device: torch.device) -> int:
-    """The smallest `value` over all data-parallel workers (each measured its own speed): one horizon for all."""
+def least_budget_s(decision: dict) -> float:
+    """The smallest budget the run that made this decision (TimeBudget.decision) could have kept to: its
+    calibration, the checkpoint of its decision, and its final evaluation, samples and checkpoint."""
+    return decision["calibration_s"] + decision["eval_s"] + decision["sample_s"] + 2 * decision["save_s"]
+
+
+def agree(value: int, device: torch.device, largest: bool = False) -> int:
+    """The smallest (or largest) `value` over all data-parallel workers (each measured its own speed):
+    one decision for all."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
     t = torch.tensor([value], dtype=torch.int64, device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if largest else dist.ReduceOp.MIN)
     return int(t.item())
 
 
@@ -117,6 +129,7 @@ class TimeBudget:
         self.probe_step = start_step + WARMUP_STEPS  # forced eval/sample/save after this many steps done
         self.decide_step = self.probe_step + MEASURE_STEPS
         self.step_seconds: list[float] = []
+        self.warmup_seconds: list[float] = []  # the warm-up steps but the very first (allocation, compilation)
         self.costs = {"eval_s": 0.0, "sample_s": 0.0, "save_s": 0.0}
         self.decision: dict | None = None
 
@@ -131,6 +144,8 @@ class TimeBudget:
     def observe(self, done: int, step_s: float) -> None:
         if done > self.probe_step:
             self.step_seconds.append(step_s)
+        elif done > self.probe_step - WARMUP_STEPS + 1:
+            self.warmup_seconds.append(step_s)
 
     def note(self, kind: str, seconds: float) -> None:
         """The latest cost of an evaluation / sample set / checkpoint ("eval_s", "sample_s", "save_s")."""
@@ -141,6 +156,8 @@ class TimeBudget:
         steps while the schedule is still flat (so that a slower or faster stretch of the run, e.g.
         another job sharing the machine, moves the end of the run, not the length of its warmdown),
         else `n` unchanged. Every worker calls it at the same steps (it may all-reduce)."""
+        if done == self.probe_step + 1:
+            self._refuse_if_too_small(done, device)
         if done == self.decide_step and self.measuring:
             return self._fit(done, n, tokens_per_step, num_params, device, pending_save=True)
         if self.measuring or done % MEASURE_STEPS or not self._flat(done + MEASURE_STEPS, n):
@@ -154,6 +171,23 @@ class TimeBudget:
         print(f"time budget: {self._recent():.3f} s/step lately -> num_iterations {n} -> {fitted} "
               f"(the lr schedule is still flat at step {done})", flush=True)
         return fitted
+
+    def _refuse_if_too_small(self, done: int, device: torch.device) -> None:
+        """UsageError when the rest of the calibration (the steps up to the decision and its checkpoint) and
+        the run's final eval/sample/save, at the costs measured so far, surely end past the budget: the
+        fastest step seen counts (the first timed one shares the machine with the probe's checkpoint
+        write), and every worker agrees on the slowest one's estimate."""
+        costs = Costs(min(self.warmup_seconds + self.step_seconds), **self.costs)
+        final = costs.eval_s + costs.sample_s + costs.save_s
+        needed = time.perf_counter() - self.started + (self.decide_step - done) * costs.step_s + costs.save_s + final
+        needed = agree(math.ceil(needed), device, largest=True)
+        if needed > self.budget_s:
+            raise UsageError(
+                f"--time-budget {format_duration(self.budget_s)} is too small to calibrate: the horizon is fixed after "
+                f"{WARMUP_STEPS} warm-up and {MEASURE_STEPS} timed steps, an evaluation, samples and 2 checkpoints, and "
+                f"the run ends with another evaluation, samples and checkpoint: {format_duration(needed)} on this "
+                f"machine ({costs.step_s:.2f} s/step, eval {costs.eval_s:.1f} s, samples {costs.sample_s:.1f} s, "
+                f"checkpoint {costs.save_s:.1f} s). Give at least --time-budget {needed}s, or --num-iterations instead.")
 
     def _flat(self, step: int, n: int) -> bool:
         c = self.cfg
@@ -170,10 +204,12 @@ class TimeBudget:
         costs = Costs(self._recent(), **self.costs)
         remaining = self.budget_s * (1 - SAFETY) - elapsed - (costs.save_s if pending_save else 0.0)
         c = self.cfg
-        fitted = agree_min(fit_iterations(remaining, done, costs, c.eval_every, c.sample_every, c.save_every), device)
+        fitted = agree(fit_iterations(remaining, done, costs, c.eval_every, c.sample_every, c.save_every), device)
         tokens = fitted * tokens_per_step
         self.decision = {
             "budget_s": self.budget_s, "num_iterations": fitted, "decided_at_step": done, "elapsed_s": elapsed,
+            # what the calibration took, up to the first decision (a re-fit keeps it)
+            "calibration_s": self.decision["calibration_s"] if self.decision else elapsed,
             **asdict(costs), "tokens": tokens, "tokens_per_param": tokens / num_params,
         }
         if not quiet:

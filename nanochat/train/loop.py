@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from nanochat.config import CommonConfig, ModelShapeConfig, option
 from nanochat.dataset import default_data_dir
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.precision import PrecisionPlan
+from nanochat.runlog import progress_bar
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
 from nanochat.train.budget import TimeBudget, parse_duration
 from nanochat.train.step import TrainStep, lr_multiplier, maybe_compile, muon_momentum, set_schedule
@@ -219,56 +219,56 @@ def train(run: Run, batches: Iterator, start_step: int, log: Callable[[dict], No
         t = time.perf_counter()
         return fn(*args), time.perf_counter() - t
 
-    # in logs (not a terminal) a bar redraw is a new line: redraw every 10 s instead of 10 times a second
-    bar = tqdm(initial=start_step, total=n, desc=run.stage, dynamic_ncols=True,
-               mininterval=0.1 if sys.stderr.isatty() else 10, disable=not run.is_main)
-    for step in itertools.count(start_step):  # not range(): a time budget may still change n
-        if step >= n:
-            break
-        lrm = lr_multiplier(step, n, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
-        set_schedule(run.optimizer, lrm, muon_momentum(step))
-        t0 = time.perf_counter()
-        result = run.step_fn(batches)
-        dt = time.perf_counter() - t0
-        if step - start_step >= 3:  # leave compile/warm-up steps out of the throughput average
-            timed_tokens, timed_seconds = timed_tokens + run.tokens_per_step, timed_seconds + dt
-            timed_wait += result.data_s
-        done = step + 1
-        probing = budget is not None and done == budget.probe_step  # time what the run's end will cost
-        if budget is not None:
-            budget.observe(done, dt)
-            n = run.num_iterations = budget.horizon(done, n, run.tokens_per_step, run.model.num_params(), run.device)
-            run.meta["time_budget"] = budget.decision  # in every checkpoint from the decision on: a resume keeps it
-            bar.total = n
-        record = {"step": done, "loss": result.loss, "tok_per_s": run.tokens_per_step / dt, "lr_mult": lrm,
-                  "mfu": run.flops_per_token * run.tokens_per_step / dt / plan.peak_flops if plan.peak_flops else None,
-                  "loss_scale": result.scale, "skipped": result.skipped}
-        if is_due(cfg.eval_every, done) or probing:  # every rank evaluates its share (collective)
-            evaluated, seconds = timed(run.evaluate)
+    bar = progress_bar(initial=start_step, total=n, desc=run.stage, dynamic_ncols=True, disable=not run.is_main)
+    try:  # the bar's last line before an error's, not after it
+        for step in itertools.count(start_step):  # not range(): a time budget may still change n
+            if step >= n:
+                break
+            lrm = lr_multiplier(step, n, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
+            set_schedule(run.optimizer, lrm, muon_momentum(step))
+            t0 = time.perf_counter()
+            result = run.step_fn(batches)
+            dt = time.perf_counter() - t0
+            if step - start_step >= 3:  # leave compile/warm-up steps out of the throughput average
+                timed_tokens, timed_seconds = timed_tokens + run.tokens_per_step, timed_seconds + dt
+                timed_wait += result.data_s
+            done = step + 1
+            probing = budget is not None and done == budget.probe_step  # time what the run's end will cost
             if budget is not None:
-                budget.note("eval_s", seconds)
-            record.update(evaluated)
-            if run.is_main:
-                tqdm.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
-        log(record)
-        bar.set_postfix_str(
-            f"loss {result.loss:.3f} | {record['tok_per_s']:,.0f} tok/s"
-            + (f" | mfu {100 * record['mfu']:.1f}%" if record["mfu"] else "")
-            + (f" | scale {result.scale:g} skipped {run.step_fn.skipped_total}" if run.scaler else ""),
-            refresh=False,  # the bar redraws at its own pace (mininterval)
-        )
-        if run.is_main and (is_due(cfg.sample_every, done) or probing):
-            samples, seconds = timed(run.samples)
-            for prompt, text in samples.items():
-                tqdm.write(f"  {prompt!r} -> {text!r}")
-            if budget is not None:
-                budget.note("sample_s", seconds)
-        if is_due(cfg.save_every, done) or probing or (budget is not None and done == budget.decide_step):
-            _, seconds = timed(save, done)
-            if budget is not None:
-                budget.note("save_s", seconds)
-        bar.update(1)
-    bar.close()
+                budget.observe(done, dt)
+                n = run.num_iterations = budget.horizon(done, n, run.tokens_per_step, run.model.num_params(), run.device)
+                run.meta["time_budget"] = budget.decision  # in every checkpoint from the decision on: a resume keeps it
+                bar.total = n
+            record = {"step": done, "loss": result.loss, "tok_per_s": run.tokens_per_step / dt, "lr_mult": lrm,
+                      "mfu": run.flops_per_token * run.tokens_per_step / dt / plan.peak_flops if plan.peak_flops else None,
+                      "loss_scale": result.scale, "skipped": result.skipped}
+            if is_due(cfg.eval_every, done) or probing:  # every rank evaluates its share (collective)
+                evaluated, seconds = timed(run.evaluate)
+                if budget is not None:
+                    budget.note("eval_s", seconds)
+                record.update(evaluated)
+                if run.is_main:
+                    tqdm.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
+            log(record)
+            bar.set_postfix_str(
+                f"loss {result.loss:.3f} | {record['tok_per_s']:,.0f} tok/s"
+                + (f" | mfu {100 * record['mfu']:.1f}%" if record["mfu"] else "")
+                + (f" | scale {result.scale:g} skipped {run.step_fn.skipped_total}" if run.scaler else ""),
+                refresh=False,  # the bar redraws at its own pace (mininterval)
+            )
+            if run.is_main and (is_due(cfg.sample_every, done) or probing):
+                samples, seconds = timed(run.samples)
+                for prompt, text in samples.items():
+                    tqdm.write(f"  {prompt!r} -> {text!r}")
+                if budget is not None:
+                    budget.note("sample_s", seconds)
+            if is_due(cfg.save_every, done) or probing or (budget is not None and done == budget.decide_step):
+                _, seconds = timed(save, done)
+                if budget is not None:
+                    budget.note("save_s", seconds)
+            bar.update(1)
+    finally:
+        bar.close()
     tok_per_s = timed_tokens / timed_seconds if timed_seconds else None
     return {
         "stage": run.stage,

@@ -22,6 +22,7 @@ from nanochat.chat import Conversation, render_for_completion
 from nanochat.config import option
 from nanochat.distributed import sum_counts, world
 from nanochat.infer.engine import Engine
+from nanochat.runlog import progress_bar
 from nanochat.tasks import Task, load_task
 from nanochat.train.finetune import StartFromConfig, load_start, resolve_start
 from nanochat.train.loop import Run, build_run, start_process
@@ -149,7 +150,7 @@ def problem_stream(run: RLRun, rank: int = 0, world: int = 1, position: dict | N
 def train(run: RLRun, problems: Iterator[int], start_step: int, log: Callable[[dict], None], save: Callable[[int], None]) -> dict:
     cfg, n = run.cfg, run.num_iterations
     evaluated, started, record = {}, time.perf_counter(), {}
-    bar = tqdm(range(start_step, n), initial=start_step, total=n, desc="rl", dynamic_ncols=True, disable=not run.is_main)
+    bar = progress_bar(range(start_step, n), initial=start_step, total=n, desc="rl", dynamic_ncols=True, disable=not run.is_main)
     for step in bar:
         lrm = lr_multiplier(step, n, 0.0, 1.0, 0.0)  # linear decay to zero, as upstream's RL
         set_schedule(run.optimizer, lrm, momentum=0.95)

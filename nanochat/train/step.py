@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from nanochat.precision import PrecisionPlan
 from nanochat.train.data_parallel import DataParallel
@@ -179,7 +178,10 @@ class TrainStep:
         self.optimizer = self.parallel.optimizer  # the schedule sets the groups this rank steps
         if shard and self.scaler is not None:
             # a rank sees inf only in the gradients it owns: this scaler all-reduces the finding, so every
-            # rank skips (or takes) the step and moves the scale alike
+            # rank skips (or takes) the step and moves the scale alike (imported here: FSDP costs every
+            # entry point a second at import)
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
             self.scaler = ShardedGradScaler(device=next(model.parameters()).device.type)
         return self.parallel
 

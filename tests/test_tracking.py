@@ -1,0 +1,147 @@
+"""nanochat/tracking.py on a real sqlite store: a run never stays RUNNING (an error, Ctrl-C and SIGTERM
+end it FAILED or KILLED), a judged run logs nothing past a stop, and the `mlflow ui` lines of the docs
+open the store every entry point writes to."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+
+from nanochat.tracking import TERMINATED, Tracker, default_uri
+from tests.conftest import REPO
+
+VERDICT_DELAY_S = 0.5  # how long the "driver" below takes to judge a report
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One store for the module's runs: creating one (its schema) takes seconds."""
+    return default_uri(tmp_path_factory.mktemp("mlflow"))
+
+
+def new_run(store: str, verdict_steps: tuple[int, ...] = (), last_step: int | None = None) -> tuple[Tracker, Tracker]:
+    """(the driver's tracker, a worker's tracker) of one new run."""
+    driver = Tracker.create(store, "test", "run", {"depth": 2})
+    return driver, Tracker(store, driver.run_id, verdict_steps, last_step)
+
+
+def status(tracker: Tracker) -> str:
+    return tracker.client.get_run(tracker.run_id).info.status
+
+
+@pytest.mark.parametrize(("error", "expected"), [
+    (None, "FINISHED"), (ValueError("a bad shard"), "FAILED"), (KeyboardInterrupt(), "KILLED"),
+    (SystemExit(TERMINATED), "KILLED"), (SystemExit("error: no shards"), "FAILED"),
+])
+def test_a_run_ends_with_its_block_never_running(store, error, expected):
+    tracker, _ = new_run(store)
+    with pytest.raises(type(error)) if error else nullcontext():
+        with tracker.ending():
+            assert status(tracker) == "RUNNING"
+            if error:
+                raise error
+    assert status(tracker) == expected
+    tracker.finish("FAILED")  # a run ended once keeps that end
+    assert status(tracker) == expected
+
+
+SIGTERMED = """
+import sys, time
+from nanochat.tracking import Tracker
+with Tracker.create(sys.argv[1], "test", "sigterm", {}).ending() as tracker:
+    print(tracker.run_id, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_sigterm_ends_the_run_killed_and_the_process_with_143(store):
+    # `ray job stop`, `kill`, a batch scheduler's limit: Python's default would end the process mid-run
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERMED, store], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    run_id = proc.stdout.readline().strip()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == TERMINATED
+    assert Tracker(store, run_id).client.get_run(run_id).info.status == "KILLED"
+
+
+def judge_later(action) -> threading.Timer:
+    timer = threading.Timer(VERDICT_DELAY_S, action)
+    timer.start()
+    return timer
+
+
+def log_steps(tracker: Tracker, steps: range) -> None:
+    for step in steps:
+        tracker.log({"step": step, "loss": 1.0 / step})
+    tracker.flush()
+
+
+def logged_steps(tracker: Tracker) -> list[int]:
+    return [step for step, _ in tracker.history("loss")]
+
+
+def test_a_judged_run_holds_back_what_follows_a_verdict_step_and_logs_nothing_after_a_stop(store):
+    # steps 1-2 go out and step 2 is reported; training goes on, and steps 3-4 wait for the verdict
+    driver, worker = new_run(store, verdict_steps=(2,), last_step=6)
+    log_steps(worker, range(1, 3))
+    log_steps(worker, range(3, 5))
+    assert logged_steps(worker) == [1, 2]
+    driver.finish("KILLED")  # ASHA stopped it at step 2
+    log_steps(worker, range(5, 7))
+    assert logged_steps(worker) == [1, 2] and status(driver) == "KILLED"
+
+    # a run that goes on logs everything; its last flush waits for the verdicts still missing
+    driver, worker = new_run(store, verdict_steps=(2, 4), last_step=6)
+    log_steps(worker, range(1, 3))
+    log_steps(worker, range(3, 5))
+    driver.judged(2)
+    log_steps(worker, range(5, 6))
+    assert logged_steps(worker) == [1, 2, 3, 4]
+    start = time.monotonic()
+    timer = judge_later(lambda: driver.judged(4))
+    log_steps(worker, range(6, 7))
+    timer.join()
+    assert time.monotonic() - start >= VERDICT_DELAY_S
+    assert logged_steps(worker) == [1, 2, 3, 4, 5, 6] and status(driver) == "RUNNING"
+
+
+def test_a_restarted_worker_waits_only_for_verdicts_on_its_own_reports(store):
+    driver, worker = new_run(store, verdict_steps=(2, 4), last_step=6)
+    driver.judged(2)
+    log_steps(worker, range(1, 5))  # steps 1-4 logged, step 4's report never judged: the worker died
+    restarted = Tracker(store, driver.run_id, verdict_steps=(2, 4), last_step=6)
+    restarted.resume(start_step=4)
+    start = time.monotonic()
+    log_steps(restarted, range(5, 7))
+    assert time.monotonic() - start < VERDICT_DELAY_S
+    assert logged_steps(restarted) == [1, 2, 3, 4, 5, 6]
+
+
+def test_every_mlflow_ui_line_of_the_docs_opens_the_default_store(tmp_path, monkeypatch):
+    """Each documented `mlflow ui --backend-store-uri ...`, expanded by bash as a user's shell would, is
+    the store default_uri() gives (where the demo, Ray runs, sweeps and the speedrun write), for a set
+    and for an unset NANOCHAT_BASE_DIR."""
+    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    lines = [(doc.name, m) for doc in docs for m in re.findall(r"mlflow ui --backend-store-uri (\S+)", doc.read_text())]
+    assert lines
+    for base in (str(tmp_path / "somewhere" / "nanochat"), None):
+        env = {k: v for k, v in os.environ.items() if k != "NANOCHAT_BASE_DIR"} | {"HOME": str(tmp_path / "home")}
+        if base:
+            env["NANOCHAT_BASE_DIR"] = base
+            monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
+        else:
+            monkeypatch.delenv("NANOCHAT_BASE_DIR", raising=False)
+            monkeypatch.setenv("HOME", env["HOME"])
+        expected = default_uri()
+        for name, uri in lines:
+            expanded = subprocess.run(["bash", "-c", f"echo {uri}"], env=env, capture_output=True, text=True).stdout.strip()
+            assert expanded == expected, f"{name}: mlflow ui --backend-store-uri {uri}"
+    assert Path(expected.removeprefix("sqlite:///")) == tmp_path / "home" / ".cache" / "nanochat" / "mlflow.db"
