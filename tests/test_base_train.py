@@ -84,8 +84,8 @@ def test_evaluation_reads_the_validation_split_at_most_once(data_dir, tokenizer,
     count: the split's tokens counted, and the loader, whose stream starts over on the batch after them."""
     shards = split_shards(list_shards(data_dir), "val")
     held = split_tokens(shards, tokenizer, limit=10**12)
-    steps = eval_steps(10**9, 4, 64, shards, tokenizer)
-    assert steps == held // (4 * 65)  # rows of T + 1 tokens
+    steps, rows = eval_steps(10**9, 4, 64, shards, tokenizer)
+    assert rows == 4 and steps == held // (4 * 65)  # rows of T + 1 tokens
     assert capsys.readouterr().out == (f"eval: --eval-tokens 1,000,000,000 > the validation split's {held:,} tokens: "
                                        f"evaluating {steps * 4 * 64:,} ({steps} batches of 4 x 64)\n")
     loader = DataLoader(shards, tokenizer, 4, 64, prefetch=0)
@@ -95,9 +95,11 @@ def test_evaluation_reads_the_validation_split_at_most_once(data_dir, tokenizer,
     next(loader)
     assert loader.epoch == 1
     # fewer tokens asked than the split holds: as asked, nothing said
-    assert eval_steps(1024, 4, 64, shards, tokenizer) == 4 and capsys.readouterr().out == ""
-    with pytest.raises(UsageError, match="fewer than one evaluation batch of 1000 x 65: lower --device-batch-size"):
-        eval_steps(10**9, 1000, 64, shards, tokenizer)
+    assert eval_steps(1024, 4, 64, shards, tokenizer) == (4, 4) and capsys.readouterr().out == ""
+    # a split smaller than one batch (a small corpus at a big GPU's micro-batch): one batch of the rows it holds
+    assert eval_steps(10**9, 10**6, 64, shards, tokenizer) == (1, held // 65)
+    with pytest.raises(UsageError, match=f"holds {held:,} tokens, fewer than one row of {held + 1}: lower --max-seq-len"):
+        eval_steps(10**9, 4, held, shards, tokenizer)
 
 
 def test_default_eval_tokens_read_the_validation_split_once(data_dir, tokenizer_dir, tokenizer, tmp_path, capsys):

@@ -37,23 +37,25 @@ def split_tokens(shards: Sequence[Path], tokenizer: Tokenizer, limit: int) -> in
 
 
 def eval_steps(eval_tokens: int, batch_size: int, seq_len: int, shards: Sequence[Path], tokenizer: Tokenizer,
-               split: str = "validation", verbose: bool = True) -> int:
-    """Batches of batch_size x seq_len that an evaluation of `eval_tokens` reads: as many as asked (at
-    least one), but no more than one pass over the split holds (the loader would start it over and count
-    the same tokens twice). Says so when it caps (`verbose`: the main process of a group)."""
-    asked = max(1, eval_tokens // (batch_size * seq_len))
-    row_tokens = batch_size * (seq_len + 1)  # a row is T + 1 tokens: the inputs and the shifted targets
-    held = split_tokens(shards, tokenizer, asked * row_tokens)
-    steps = min(asked, held // row_tokens)
-    if steps == 0:
+               split: str = "validation", verbose: bool = True) -> tuple[int, int]:
+    """(steps, rows): batches of rows x seq_len that an evaluation of `eval_tokens` reads: as many as asked
+    (at least one), but no more than one pass over the split holds (the loader would start it over and
+    count the same tokens twice). rows = batch_size, or fewer for a split smaller than one batch (a small
+    corpus on a big GPU). Says so when it caps (`verbose`: the main process of a group)."""
+    row = seq_len + 1  # a row is T + 1 tokens: the inputs and the shifted targets
+    held = split_tokens(shards, tokenizer, max(1, eval_tokens // (batch_size * seq_len)) * batch_size * row)
+    rows = min(batch_size, held // row)
+    if rows == 0:
         raise UsageError(
-            f"the {split} split ({', '.join(str(s) for s in shards)}) holds {held:,} tokens, fewer than one evaluation "
-            f"batch of {batch_size} x {seq_len + 1}: lower --device-batch-size or --max-seq-len, or build the shards "
-            "with more validation documents (python -m nanochat.dataset build --val-docs N)")
+            f"the {split} split ({', '.join(str(s) for s in shards)}) holds {held:,} tokens, fewer than one row of "
+            f"{row}: lower --max-seq-len, or build the shards with more validation documents "
+            "(python -m nanochat.dataset build --val-docs N)")
+    asked = max(1, eval_tokens // (rows * seq_len))
+    steps = min(asked, held // (rows * row))
     if steps < asked and verbose:
         print(f"eval: --eval-tokens {eval_tokens:,} > the {split} split's {held:,} tokens: evaluating "
-              f"{steps * batch_size * seq_len:,} ({steps} batches of {batch_size} x {seq_len})", flush=True)
-    return steps
+              f"{steps * rows * seq_len:,} ({steps} batches of {rows} x {seq_len})", flush=True)
+    return steps, rows
 
 
 @torch.no_grad()

@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"checkpoint": str(source), "dtype": plan.dtype}
     for split, name in (("train", "train"), ("val", "validation")):
         split_files = split_shards(shards, split)
-        steps = eval_steps(cfg.eval_tokens, cfg.device_batch_size, seq_len, split_files, tokenizer, name)
-        loader = DataLoader(split_files, tokenizer, cfg.device_batch_size, seq_len, device)
+        steps, rows = eval_steps(cfg.eval_tokens, cfg.device_batch_size, seq_len, split_files, tokenizer, name)
+        loader = DataLoader(split_files, tokenizer, rows, seq_len, device)
         result[f"{split}_bpb"] = evaluate_bpb(model, plan, iter(loader), steps, tokenizer.token_bytes(), f"{split} bpb")
         print(f"{split} bpb: {result[f'{split}_bpb']:.4f}")
     result["samples"] = {p: sample_text(model, tokenizer, plan, p, cfg.max_new_tokens) for p in PROMPTS}

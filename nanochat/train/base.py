@@ -45,10 +45,11 @@ def val_shards(cfg: BaseTrainConfig) -> list[Path]:
 @dataclass(kw_only=True)
 class BaseRun(Run):
     eval_steps: int  # validation batches per evaluation: --eval-tokens, capped at what the split holds
+    eval_rows: int  # rows per validation batch: the micro-batch, or fewer for a split smaller than one
 
     def val_loader(self) -> DataLoader:
         """The validation stream; under a process group this rank's batches of it (rank r: r, r+W, ...)."""
-        return DataLoader(val_shards(self.cfg), self.tokenizer, self.cfg.device_batch_size, self.cfg.max_seq_len,
+        return DataLoader(val_shards(self.cfg), self.tokenizer, self.eval_rows, self.cfg.max_seq_len,
                           self.device, batch_split=world())
 
     def evaluate(self) -> dict[str, float]:
@@ -106,10 +107,12 @@ def setup(cfg: BaseTrainConfig, device: torch.device, world_size: int = 1, rank:
     tokens_per_step = grad_accum * cfg.device_batch_size * cfg.max_seq_len * world_size
     num_iterations = cfg.num_iterations if cfg.num_iterations > 0 else max(1, round(cfg.target_param_data_ratio * model.num_params() / tokens_per_step))
     # counted once, before the run's clock starts (a --time-budget counts from build_run)
-    steps = eval_steps(cfg.eval_tokens, cfg.device_batch_size, cfg.max_seq_len, val_shards(cfg), tokenizer, verbose=rank == 0)
+    steps, rows = eval_steps(cfg.eval_tokens, cfg.device_batch_size, cfg.max_seq_len, val_shards(cfg), tokenizer,
+                             verbose=rank == 0)
     return build_run(BaseRun, cfg, device, plan, tokenizer, model, grad_accum, compile=cfg.compile,
                      weight_decay=cfg.weight_decay, tokens_per_step=tokens_per_step,
-                     num_iterations=num_iterations, world_size=world_size, rank=rank, eval_steps=steps)
+                     num_iterations=num_iterations, world_size=world_size, rank=rank, eval_steps=steps,
+                     eval_rows=rows)
 
 
 def shard_batches(run: BaseRun, rank: int = 0, world: int = 1, position: dict | None = None) -> DataLoader:
