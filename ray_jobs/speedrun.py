@@ -62,8 +62,8 @@ STAGES: tuple[tuple[str, float], ...] = (
 # as well (13 steps, an evaluation, samples and checkpoints: nanochat/train/budget.py), for an evaluation
 # 8 examples per task, for the report card its plots and MLflow run. A budget that cannot give every
 # stage its floor is refused; a stage is never planned less.
-FLOOR_S = {"shards": 5.0, "tokenizer": 5.0, "base": 25.0, "base_eval": 10.0, "mid": 25.0, "sft": 25.0,
-           "chat_eval": 15.0, "report": 12.0}
+FLOOR_S = {"shards": 5.0, "tokenizer": 4.0, "base": 25.0, "base_eval": 8.0, "mid": 25.0, "sft": 25.0,
+           "chat_eval": 20.0, "report": 12.0}
 TRAINING = {"base", "mid", "sft"}
 # a training stage's time outside its --time-budget (interpreter and torch import, tokenizer and data
 # load, the model's build before the budget's clock starts; the last checkpoint's write after it):
@@ -215,10 +215,24 @@ def stage_command(s: SpeedrunConfig, stage: str, seconds: float, startup_s: floa
                 "--max-per-task", str(eval_examples(s, seconds))]
     if stage == "chat_eval":
         return ["nanochat.scripts.chat_eval", *common, *tok, "--checkpoint", str(s.stage_dir("sft")),
-                "--max-problems", str(eval_examples(s, seconds)), "--max-new-tokens", "128"]
+                # an answer gets half the context at most: the other half is for the question
+                "--max-problems", str(eval_examples(s, seconds)), "--max-new-tokens", str(min(128, s.seq_len // 2))]
     if stage == "report":
         return ["nanochat.report", "--runs-dir", str(s.root / "runs"), "--depth", str(s.depth)]
     raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(t for t, _ in STAGES)}")
+
+
+def run_stage(stage: str, argv: list[str], seconds: float, env: dict[str, str]) -> float:
+    """One stage's process, its wall seconds; a stage that fails stops the run (a rerun skips those done)."""
+    print(f"\n=== {stage}: {seconds:.0f} s planned\n+ python -m {shlex.join(argv)}", flush=True)
+    t0 = time.time()
+    result = subprocess.run([sys.executable, "-m", *argv], env=env)
+    if result.returncode:
+        raise SystemExit(f"stage {stage} failed (exit {result.returncode}); fix the error above and rerun: "
+                         "finished stages are skipped and training resumes from its latest checkpoint")
+    wall = time.time() - t0
+    print(f"=== {stage} done in {format_duration(wall)}", flush=True)
+    return wall
 
 
 def measured(s: SpeedrunConfig, stage: str, wall_s: float) -> tuple[float, float]:
@@ -269,28 +283,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # floors of the evaluations and the report card follow the pace the others kept on this machine
         pace = fixed["actual"] / fixed["planned"] if fixed["planned"] else 1.0
         seconds = split_budget(s.budget_s - sum(done.values()) - sum(kept[t] for t in todo[i:]), todo[i:], pace)[stage]
-        argv_ = stage_command(s, stage, seconds, startup, least)
         timing[stage] = {"planned_s": kept[stage] + seconds, "seconds": None}
         write_timing(s, timing)
         marker(s, stage, "started").write_text(json.dumps({"started": time.time(), "kept_s": kept[stage]}))
-        print(f"\n=== {stage}: {seconds:.0f} s planned\n+ python -m {shlex.join(argv_)}", flush=True)
-        t0 = time.time()
-        result = subprocess.run([sys.executable, "-m", *argv_], env=env)
-        if result.returncode:
-            raise SystemExit(f"stage {stage} failed (exit {result.returncode}); fix the error above and rerun: "
-                             "finished stages are skipped and training resumes from its latest checkpoint")
-        wall = time.time() - t0
+        wall = run_stage(stage, stage_command(s, stage, seconds, startup, least), seconds, env)
         if stage in TRAINING:  # the next training stage's time budget: room for the start-up measured here
             startup, least = measured(s, stage, wall)
         else:
             fixed["planned"], fixed["actual"] = fixed["planned"] + seconds, fixed["actual"] + wall
-        done[stage] = kept[stage] + wall
-        timing[stage]["seconds"] = done[stage]
+        done[stage] = timing[stage]["seconds"] = kept[stage] + wall
         write_timing(s, timing)
-        marker(s, stage).write_text(json.dumps({"seconds": done[stage], "planned_s": timing[stage]["planned_s"],
-                                                "budget_s": s.budget_s, "finished": time.time()}))
+        marker(s, stage).write_text(json.dumps({**timing[stage], "budget_s": s.budget_s, "finished": time.time()}))
         marker(s, stage, "started").unlink()
-        print(f"=== {stage} done in {format_duration(wall)}", flush=True)
     total = sum(done.values())
     print(f"\nspeedrun finished: {format_duration(total)} of {format_duration(s.budget_s)}, "
           f"{overrun_text(total, s.budget_s)}; " + ", ".join(f"{t} {done[t]:.0f}s" for t in stages if t in done)

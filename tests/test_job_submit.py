@@ -103,7 +103,8 @@ def start_head() -> tuple[subprocess.Popen, str]:
 def node_alive(address: str) -> bool:
     out = subprocess.run([*RAY, "list", "nodes", "--address", address, "--filter", "state=ALIVE", "--format", "json"],
                          env=cli_env(), capture_output=True, text=True)
-    return out.returncode == 0 and bool(json.loads(out.stdout or "[]"))
+    # before the node registers the command prints "No resource in the cluster", not JSON
+    return out.returncode == 0 and out.stdout.lstrip().startswith("[") and bool(json.loads(out.stdout))
 
 
 def came_up(proc: subprocess.Popen, address: str, seconds: float = 120) -> bool:

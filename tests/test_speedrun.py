@@ -125,8 +125,8 @@ def test_report_card_states_planned_against_actual_time(printed_run):
     run, _, _, _, budget, _, _ = printed_run
     card = (run / "runs" / "report" / "report.md").read_text()
     assert "Stages: base ok, mid ok, sft ok" in card
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in card.split("## Time budget\n")[1].split("\n\n")[1].splitlines()[2:]}
+    lines = card.split("## Time budget\n\n")[1].split("\n\n")[0].splitlines()[2:]  # below the header and |---|
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
     assert list(rows) == [*RUN_STAGES, "total"]
     for stage in RUN_STAGES[:-1]:  # the card is written by the last stage: its own time is not in it yet
         marker = json.loads((run / "stages" / f"{stage}.done").read_text())
