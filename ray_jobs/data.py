@@ -204,21 +204,27 @@ ROW_GROUPS_PER_PASS = 8192
 TEXT_BYTES_PER_TOKEN = 4.0  # BPE on English text; an estimate is enough to size a pass
 
 
-def estimated_tokens(shards: list[Path]) -> float:
-    """Tokens in one epoch of `shards`, estimated from the parquet footers (uncompressed text bytes)."""
-    text_bytes = 0
+def _footers(shards: list[Path]) -> tuple[int, int]:
+    """(uncompressed bytes of the text column, row groups) of `shards`, from their parquet footers."""
+    text_bytes, row_groups = 0, 0
     for path in shards:
         meta = pq.ParquetFile(path).metadata
         column = meta.schema.names.index("text")
         text_bytes += sum(meta.row_group(g).column(column).total_uncompressed_size for g in range(meta.num_row_groups))
-    return text_bytes / TEXT_BYTES_PER_TOKEN
+        row_groups += meta.num_row_groups
+    return text_bytes, row_groups
+
+
+def estimated_tokens(shards: list[Path]) -> float:
+    """Tokens in one epoch of `shards`, estimated from the parquet footers (uncompressed text bytes)."""
+    return _footers(shards)[0] / TEXT_BYTES_PER_TOKEN
 
 
 def epochs_per_pass(shards: list[Path]) -> int:
     """How many epochs one execution of the dataset streams: 1 for a corpus of TOKENS_PER_PASS tokens or
     more, enough epochs for about that many tokens for a smaller one."""
-    row_groups = sum(num_row_groups(path) for path in shards)
-    wanted = math.ceil(TOKENS_PER_PASS / max(1.0, estimated_tokens(shards)))
+    text_bytes, row_groups = _footers(shards)
+    wanted = math.ceil(TOKENS_PER_PASS / max(1.0, text_bytes / TEXT_BYTES_PER_TOKEN))
     return max(1, min(wanted, ROW_GROUPS_PER_PASS // max(1, row_groups)))
 
 

@@ -297,20 +297,17 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 class DatasetFromLatest:
-    """Builds the training dataset starting where the run's latest checkpoint left off.
+    """Builds the training dataset starting where the run's latest checkpoint left off (`build(start)`).
 
     Ray Train calls it each time it starts a worker group, so a restart after a failure streams
     from the restored position instead of from the beginning."""
 
-    def __init__(self, shards: list[Path], tokenizer_dir: str, seq_len: int, run_dir: Path, concurrency: int):
-        self.shards, self.tokenizer_dir, self.seq_len = shards, tokenizer_dir, seq_len
-        self.run_dir, self.concurrency = run_dir, concurrency
+    def __init__(self, run_dir: Path, build: Callable[[dict | None], ray.data.Dataset]):
+        self.run_dir, self.build = run_dir, build
 
     def __call__(self) -> ray.data.Dataset:
         latest = checkpoint.find_latest(self.run_dir) if self.run_dir.exists() else None
-        start = checkpoint.load_checkpoint(latest, restore_rng=False)["loader_state"] if latest else None
-        return quiet(build_dataset(self.shards, self.tokenizer_dir, self.seq_len, start=start,
-                                   epochs=epochs_per_pass(self.shards), tokenize_concurrency=self.concurrency))
+        return self.build(checkpoint.load_checkpoint(latest, restore_rng=False)["loader_state"] if latest else None)
 
 
 def quiet(ds: ray.data.Dataset) -> ray.data.Dataset:
@@ -334,11 +331,13 @@ def resolve_paths(cfg, stage: Stage) -> None:
 def ray_datasets(cfg, run_dir: Path) -> dict:
     """TorchTrainer arguments that stream the training shards through Ray Data."""
     shards = split_shards(list_shards(cfg.data_dir), "train")
-    datasets = {
-        "train": DatasetFromLatest(shards, cfg.tokenizer_dir, cfg.max_seq_len, run_dir, cfg.tokenize_workers),
-        "train_passes": lambda: quiet(build_dataset(shards, cfg.tokenizer_dir, cfg.max_seq_len, epochs=epochs_per_pass(shards),
-                                                    tokenize_concurrency=cfg.tokenize_workers)),
-    }
+    epochs = epochs_per_pass(shards)  # the workers derive the same number (stage_batches)
+
+    def build(start: dict | None = None) -> ray.data.Dataset:
+        return quiet(build_dataset(shards, cfg.tokenizer_dir, cfg.max_seq_len, start=start, epochs=epochs,
+                                   tokenize_concurrency=cfg.tokenize_workers))
+
+    datasets = {"train": DatasetFromLatest(run_dir, build), "train_passes": build}
     return {"datasets": datasets, "dataset_config": data_config()}
 
 
