@@ -62,8 +62,8 @@ STAGES: tuple[tuple[str, float], ...] = (
 # as well (13 steps, an evaluation, samples and checkpoints: nanochat/train/budget.py), for an evaluation
 # 8 examples per task, for the report card its plots and MLflow run. A budget that cannot give every
 # stage its floor is refused; a stage is never planned less.
-FLOOR_S = {"shards": 5.0, "tokenizer": 4.0, "base": 25.0, "base_eval": 8.0, "mid": 25.0, "sft": 25.0,
-           "chat_eval": 20.0, "report": 12.0}
+FLOOR_S = {"shards": 5.0, "tokenizer": 4.0, "base": 30.0, "base_eval": 8.0, "mid": 25.0, "sft": 25.0,
+           "chat_eval": 10.0, "report": 12.0}
 TRAINING = {"base", "mid", "sft"}
 # a training stage's time outside its --time-budget (interpreter and torch import, tokenizer and data
 # load, the model's build before the budget's clock starts; the last checkpoint's write after it):
