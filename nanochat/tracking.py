@@ -91,6 +91,15 @@ def _flatten(params: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def ensure_experiment(uri: str, experiment: str) -> str:
+    """The id of MLflow experiment `experiment` in the store at `uri`, created (store included) if missing."""
+    from mlflow.tracking import MlflowClient  # here: mlflow costs the fast checks seconds at import
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    return found.experiment_id if found else client.create_experiment(experiment, artifact_location(uri))
+
+
 class Tracker:
     """One MLflow run, created once (by the driver) and re-attached by id after restarts."""
 
@@ -117,9 +126,7 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_location(uri))
-        run = client.create_run(experiment_id, run_name=run_name)
+        run = client.create_run(ensure_experiment(uri, experiment), run_name=run_name)
         tracker = cls(uri, run.info.run_id)
         flat = _flatten(params)
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flat.items()])

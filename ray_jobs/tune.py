@@ -44,7 +44,7 @@ from nanochat.common import base_dir
 from nanochat.config import DTYPE_CHOICES, int_list, option, parse_config
 from nanochat.precision import ACCELERATOR_TYPES, GB, DeviceInfo, PrecisionPlan, gpu_memory, plan_for, resolve
 from nanochat.tokenizer import Tokenizer
-from nanochat.tracking import Tracker, artifact_location, default_uri, end_status, sigterm_as_exit, ui_command
+from nanochat.tracking import Tracker, default_uri, end_status, ensure_experiment, sigterm_as_exit, ui_command
 from nanochat.train import memory
 from nanochat.train.base import BaseTrainConfig
 from nanochat.train.stages import STAGES
@@ -281,15 +281,6 @@ def run_trial(config: dict, fixed: dict) -> None:
     # ends the run then, and that verdict stands; this ends a trial that returns or fails first
     with tracker.ending():
         trainer.fit()
-
-
-def ensure_experiment(uri: str, experiment: str) -> str:
-    """The id of MLflow experiment `experiment` in the store at `uri`, created (store included) if missing."""
-    from mlflow.tracking import MlflowClient  # here: mlflow costs the fast checks seconds at import
-
-    client = MlflowClient(tracking_uri=uri)
-    found = client.get_experiment_by_name(experiment)
-    return found.experiment_id if found else client.create_experiment(experiment, artifact_location(uri))
 
 
 class MlflowTrialStatus(tune.Callback):
