@@ -2,12 +2,14 @@
 
 `ChatRequest` is what a request may ask (docs/serving.md has the table and the defaults); `top_p`
 and other OpenAI fields are accepted and ignored. Rule: every refusal is an `ApiError`, rendered as
-{"error": {"message", "type", "param", "code"}}.
+{"error": {"message", "type", "param", "code"}}; an unexpected exception is logged with an id and
+answered with that id only, never with its text.
 """
 
 # no `from __future__ import annotations` here: FastAPI and pydantic read these types at run time
 
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +32,11 @@ MAX_MESSAGE_CHARS = 8000
 MAX_TOTAL_CHARS = 32000
 MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_TOKENS = 512
+# below this a temperature samples greedily: dividing the logits by it would overflow to inf and NaN
+MIN_TEMPERATURE = 1e-5
+OPEN_PATHS = ("/", "/health", "/metrics")  # answered without the API key
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -46,6 +53,14 @@ def error_response(status: int, message: str, code: str | None = None, param: st
                    type: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def internal_error(exc: BaseException) -> ApiError:
+    """The 500 for an unexpected exception: logged here with an id, the client gets the id only."""
+    error_id = secrets.token_hex(4)
+    log.error("internal error [error %s]", error_id, exc_info=exc)
+    return ApiError(500, f"internal error (error {error_id}; the server's log has the details)", "internal_error",
+                    type="server_error")
 
 
 class Part(BaseModel):
@@ -140,20 +155,25 @@ def to_answer(body: ChatRequest, tokenizer: Tokenizer, context: int) -> Answer:
     if asked is not None and asked > room:
         raise ApiError(400, f"{len(prompt)} prompt tokens + max_tokens {asked} is over the model's context of "
                             f"{context}; ask for at most {room}", "context_length_exceeded", "max_tokens")
+    return Answer(DecodeRequest(prompt, asked or min(DEFAULT_MAX_TOKENS, room), *sampling(body, tokenizer.vocab_size)))
+
+
+def sampling(body: ChatRequest, vocab_size: int) -> tuple[float, int | None, int]:
+    """(temperature, top_k, seed) in the ranges the sampler takes, whatever the request asked: a
+    temperature too small to divide by is greedy, a top-k of 0 or past the vocabulary keeps every
+    token, any integer seed maps to one of 2**63."""
+    temperature = SAMPLING.temperature if body.temperature is None else body.temperature
     top_k = SAMPLING.top_k if body.top_k is None else body.top_k
     seed = secrets.randbits(63) if body.seed is None else body.seed % 2**63
-    temperature = SAMPLING.temperature if body.temperature is None else body.temperature
-    return Answer(DecodeRequest(prompt, asked or min(DEFAULT_MAX_TOKENS, room), temperature, top_k or None, seed))
+    return (temperature if temperature >= MIN_TEMPERATURE else 0.0), (top_k if 0 < top_k < vocab_size else None), seed
 
 
-def authorize(request: Request, api_key: str | None) -> None:
-    """401 unless the request carries `Authorization: Bearer <api_key>` (when a key is set)."""
+def authorized(headers: dict[bytes, bytes], api_key: str | None) -> bool:
+    """Whether the request carries `Authorization: Bearer <api_key>` (always, when no key is set)."""
     if api_key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-        raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})
+        return True
+    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), api_key.encode())
 
 
 def sse(obj: dict | str) -> str:
@@ -187,15 +207,36 @@ async def events(model_id: str, answer: Answer, pieces: AsyncIterator[str], incl
         if include_usage:
             yield sse({**head, "choices": [], "usage": answer.usage()})
     except Exception as e:  # headers are sent: the error can only travel as an event
-        yield sse({"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error",
-                             "param": None, "code": "internal_error"}})
+        error = e if isinstance(e, ApiError) else internal_error(e)
+        yield sse({"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}})
     finally:
         await pieces.aclose()
     yield sse("[DONE]")
 
 
 # -----------------------------------------------------------------------------
-# the app: body limit and error handlers (the routes are the Serve deployment's, in serve.py)
+# the app: key check, body limit and error handlers (the routes are the Serve deployment's, in replica.py)
+
+
+class BearerKey:
+    """401 before the body is read unless the request carries the key (`app.state.api_key`, which each
+    replica sets; None = no key needed); OPEN_PATHS need none."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):  # under a route prefix (e.g. serve.run(..., route_prefix="/x"))
+            path = path[len(root):] or "/"
+        api_key = getattr(scope["app"].state, "api_key", None)
+        if path in OPEN_PATHS or authorized(dict(scope.get("headers") or []), api_key):
+            return await self.app(scope, receive, send)
+        response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key",
+                                  headers={"WWW-Authenticate": "Bearer"})
+        return await response(scope, receive, send)
 
 
 class BodyLimit:
@@ -227,6 +268,7 @@ class BodyLimit:
 
 api = FastAPI(title="nanochat", description="OpenAI-compatible chat completions from a nanochat checkpoint")
 api.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+api.add_middleware(BearerKey)  # added last: runs first, before the body limit reads anything
 
 
 @api.exception_handler(ApiError)
@@ -255,4 +297,5 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 @api.exception_handler(Exception)
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error", type="server_error")
+    error = internal_error(exc)
+    return error_response(error.status, error.message, error.code, type=error.type)

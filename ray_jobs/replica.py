@@ -1,27 +1,157 @@
 """One replica of ray_jobs/serve.py: the model on the replica's device, its batch decoder and the API's routes.
 
 Imported where the application is built (serve.build_app), so that `python -m ray_jobs.serve` checks its
-checkpoint, tokenizer, port and cluster before Ray Serve, FastAPI and the decoding code load.
+checkpoint, tokenizer, port and cluster before Ray Serve, FastAPI and the decoding code load. Rule: a
+replica whose decoding thread stopped fails Serve's health check (and answers 503) until Serve replaces it.
 """
 
 # no `from __future__ import annotations` here: FastAPI reads the routes' parameter types at run time,
 # through Serve's ingress wrapper, where string annotations are not resolved
 
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
-from fastapi import Request
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 from nanochat.checkpoint import load_for_inference, run_dir_of
 from nanochat.common import init_process
-from nanochat.infer.decode_thread import DecodeThread
+from nanochat.infer.batch import Request as DecodeRequest
+from nanochat.infer.decode_thread import DecodeError, DecodeThread, Reader
 from nanochat.infer.engine import Engine, context_length
 from nanochat.infer.stream import AnswerStream
-from ray_jobs.openai_api import Answer, ApiError, ChatRequest, api, authorize, completion, events, to_answer
+from ray_jobs.openai_api import Answer, ApiError, ChatRequest, api, completion, events, to_answer
 from ray_jobs.scheduler import LABEL_PRECISION
-from ray_jobs.serve import PAGE, ServeConfig
+from ray_jobs.serve import FAULT_ENV, PAGE, ServeConfig
+
+# -----------------------------------------------------------------------------
+# test faults ($NANOCHAT_SERVE_FAULT, read where the app is built; docs/serving.md)
+
+FAULTS = ("step_raises", "thread_dies")
+
+
+class DecodingThreadKilled(BaseException):
+    """Escapes the decoding step's own error handling, as a bug in the thread's loop would."""
+
+
+def fault_hook(spec: str) -> Callable[[list[DecodeRequest]], None] | None:
+    """The decoding thread's `before_step` for a test fault: "step_raises:SEED" makes every decode step
+    holding a request of that seed raise, "thread_dies:SEED" ends the decoding thread at such a step;
+    several are joined by commas. Tied to a request's seed, not to a step count, so that a replacement
+    replica (started with the same spec) fails only when a test asks it to."""
+    if not spec:
+        return None
+    faults = {}
+    for item in spec.split(","):
+        kind, _, seed = item.strip().partition(":")
+        if kind not in FAULTS or not seed.lstrip("-").isdigit():
+            raise ValueError(f"${FAULT_ENV}={spec!r}: each fault is KIND:SEED with KIND one of {', '.join(FAULTS)}")
+        faults[int(seed) % 2**63] = kind  # the seed as the API passes it on
+
+    def before_step(requests: list[DecodeRequest]) -> None:
+        for request in requests:
+            if faults.get(request.seed) == "step_raises":
+                raise RuntimeError(f"{FAULT_ENV}: a decode step fails (a request of seed {request.seed})")
+            if faults.get(request.seed) == "thread_dies":
+                raise DecodingThreadKilled(f"{FAULT_ENV}: the decoding thread dies (a request of seed {request.seed})")
+
+    return before_step
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+@dataclass
+class Timing:
+    """One request's clock (time.monotonic())."""
+
+    arrived: float
+    first: float | None = None
+    last: float | None = None
+    tokens: int = 0
+
+
+class ServingMetrics:
+    """Requests in flight and waiting for their first token, time to first token, time per output token
+    and tokens/s: exported through Serve's metrics (Prometheus, `nanochat_*`, tagged by replica) and
+    summed up by `summary()` for GET /metrics."""
+
+    WINDOW_S = 10.0  # tokens/s over this much recent time
+    KEPT = 1000  # latencies of the last requests that the summary's percentiles cover
+
+    def __init__(self):
+        self.in_flight_gauge = Gauge("nanochat_requests_in_flight", "requests this replica admitted and has not finished")
+        self.queued_gauge = Gauge("nanochat_requests_queued", "admitted requests that have no token yet")
+        self.ttft_histogram = Histogram("nanochat_time_to_first_token_s", "arrival to first token, seconds",
+                                        boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30])
+        self.tpot_histogram = Histogram("nanochat_time_per_output_token_s", "first to last token / (tokens - 1), seconds",
+                                        boundaries=[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1])
+        self.tokens_counter = Counter("nanochat_completion_tokens_total", "completion tokens decoded (rate() = tokens/s)")
+        self.requests_counter = Counter("nanochat_requests_total", "requests finished (answered, failed or abandoned)")
+        self.tokens_per_s_gauge = Gauge("nanochat_tokens_per_s", f"completion tokens per second over the last {self.WINDOW_S:g} s")
+        self.in_flight = self.queued = self.requests = self.tokens = 0
+        self.ttft: deque[float] = deque(maxlen=self.KEPT)
+        self.tpot: deque[float] = deque(maxlen=self.KEPT)
+        self.recent: deque[tuple[float, int]] = deque()  # (time, tokens) within WINDOW_S
+
+    def admitted(self, arrived: float) -> Timing:
+        self.in_flight, self.queued = self.in_flight + 1, self.queued + 1
+        self._set_load()
+        return Timing(arrived)
+
+    def decoded(self, timing: Timing, tokens: int) -> None:
+        now = time.monotonic()
+        if timing.first is None:
+            timing.first = now
+            self.queued -= 1
+            self._set_load()
+            self.ttft.append(now - timing.arrived)
+            self.ttft_histogram.observe(now - timing.arrived)
+        timing.last, timing.tokens = now, timing.tokens + tokens
+        self.tokens += tokens
+        self.tokens_counter.inc(tokens)
+        self.recent.append((now, tokens))
+
+    def finished(self, timing: Timing) -> None:
+        self.in_flight -= 1
+        self.queued -= timing.first is None
+        self.requests += 1
+        self.requests_counter.inc()
+        self._set_load()
+        if timing.tokens > 1:
+            self.tpot.append((timing.last - timing.first) / (timing.tokens - 1))
+            self.tpot_histogram.observe(self.tpot[-1])
+        self.tokens_per_s_gauge.set(self.tokens_per_s())
+
+    def tokens_per_s(self) -> float:
+        since = time.monotonic() - self.WINDOW_S
+        while self.recent and self.recent[0][0] < since:
+            self.recent.popleft()
+        return sum(n for _, n in self.recent) / self.WINDOW_S
+
+    def _set_load(self) -> None:
+        self.in_flight_gauge.set(self.in_flight)
+        self.queued_gauge.set(self.queued)
+
+    def summary(self) -> dict:
+        def spread(values: deque[float]) -> dict:
+            ordered = sorted(values)
+            at = (lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]) if ordered else (lambda q: None)
+            return {"count": len(ordered), "p50": at(0.5), "p90": at(0.9), "p99": at(0.99)}
+
+        tokens_per_s = self.tokens_per_s()
+        self.tokens_per_s_gauge.set(tokens_per_s)
+        return {"requests_in_flight": self.in_flight, "requests_queued": self.queued, "requests_finished": self.requests,
+                "completion_tokens": self.tokens, "tokens_per_s": tokens_per_s, "time_to_first_token_s": spread(self.ttft),
+                "time_per_output_token_s": spread(self.tpot)}
+
+
+# -----------------------------------------------------------------------------
+# the deployment
 
 
 @serve.deployment
@@ -29,8 +159,9 @@ from ray_jobs.serve import PAGE, ServeConfig
 class ChatServer:
     """One replica: the model on this replica's device, its batch decoder and the API's routes."""
 
-    def __init__(self, cfg: ServeConfig, api_key: str | None = None):
-        self.cfg, self.api_key = cfg, api_key or None
+    def __init__(self, cfg: ServeConfig, api_key: str | None = None, fault: str = ""):
+        self.cfg = cfg
+        api.state.api_key = api_key or None  # checked by openai_api.BearerKey before a body is read
         self.device, self.plan = init_process(cfg)
         if cfg.precision != "any" and cfg.dtype == "auto" and self.plan.short != cfg.precision:
             raise RuntimeError(f"this replica was pinned to the {cfg.precision} group but its device "
@@ -40,7 +171,8 @@ class ChatServer:
         self.context = context_length(model)  # prompt + answer must fit
         # a quarter more cache columns than one request can use, so the shared cache is compacted
         # at most every context/4 steps (see nanochat/infer/batch.py)
-        self.decoder = DecodeThread(self.engine, cfg.max_concurrency, self.context + self.context // 4)
+        self.decoder = DecodeThread(self.engine, cfg.max_concurrency, self.context + self.context // 4, fault_hook(fault))
+        self.metrics = ServingMetrics()
         self.model_id = cfg.model_name or run_dir_of(step_dir).name
         self.created = int(time.time())
         self.active = 0  # admitted requests: decoding or waiting for a batch
@@ -48,25 +180,29 @@ class ChatServer:
         print(f"[replica] {step_dir} ({meta.get('stage', '?')} model) on {self.plan.name}, {self.plan.dtype}; "
               f"context {self.context}, batches of up to {cfg.max_concurrency}", flush=True)
 
-    async def _pieces(self, answer: Answer) -> AsyncIterator[str]:
-        """The answer's text, piece by piece. Admission happens before the first (empty) piece: 429
-        when this replica's batch and queue are full. Closing the iterator frees the slot."""
+    async def _pieces(self, answer: Answer, arrived: float) -> AsyncIterator[str]:
+        """The answer's text, piece by piece: each piece the text of every token waiting, so a reader
+        that lags sends one event for all of them. Admission happens before the first (empty) piece:
+        429 when this replica's batch and queue are full. Closing the iterator frees the slot."""
         if self.active >= self.limit:
             raise ApiError(429, f"this replica is busy ({self.cfg.max_concurrency} answering, {self.cfg.max_queue} "
                                 "waiting); retry shortly", "queue_full", type="rate_limit_error", headers={"Retry-After": "1"})
         self.active += 1
+        timing = self.metrics.admitted(arrived)
         try:
             yield ""
+            deadline = arrived + self.cfg.request_timeout_s if self.cfg.request_timeout_s > 0 else None
             stream = AnswerStream(self.engine.tokenizer)
-            queue = self.decoder.submit(answer.request)
-            while (token := await queue.get()) is not None:
-                if isinstance(token, Exception):
-                    raise token
-                answer.completion_tokens += 1
-                if token in self.engine.stop_ids:
-                    answer.finish_reason = "stop"
-                    break
-                piece = stream.feed(token)
+            reader = self.decoder.submit(answer.request)
+            while (tokens := await self._take(reader, deadline)) is not None:
+                self.metrics.decoded(timing, len(tokens))
+                piece = ""
+                for token in tokens:
+                    answer.completion_tokens += 1
+                    if token in self.engine.stop_ids:
+                        answer.finish_reason = "stop"
+                        break
+                    piece += stream.feed(token)
                 if piece:
                     yield piece
             tail = stream.finish()
@@ -75,13 +211,40 @@ class ChatServer:
         finally:
             self.decoder.cancel(answer.request)  # a no-op when it finished; frees the slot when the reader left early
             self.active -= 1
+            self.metrics.finished(timing)
+
+    async def _take(self, reader: Reader, deadline: float | None) -> list[int] | None:
+        """The reader's waiting tokens; the decoder's failures and the deadline as API errors."""
+        try:
+            return await reader.take(deadline)
+        except TimeoutError:
+            raise ApiError(504, f"no answer within the request timeout of {self.cfg.request_timeout_s:g} s", "timeout",
+                           type="server_error") from None
+        except DecodeError as e:  # its message names no internals: the cause is in this replica's log
+            if e.retry:
+                raise ApiError(503, str(e), "replica_unavailable", type="server_error", headers={"Retry-After": "1"}) from None
+            raise ApiError(500, str(e), "internal_error", type="server_error") from None
+
+    def check_health(self) -> None:
+        """Serve's health check: raising makes Serve replace this replica."""
+        if self.decoder.failure is not None:
+            raise RuntimeError(self.decoder.failure)
 
     # ---- routes
 
     @api.get("/health")
-    async def health(self) -> dict:
-        return {"status": "ok", "active": self.active, "max_concurrency": self.cfg.max_concurrency,
-                "max_queue": self.cfg.max_queue}
+    async def health(self) -> JSONResponse:
+        """200 with this replica's load, or 503 with the reason once its decoding thread has stopped."""
+        body = {"status": "ok", "active": self.active, "max_concurrency": self.cfg.max_concurrency,
+                "max_queue": self.cfg.max_queue, "replica": serve.get_replica_context().replica_id.unique_id}
+        if self.decoder.failure is not None:
+            return JSONResponse({**body, "status": "failed", "reason": self.decoder.failure}, status_code=503)
+        return JSONResponse(body)
+
+    @api.get("/metrics")
+    async def serving_metrics(self) -> dict:
+        """This replica's metrics (Prometheus gets them through Ray's metrics export)."""
+        return {"replica": serve.get_replica_context().replica_id.unique_id, **self.metrics.summary()}
 
     @api.get("/", response_class=HTMLResponse)
     async def page(self) -> HTMLResponse:
@@ -91,17 +254,16 @@ class ChatServer:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     @api.get("/v1/models")
-    async def models(self, request: Request) -> dict:
-        authorize(request, self.api_key)
+    async def models(self) -> dict:
         model = {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "nanochat",
                  "context_length": self.context}
         return {"object": "list", "data": [model]}
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatRequest, request: Request):
-        authorize(request, self.api_key)
+    async def chat_completions(self, body: ChatRequest):
+        arrived = time.monotonic()
         answer = to_answer(body, self.engine.tokenizer, self.context)
-        pieces = self._pieces(answer)
+        pieces = self._pieces(answer, arrived)
         await pieces.__anext__()  # admitted (or 429 before any byte is sent)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

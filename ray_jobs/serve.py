@@ -8,25 +8,28 @@
     python -m ray_jobs.serve --checkpoint /shared/runs/sft_d12 --precision fp16 --replicas 4
     # Serve's own CLI (an application builder: any flag below as key=value)
     serve run ray_jobs.serve:app checkpoint=/shared/runs/sft_d12 replicas=2
-    # submitted to a running cluster (see docs/cluster.md); the HTTP port is the cluster's Serve proxy
+    # submitted to a running cluster (see docs/cluster.md); the HTTP port is the cluster's Serve proxy;
+    # a host other than loopback needs $NANOCHAT_API_KEY (or --insecure)
     ray job submit --working-dir . -- python -m ray_jobs.serve --checkpoint /shared/runs/sft_d12 --host 0.0.0.0
 
 Then use the `openai` client (base_url="http://127.0.0.1:8000/v1") or a browser at
 http://127.0.0.1:8000/ (a replica: ray_jobs/replica.py; the API: ray_jobs/openai_api.py; the tour:
 docs/serving.md). Each replica picks its own precision plan and decodes up to --max-concurrency
 requests in one continuous batch; binds 127.0.0.1 unless --host; $NANOCHAT_API_KEY (where the app is
-built) turns on bearer auth.
+built) turns on bearer auth, and a --host other than loopback needs it (or --insecure).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import ipaddress
 import os
 import signal
 import socket
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +48,12 @@ if TYPE_CHECKING:
 
 PAGE = Path(__file__).parent / "static" / "chat.html"
 API_KEY_ENV = "NANOCHAT_API_KEY"
+# tests only: make the replica's decoding fail (ray_jobs/replica.py, fault_hook), read where the app is built
+FAULT_ENV = "NANOCHAT_SERVE_FAULT"
 EXTRA_ONGOING = 16  # room above the replica's own limits for /health, /v1/models and the requests it refuses
+# Serve asks each replica's check_health this often; 3 failures in a row and the replica is replaced
+HEALTH_CHECK_PERIOD_S = 2.0
+HEALTH_CHECK_TIMEOUT_S = 30.0
 
 
 # -----------------------------------------------------------------------------
@@ -62,6 +70,10 @@ class ServeConfig(CommonConfig):
     port: int = option(8000, "HTTP port")
     max_concurrency: int = option(32, "requests a replica decodes together in one batch")
     max_queue: int = option(64, "requests a replica keeps waiting beyond those; more get 429")
+    request_timeout_s: float = option(300.0, "seconds a request may take end to end (Serve's HTTP timeout and each "
+                                             "answer's deadline); 0 = no limit")
+    insecure: bool = option(False, "allow a --host other than loopback without $NANOCHAT_API_KEY: anyone who "
+                                   "reaches the port can use the model")
     precision: str = option("any", "pin replicas to nodes of this precision group (node label nanochat/precision)",
                             choices=("any", "bf16", "fp16", "fp32"))
     num_gpus: float = option(-1.0, "GPUs per replica; -1 = 1 when this machine has CUDA, --device is cuda or "
@@ -80,11 +92,19 @@ def config_from_args(args: dict[str, Any] | ServeConfig) -> ServeConfig:
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown serve settings {unknown}; known: {sorted(known)}")
-    argv = [item for key, value in args.items() for item in ("--" + key.replace("_", "-"), str(value))]
+    argv = [item for key, value in args.items() for item in _flag(key, value)]
     try:
         return parse_config(ServeConfig, argv)
     except SystemExit as e:  # argparse has printed why
         raise ValueError(f"invalid serve settings {args}") from e
+
+
+def _flag(key: str, value: Any) -> list[str]:
+    """One key=value setting as command-line flags: a boolean one as --key or --no-key."""
+    flag = key.replace("_", "-")
+    if isinstance(getattr(ServeConfig, key), bool):
+        return [f"--{flag}" if str(value).lower() in ("true", "1", "yes") else f"--no-{flag}"]
+    return ["--" + flag, str(value)]
 
 
 # -----------------------------------------------------------------------------
@@ -115,12 +135,18 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
     actor = {"num_cpus": cfg.num_cpus, "num_gpus": _gpus_per_replica(cfg)}
     if cfg.precision != "any":
         actor["label_selector"] = {LABEL_PRECISION: cfg.precision}
+    ongoing = cfg.max_concurrency + cfg.max_queue + EXTRA_ONGOING
     deployment = ChatServer.options(
         num_replicas=cfg.replicas,
-        max_ongoing_requests=cfg.max_concurrency + cfg.max_queue + EXTRA_ONGOING,
+        max_ongoing_requests=ongoing,
+        # requests the proxy holds while it picks a replica (a burst passes through here): beyond as
+        # many as the replicas take, it answers 503 at once rather than queue without end
+        max_queued_requests=cfg.replicas * ongoing,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
+        health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
         ray_actor_options=actor,
     )
-    return deployment.bind(cfg, os.environ.get(API_KEY_ENV) or None)
+    return deployment.bind(cfg, os.environ.get(API_KEY_ENV) or None, os.environ.get(FAULT_ENV, ""))
 
 
 app = build_app  # `serve run ray_jobs.serve:app checkpoint=...` calls it with the key=value args
@@ -134,6 +160,31 @@ def check_model(cfg: ServeConfig) -> None:
     directory = checkpoint.tokenizer_dir_for(meta, cfg.tokenizer_dir or None, step_dir)
     tokenizer = Tokenizer.load(directory)
     checkpoint.check_tokenizer(meta, tokenizer.fingerprint(), directory, step_dir)
+    check_weights(step_dir / checkpoint.MODEL_FILE)
+
+
+def check_weights(path: Path) -> None:
+    """The model file reads as a whole torch file (its zip directory, at the end: a truncated copy has
+    none), in milliseconds, where a replica would find out after Ray started and the file loaded."""
+    try:
+        zipfile.ZipFile(path).close()
+    except (OSError, zipfile.BadZipFile) as err:
+        raise UsageError(f"cannot read the model file {path} ({err}): a truncated or damaged copy? "
+                         "Copy the checkpoint again or pass another --checkpoint") from err
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def check_exposure(cfg: ServeConfig) -> None:
+    """An API reachable from the network has a key, unless the user says --insecure."""
+    if not is_loopback(cfg.host) and not os.environ.get(API_KEY_ENV) and not cfg.insecure:
+        raise UsageError(f"--host {cfg.host} exposes the API to the network without a key: set ${API_KEY_ENV} "
+                         "(clients then send 'Authorization: Bearer <key>'), or pass --insecure to serve it open")
 
 
 def check_port(host: str, port: int) -> None:
@@ -164,6 +215,7 @@ def preflight(cfg: ServeConfig, cpus: float) -> None:
     """Everything checked before Ray, Serve or a GPU start, so that a mistake fails in one line and at once."""
     if not cfg.checkpoint:
         raise UsageError("pass --checkpoint (a step_* directory or a run directory)")
+    check_exposure(cfg)
     check_model(cfg)
     if not joins_cluster(cfg.address):  # the proxy binds on this machine (a cluster's runs on its head node)
         check_port(cfg.host, cfg.port)
@@ -177,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     from ray import serve  # after the checks: seconds to import
 
     connect(cfg.address, cfg.dtype, cfg.device, cpus)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s or None})
     serve.run(build_app(cfg), name="nanochat", route_prefix="/")
     shown = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     auth = f" (bearer key from ${API_KEY_ENV})" if os.environ.get(API_KEY_ENV) else ""

@@ -42,12 +42,12 @@ def test_find_max_batch_needs_a_gpu():
 
 
 
-def test_bench_infer_times_prefill_and_decode(tmp_path):
+def test_bench_infer_times_the_engine_and_the_served_decode_path(tmp_path):
     from nanochat.scripts import bench_infer
 
     path = tmp_path / "infer.json"
     out = bench_infer.main(["--device", "cpu", "--depth", "1", "--vocab-size", "512", "--prompt-len", "16",
-                            "--new-tokens", "6", "--num-samples", "1,3", "--repeats", "2", "--decode", "static",
+                            "--new-tokens", "6", "--num-samples", "1,3", "--repeats", "1", "--decode", "static",
                             "--out", str(path)])
     assert json.loads(path.read_text()) == out and out["decode"] == "static"
     assert [r["rows"] for r in out["results"]] == [1, 3]
@@ -59,6 +59,13 @@ def test_bench_infer_times_prefill_and_decode(tmp_path):
     weights = 4 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     kv_per_row = 4 * 1 * 2 * model.config.n_embd * 19
     assert out["results"][1]["bytes_per_step"] == weights + 3 * kv_per_row
+    # the served decode path: greedy and sampled side by side, then requests joining and leaving
+    served = out["serve_path"]
+    assert served["slots"] == 3 and [r["rows"] for r in served["results"]] == [1, 3]
+    runs = [run for r in served["results"] for run in (r["greedy"], r["sampled"])] + [served["join_and_leave"]]
+    assert all(run[key] > 0 for run in runs for key in ("ttft_ms", "ms_per_step", "tok_per_s"))
+    assert all(r["sampled_over_greedy"] > 0 for r in served["results"])
+    assert served["join_and_leave"]["requests"] == 6 and served["join_and_leave"]["steps"] > 6
 
 
 @pytest.mark.parametrize("args, message", [(["--num-samples", "1,x"], "positive row counts"),

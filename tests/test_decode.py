@@ -1,15 +1,17 @@
 """The graph-ready decode step (static KV cache, device-side position) against the plain KV-cache
 forward: on the CPU through the "static" mode (the computation the graph captures), on a GPU
-through captured and replayed CUDA graphs, with and without torch.compile."""
+through captured and replayed CUDA graphs, with and without torch.compile; the continuous batch's
+warm-up (every graph before the first request) and chunked prefill (running rows never stall)."""
 
 import pytest
 import torch
 
-from nanochat.infer.batch import decode_many
+from nanochat.infer.batch import DecodeBatch, Request, decode_many
 from nanochat.infer.cache import KVCache
 from nanochat.infer.engine import Engine
 from nanochat.infer.graphs import Decoder
 from nanochat.precision import resolve
+from tests.test_batching import alone
 from tests.test_engine import random_model
 
 PLAN = resolve("float32", "cpu")
@@ -97,9 +99,9 @@ def decode_logits(model, plan, mode: str, device: str, compile: bool = False) ->
     e = engine(model, plan, mode)
     e.decoder.compile = compile and plan.compile
     cache = KVCache(2, 32)
-    e.last_logits(torch.tensor([PROMPTS[0]], device=device), cache)
+    e.prefill(torch.tensor([PROMPTS[0]], device=device), cache)
     # clone: the graphed step returns a view of its static output buffer, valid until the next step
-    return torch.stack([e.last_logits(torch.tensor([[t]], device=device), cache).float().clone() for t in (3, 5, 7, 9)])
+    return torch.stack([e.decoder(torch.tensor([[t]], device=device), cache).float().clone() for t in (3, 5, 7, 9)])
 
 
 def assert_as_accurate_as_eager(plan, mode: str, device: str, compile: bool = False) -> None:
@@ -131,3 +133,50 @@ def test_compiled_decode_steps_multiply_with_the_few_row_kernel():
     e = engine(random_model(128).cuda(), resolve("auto", "cuda"), "graph")
     linears = [m for m in e.decoder.weights.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(isinstance(m, FewRowLinear) for m in linears) == e.decoder.compile
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_get_a_token_every_step(monkeypatch):
+    e = engine(random_model(128, n_kv_head=1), PLAN, "eager")
+    chunks = []
+    prefill = e.prefill
+    monkeypatch.setattr(e, "prefill", lambda ids, cache: (chunks.append(tuple(ids.shape)), prefill(ids, cache))[1])
+    running = Request([5, 9, 11], 24, temperature=0.0)
+    long = Request([(7 * i) % 100 + 1 for i in range(40)], 8, temperature=1.0, top_k=20, seed=3)
+    batch = DecodeBatch(e, slots=2, capacity=64, prefill_tokens=8)
+    runner = batch.add(running)
+    tokens = {runner: list(batch.step().values())}
+    joiner = batch.add(long)
+    tokens[joiner] = []
+    chunks.clear()
+    while batch.busy:
+        out = batch.step()
+        assert runner in out or runner not in batch.active()  # the running row never waits a step
+        for rid, token in out.items():
+            tokens[rid].append(token)
+    assert chunks[:5] == [(1, 8)] * 5  # 40 prompt tokens, 8 a step
+    assert tokens[joiner] == alone(e, long) and tokens[runner] == alone(e, running)
+
+
+def test_warm_up_decodes_nothing_where_there_is_nothing_to_capture(monkeypatch):
+    e = engine(random_model(128), PLAN, "static")
+    batch = DecodeBatch(e, slots=4, capacity=32)
+    monkeypatch.setattr(e, "prefill", lambda *args: pytest.fail("warm-up prefilled a prompt"))
+    monkeypatch.setattr(Decoder, "__call__", lambda *args: pytest.fail("warm-up decoded a step"))
+    batch.warm_up()
+
+
+@pytest.mark.gpu
+def test_warm_up_captures_every_row_count_so_none_is_captured_while_serving(monkeypatch):
+    plan = resolve("float32", "cuda")
+    e = engine(random_model(128).cuda(), plan, "graph")
+    e.decoder.compile = False
+    batch = DecodeBatch(e, slots=5, capacity=64)
+    batch.warm_up()
+    assert set(e.decoder._graphs) == {1, 2, 4, 5}  # row counts rounded up to powers of two, up to the slots
+    monkeypatch.setattr(Decoder, "_capture", lambda *args: pytest.fail("a graph was captured while serving"))
+    requests = [Request(p, n, temperature=0.8, top_k=20, seed=i) for i, (p, n) in enumerate(zip(PROMPTS * 2, [9, 4, 6, 3, 8, 5], strict=True))]
+    for request in requests:
+        batch.add(request)
+        batch.step()
+    while batch.busy:
+        batch.step()

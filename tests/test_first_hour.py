@@ -28,6 +28,7 @@ from nanochat.dataset import list_shards
 from nanochat.errors import UsageError
 from nanochat.scripts import base_loss, base_train, chat_cli, chat_sft, demo
 from nanochat.tokenizer import Tokenizer
+from nanochat.tracking import default_uri
 from nanochat.train.base import BaseTrainConfig
 from nanochat.train.loop import grad_accum_steps
 from tests.conftest import REPO
@@ -214,21 +215,71 @@ def test_printed_serve_command_answers_the_printed_client_snippet(outputs, local
         print(log.read_text()[-5000:])  # shown when the test fails
 
 
-@pytest.mark.timeout(600)  # a trainer start per trial: about a minute of CPU, most of it Ray starting processes
-def test_printed_tune_command_sweeps_the_demo_shards(outputs, base_dir, local_ray):
+@pytest.mark.timeout(900)  # a trainer start per trial: one to two minutes of CPU, most of it Ray starting processes
+def test_printed_tune_command_stops_early_logs_everything_and_its_best_config_trains(outputs, base_dir, local_ray, tmp_path):
+    """The printed sweep, run as printed: two trials one after the other, so ASHA's verdict is deterministic (the
+    default search seed samples the same second trial, CPU training is deterministic): the first (nanochat's
+    defaults) runs to the end, the second is judged at the first rung against it and stopped there. Its trials are
+    MLflow runs of the base dir's one store that end with ASHA's verdict and log nothing after it; its
+    best_config.json trains; the same sweep again needs --resume, which trains nothing."""
+    from mlflow.tracking import MlflowClient
+
     from ray_jobs import tune
 
-    _, _, printed = outputs
+    files, _, printed = outputs
     argv = printed_commands(printed)["ray_jobs.tune"]
     cfg = parse_config(tune.config_class(), argv)
     out = tune.main(argv)
     trials = out["trials"]
-    assert len(trials) == cfg.num_samples and all(t["status"] != "error" for t in trials)
+    assert len(trials) == cfg.num_samples == 2 and not [t for t in trials if t["status"] == "error"]
+    stopped = [t for t in trials if t["status"] == "stopped early"]
+    assert stopped and all(t["tokens"] < cfg.token_budget for t in stopped), "ASHA stopped no trial"
     assert any(t["status"] == "completed" and t["tokens"] == cfg.token_budget for t in trials)
+    defaults = BaseTrainConfig()  # the first trial: the baseline the sweep reports against
+    assert any(t["matrix_lr"] == defaults.matrix_lr and t["embedding_lr"] == defaults.embedding_lr for t in trials)
     experiment = Path(out["experiment_dir"])
     assert experiment.parent == base_dir / "ray_results"  # where docs/tuning.md says a sweep goes
-    best = json.loads((experiment / "best_config.json").read_text())
+
+    # every trial is one MLflow run in the base dir's store, experiment = the sweep, with its parameters and
+    # its bpb, ended with ASHA's verdict; the last evaluation in MLflow is the one Tune saw last
+    assert out["mlflow_uri"] == default_uri() == f"sqlite:///{base_dir / 'mlflow.db'}"
+    client = MlflowClient(out["mlflow_uri"])
+    runs = client.search_runs([client.get_experiment_by_name(experiment.name).experiment_id])
+    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(t["trial_id"] for t in trials)
+    for run in runs:
+        row = next(t for t in trials if t["trial_id"] == run.data.tags["trial_id"])
+        assert float(run.data.params["matrix_lr"]) == pytest.approx(row["matrix_lr"])
+        assert int(run.data.params["device_batch_size"]) == row["device_batch_size"]
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_bpb"))
+        assert history[-1] == (row["steps"], pytest.approx(row["val_bpb"]))
+        assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == row["steps"]
+        assert run.info.status == ("FINISHED" if row["status"] == "completed" else "KILLED")
+
+    # best_config.json: the winner's base_train settings at the demo's shape, and base_train trains with them
+    best_file = experiment / "best_config.json"
+    best = json.loads(best_file.read_text())
+    assert best == out["best_config"] and set(best) <= {f.name for f in dataclasses.fields(BaseTrainConfig)}
     assert (best["depth"], best["max_seq_len"], best["head_dim"]) == (TINY.depth, demo.SEQ_LEN, demo.HEAD_DIM)
+    winner = min((t for t in trials if t["status"] == "completed"), key=lambda t: t["val_bpb"])
+    assert {k: best[k] for k in tune.TUNED} == {k: winner[k] for k in tune.TUNED}
+    assert (experiment / "trials.csv").read_text().count("\n") == len(trials) + 1
+    assert (experiment / "bpb_vs_params.png").stat().st_size > 0
+    from_best = ["--config", str(best_file), "--device", "cpu", "--data-dir", str(files.data), "--tokenizer-dir",
+                 str(files.tokenizer), "--num-iterations", "2", "--eval-every", "-1", "--sample-every", "-1",
+                 "--save-every", "-1", "--eval-tokens", "1024", "--run-dir", str(tmp_path / "from_best")]
+    assert {k: getattr(parse_config(BaseTrainConfig, from_best), k) for k in best} == best
+    summary = base_train.main(from_best)
+    assert summary["steps"] == 2 and summary["final_loss"] > 0
+
+    # the same place again needs --resume; resuming the finished sweep trains nothing and rewrites the
+    # same outputs, still one MLflow run per trial
+    with pytest.raises(SystemExit, match="--resume"):
+        tune.main(argv)
+    best_file.unlink()
+    again = tune.main([*argv, "--resume"])
+    assert json.loads(best_file.read_text()) == best
+    assert sorted(t["trial_id"] for t in again["trials"]) == sorted(t["trial_id"] for t in trials)
+    assert len(client.search_runs([client.get_experiment_by_name(experiment.name).experiment_id])) == len(trials)
 
 
 def test_printed_speedrun_command_parses_into_valid_stages(outputs):

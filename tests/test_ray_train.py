@@ -9,7 +9,6 @@ import statistics
 from pathlib import Path
 
 import pytest
-import ray
 
 from nanochat.checkpoint import find_latest
 from nanochat.runlog import read_metrics
@@ -29,10 +28,11 @@ def tiny(data_dir: Path, tokenizer_dir: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=6, include_dashboard=False)
-    yield
-    ray.shutdown()
+def one_worker(local_ray, data_dir, tokenizer_dir, tmp_path_factory) -> tuple[list[str], dict]:
+    """(argv, summary) of a one-worker run with checkpoints at steps 8 and 16 (the session's shared Ray)."""
+    argv = tiny(data_dir, tokenizer_dir, "--device-batch-size", "8", "--num-workers", "1", "--eval-every", "-1",
+                "--storage-path", str(tmp_path_factory.mktemp("ray")), "--name", "one", "--save-every", "8")
+    return argv, ray_train.main(argv)
 
 
 def mlflow_losses(summary: dict) -> list[float]:
@@ -46,15 +46,13 @@ def printed_lines(captured: pytest.CaptureResult) -> list[str]:
     return re.sub(r"\x1b\[[0-9;]*m", "", captured.out + captured.err).split("\n")
 
 
-def test_ray_training_matches_the_single_process_script(local_ray, data_dir, tokenizer_dir, tmp_path, capfd):
+def test_ray_training_matches_the_single_process_script(one_worker, data_dir, tokenizer_dir, tmp_path, capfd):
     plain_args = ("--eval-every", "-1", "--save-every", "-1", "--run-dir", str(tmp_path / "plain"))
     base_train.main(tiny(data_dir, tokenizer_dir, "--device-batch-size", "8", *plain_args))
     plain = [r["loss"] for r in read_metrics(tmp_path / "plain" / "metrics.jsonl")]
 
     # one worker: Ray Data streams exactly the plain loader's rows, so the run is the same run
-    one = ray_train.main(tiny(data_dir, tokenizer_dir, "--device-batch-size", "8", "--num-workers", "1",
-                              "--storage-path", str(tmp_path / "ray"), "--name", "one", "--save-every", "8", "--eval-every", "-1"))
-    assert mlflow_losses(one) == pytest.approx(plain, abs=1e-4)
+    assert mlflow_losses(one_worker[1]) == pytest.approx(plain, abs=1e-4)
 
     # two workers x 4 rows = the same global batch and identical initial weights, but Ray Data's
     # split hands each worker other rows than the single process reads, so after the first step
@@ -107,10 +105,8 @@ def test_killed_worker_resumes_from_its_checkpoint(local_ray, data_dir, tokenize
         assert [m.step for m in client.get_metric_history(summary["mlflow_run_id"], phase)] == list(range(2, STEPS + 1, 2))
 
 
-def test_a_second_run_in_the_same_place_needs_resume(local_ray, data_dir, tokenizer_dir, tmp_path):
-    args = tiny(data_dir, tokenizer_dir, "--device-batch-size", "8", "--storage-path", str(tmp_path), "--name", "again",
-                "--eval-every", "-1", "--save-every", str(STEPS))
-    ray_train.main(args)
+def test_a_second_run_in_the_same_place_needs_resume(one_worker):
+    args, _ = one_worker
     with pytest.raises(SystemExit, match="--resume"):
         ray_train.main(args)
     # with --resume it restores the finished checkpoint and has nothing left to train

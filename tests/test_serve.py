@@ -1,12 +1,14 @@
 """The Ray Serve chat endpoint on CPU, over real HTTP: one Serve instance per module (on the session's
 local Ray, conftest.py's `local_ray`) with two applications of the tiny checkpoint, "main" at /
-(default limits, no key) and "tight" at /tight (1 in the batch, 1 waiting, a bearer key). Answers are
-checked against the engine run in this process, streamed against non-streamed, and through the
-official `openai` client."""
+(default limits, no key) and "tight" at /tight (1 in the batch, 1 waiting, a bearer key, and the test
+faults of $NANOCHAT_SERVE_FAULT: a decode step that raises, a decoding thread that dies, each when a
+request of their seed asks). Answers are checked against the engine run in this process, streamed
+against non-streamed, and through the official `openai` client."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +21,9 @@ import pytest
 from ray import serve
 
 from nanochat.chat import render_for_completion
-from nanochat.checkpoint import load_model
+from nanochat.checkpoint import MODEL_FILE, find_latest, load_model
+from nanochat.config import parse_config
+from nanochat.errors import UsageError
 from nanochat.infer.engine import Engine
 from nanochat.infer.stream import AnswerStream
 from nanochat.precision import resolve
@@ -31,6 +35,7 @@ from tests.test_chat_eval import tiny_run  # noqa: F401  (the shared tiny checkp
 KEY = "test-key-123"
 CONTEXT = 64  # the tiny checkpoint's --max-seq-len
 HELLO = [{"role": "user", "content": "Hello"}]
+STEP_RAISES_SEED, THREAD_DIES_SEED = 4242, 4343  # tight's faults
 
 
 def free_port() -> int:
@@ -56,8 +61,10 @@ def server(tiny_run, tokenizer_dir, monkeypatch_module, local_ray) -> Server:  #
         monkeypatch_module.delenv(serve_app.API_KEY_ENV, raising=False)
         main = serve_app.build_app(common)
         monkeypatch_module.setenv(serve_app.API_KEY_ENV, KEY)  # read when the app is built
+        monkeypatch_module.setenv(serve_app.FAULT_ENV, f"step_raises:{STEP_RAISES_SEED},thread_dies:{THREAD_DIES_SEED}")
         tight = serve_app.build_app({**common, "max_concurrency": "1", "max_queue": "1"})
         monkeypatch_module.delenv(serve_app.API_KEY_ENV)
+        monkeypatch_module.delenv(serve_app.FAULT_ENV)
         # both at once: their replicas start (import torch, load the model) side by side
         serve.run_many([serve.RunTarget(main, "main", "/"), serve.RunTarget(tight, "tight", "/tight")])
         yield Server(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/tight", tiny_run, tokenizer_dir)
@@ -185,6 +192,29 @@ def test_sampling_is_reproducible_with_a_seed(server):
     assert len(answers) == 1
 
 
+ODD_SAMPLING = [{"temperature": 0}, {"temperature": 1e-30}, {"temperature": 2.0}, {"top_k": 0}, {"top_k": 1},
+                {"top_k": 10**12}, {"seed": -5}, {"seed": 2**70}, {"temperature": 2.0, "top_k": 1, "seed": -(2**70)}]
+
+
+def test_odd_sampling_values_affect_only_their_own_request(server):
+    """Beside requests with extreme sampling values, a sampled request streams (in whatever pieces the
+    server coalesces) exactly the answer it gets alone, not streamed."""
+    normal = {"max_tokens": 24, "temperature": 0.9, "top_k": 30, "seed": 11}
+    alone = chat(server.url, **normal).json()["choices"][0]["message"]["content"]
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def streamed() -> str:
+        sampling = {k: v for k, v in normal.items() if k != "top_k"}
+        stream = client.chat.completions.create(model="m", messages=HELLO, stream=True, extra_body={"top_k": 30}, **sampling)
+        return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+    with ThreadPoolExecutor(len(ODD_SAMPLING) + 1) as pool:
+        odd = [pool.submit(chat, server.url, max_tokens=24, **fields) for fields in ODD_SAMPLING]
+        assert streamed() == alone
+        responses = [future.result() for future in odd]
+    assert [r.status_code for r in responses] == [200] * len(ODD_SAMPLING), [r.text for r in responses]
+
+
 # ----------------------------------------------------------------------------- limits and bad input
 
 
@@ -287,6 +317,65 @@ def test_a_closed_stream_frees_its_slot(server):
     assert statuses == [200, 200]
 
 
+def test_the_metrics_route_counts_requests_and_tokens(server):
+    before = httpx.get(f"{server.url}/metrics", timeout=30).json()
+    for _ in range(2):
+        assert chat(server.url, max_tokens=6, temperature=0).status_code == 200
+    after = httpx.get(f"{server.url}/metrics", timeout=30).json()
+    assert after["replica"] == before["replica"]
+    assert after["requests_finished"] == before["requests_finished"] + 2
+    assert before["completion_tokens"] + 2 <= after["completion_tokens"] <= before["completion_tokens"] + 12
+    assert after["tokens_per_s"] > 0 and after["requests_in_flight"] == after["requests_queued"] == 0
+    ttft, tpot = after["time_to_first_token_s"], after["time_per_output_token_s"]
+    assert ttft["count"] == before["time_to_first_token_s"]["count"] + 2 and 0 < ttft["p50"] <= ttft["p99"] < 30
+    assert tpot["count"] >= 1 and 0 < tpot["p50"] < 30
+
+
+# ----------------------------------------------------------------------------- a replica that stays up
+
+
+def test_the_key_is_checked_before_the_body_is_read(server):
+    """A client without the key that sends headers and then stalls gets its 401 at once."""
+    host, port = server.tight.removeprefix("http://").split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /tight/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000\r\n\r\n{\"messages\": ")
+        assert conn.recv(4096).startswith(b"HTTP/1.1 401")
+
+
+def test_a_decode_step_that_raises_fails_its_request_without_its_text(server, engine):
+    fault = {"max_tokens": 8, "temperature": 0.5, "seed": STEP_RAISES_SEED}
+    error = assert_error(chat(server.tight, headers=AUTH, **fault), 500, "internal_error")
+    assert error["type"] == "server_error" and "error " in error["message"]
+    assert "RuntimeError" not in error["message"] and serve_app.FAULT_ENV not in error["message"]
+    with httpx.stream("POST", f"{server.tight}/v1/chat/completions", headers=AUTH, timeout=60,
+                      json={"messages": HELLO, "stream": True, **fault}) as r:
+        events = sse(r)
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "internal_error"
+    assert serve_app.FAULT_ENV not in events[-2]["error"]["message"]
+    text, *_ = local_answer(engine, HELLO, 8)  # the batch was rebuilt: the next request is answered
+    assert chat(server.tight, headers=AUTH, max_tokens=8, temperature=0).json()["choices"][0]["message"]["content"] == text
+
+
+def test_a_dead_decoding_thread_gets_its_replica_replaced(server, engine):
+    health = httpx.get(f"{server.tight}/health", timeout=30)
+    assert health.status_code == 200, health.text
+    replica = health.json()["replica"]
+    assert_error(chat(server.tight, headers=AUTH, max_tokens=8, seed=THREAD_DIES_SEED), 503, "replica_unavailable")
+    failed = httpx.get(f"{server.tight}/health", timeout=30)  # Serve needs 3 failed checks, 2 s apart
+    assert failed.status_code == 503 and failed.json()["reason"].startswith("the decoding thread stopped: ")
+    assert_error(chat(server.tight, headers=AUTH, max_tokens=2), 503, "replica_unavailable")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        health = httpx.get(f"{server.tight}/health", timeout=60)
+        if health.status_code == 200 and health.json()["replica"] != replica:
+            break
+        time.sleep(0.5)
+    assert health.status_code == 200 and health.json()["replica"] != replica, health.text
+    text, *_ = local_answer(engine, HELLO, 8)
+    assert chat(server.tight, headers=AUTH, max_tokens=8, temperature=0).json()["choices"][0]["message"]["content"] == text
+
+
 # ----------------------------------------------------------------------------- load
 
 
@@ -309,6 +398,26 @@ def test_builder_args_are_the_command_line_flags():
         serve_app.config_from_args({"checkpoint": "x", "replica": "2"})
     with pytest.raises(ValueError, match="invalid serve settings"):
         serve_app.config_from_args({"checkpoint": "x", "precision": "fp8"})
+
+
+def test_an_open_host_without_a_key_is_refused_before_ray_starts(tiny_run, tokenizer_dir, monkeypatch):  # noqa: F811
+    monkeypatch.delenv(serve_app.API_KEY_ENV, raising=False)
+    args = ["--checkpoint", str(tiny_run), "--tokenizer-dir", str(tokenizer_dir), "--device", "cpu", "--host", "0.0.0.0"]
+    with pytest.raises(UsageError, match=r"--host 0.0.0.0 exposes the API .*NANOCHAT_API_KEY.*--insecure"):
+        serve_app.main(args)
+    for host in ("127.0.0.1", "localhost", "::1"):
+        serve_app.check_exposure(parse_config(serve_app.ServeConfig, [*args[:-1], host]))
+    serve_app.check_exposure(parse_config(serve_app.ServeConfig, [*args, "--insecure"]))
+    monkeypatch.setenv(serve_app.API_KEY_ENV, KEY)
+    serve_app.check_exposure(parse_config(serve_app.ServeConfig, args))
+
+
+def test_a_truncated_model_file_is_refused_before_ray_starts(tiny_run, tokenizer_dir, tmp_path):  # noqa: F811
+    step = shutil.copytree(find_latest(tiny_run / "checkpoints"), tmp_path / "step_000004")
+    model = step / MODEL_FILE
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    with pytest.raises(UsageError, match=f"cannot read the model file {model} .*truncated"):
+        serve_app.main(["--checkpoint", str(step), "--tokenizer-dir", str(tokenizer_dir), "--device", "cpu"])
 
 
 def test_help(capsys):

@@ -1,13 +1,18 @@
 """Continuous batching: requests join and leave one running decode batch between steps.
 
-Each `step()` decodes one token for every running row, then admits waiting requests into free
-slots (one prefill for all of them). Each row samples with its own generator, so its tokens do not
-depend on its batch mates, then takes the engine's per-row step, `Engine.next_token`.
+Each `step()` decodes one token for every running row, then spends at most `prefill_tokens` tokens
+of forward (padding included) on the prompts of waiting requests: short prompts are prefilled
+together, a long one in chunks over several steps, so a running row's time per token stays bounded
+when a long prompt arrives. Prefilled requests join with their first token. All rows sample at once
+on the device (nanochat.infer.sampling), each with its own settings and token counter, so a
+request's tokens do not depend on its batch mates or its slot; then each takes the engine's per-row
+step, `Engine.next_token`.
 
 Rule: all rows share one KV cache whose write position `pos` advances one column per step. A row
 holds columns [pad[r], pos): a request joins so that its prompt ends at `pos`. Columns before the
 smallest pad are dropped by shifting left when the cache is full; a prompt longer than `pos`
-shifts the cache right before it joins.
+shifts the cache right before it joins. A row never needs more than its
+prompt + max_tokens columns (<= capacity) behind `pos`, so after compaction every running row fits.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat.infer.cache import KVCache
-from nanochat.infer.engine import SAMPLING, Engine, Row, sample_next
+from nanochat.infer.engine import SAMPLING, Engine, Row
+from nanochat.infer.sampling import BatchSampler, sample
+
+PREFILL_TOKENS = 512  # prompt tokens (padding included) one step may prefill while rows are running
 
 
 @dataclass
@@ -37,33 +45,55 @@ class Request:
 class _Slot:
     rid: int
     request: Request
-    rng: torch.Generator
     state: Row = field(default_factory=Row)
     generated: int = 0
-    last: int = -1  # the token to feed at the next step
+
+
+@dataclass
+class _Prefill:
+    """Waiting requests whose prompts are being prefilled together, left-padded to one width, in a
+    cache of their own; `done` columns of `ids` are in it so far."""
+
+    requests: list[tuple[int, Request]]
+    ids: torch.Tensor
+    cache: KVCache
+    done: int = 0
+    cancelled: set[int] = field(default_factory=set)
+    logits: torch.Tensor | None = None  # of the prompts' last tokens, once `done` reaches the width
+
+    @property
+    def width(self) -> int:
+        return self.ids.size(1)
 
 
 class DecodeBatch:
-    """Up to `slots` requests decoded together; `capacity` cache columns (>= any prompt + max_tokens)."""
+    """Up to `slots` requests decoded together; `capacity` cache columns (>= any prompt + max_tokens);
+    at most `prefill_tokens` prompt tokens prefilled per step while rows are running."""
 
-    def __init__(self, engine: Engine, slots: int, capacity: int):
-        self.engine, self.slots, self.capacity = engine, slots, capacity
+    def __init__(self, engine: Engine, slots: int, capacity: int, prefill_tokens: int = PREFILL_TOKENS):
+        self.engine, self.slots, self.capacity, self.prefill_tokens = engine, slots, capacity, prefill_tokens
         model = engine.model
         self.device = next(model.parameters()).device
         if capacity > model.cos.size(2):
             raise ValueError(f"a cache of {capacity} columns exceeds the model's rotary tables ({model.cos.size(2)})")
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be at least 1, not {prefill_tokens}")
         self.free_pad = capacity + 1  # the pad of an empty slot: its (ignored) query sees only itself
         self.cache = KVCache(len(model.transformer.h), capacity,
                              pad=torch.full((slots,), self.free_pad, dtype=torch.long, device=self.device))
         engine.decoder.sync_weights()
+        self.sampler = BatchSampler(slots, self.device, compile=engine.decoder.compile)
+        # the token each slot feeds at the next step, on the device: the sampled one unless forced
+        self.feed = torch.full((slots, 1), engine.tokenizer.bos_token_id, dtype=torch.long, device=self.device)
         self.running: dict[int, _Slot] = {}
         self.waiting: deque[tuple[int, Request]] = deque()
+        self.prefilling: _Prefill | None = None
         self._next_id = 0
 
     # ---- the queue
 
     def add(self, request: Request) -> int:
-        """Queue a request (it joins at the next step); returns its id."""
+        """Queue a request (it joins once its prompt is prefilled); returns its id."""
         if not request.prompt:
             raise ValueError("empty prompt: start it with <|bos|> at least")
         if len(request.prompt) + request.max_tokens > self.capacity:
@@ -74,72 +104,73 @@ class DecodeBatch:
         return rid
 
     def cancel(self, rid: int) -> None:
-        """Stop decoding request `rid` (waiting or running); its slot is free at the next step."""
+        """Stop decoding request `rid` (waiting, being prefilled or running); its slot is free at the next step."""
         self.waiting = deque((r, req) for r, req in self.waiting if r != rid)
+        if self.prefilling is not None and rid in {r for r, _ in self.prefilling.requests}:
+            self.prefilling.cancelled.add(rid)  # its row is prefilled with the others, then dropped
         for slot, s in list(self.running.items()):
             if s.rid == rid:
                 self._free(slot)
 
     def active(self) -> set[int]:
-        """Ids of the requests waiting or running."""
-        return {s.rid for s in self.running.values()} | {rid for rid, _ in self.waiting}
+        """Ids of the requests waiting, being prefilled or running."""
+        prefilling = set() if self.prefilling is None else {r for r, _ in self.prefilling.requests} - self.prefilling.cancelled
+        return {s.rid for s in self.running.values()} | prefilling | {rid for rid, _ in self.waiting}
 
     @property
     def busy(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.waiting or self.prefilling)
 
+    @torch.no_grad()
     def warm_up(self) -> None:
-        """Decode a few tokens with one slot busy, then with every slot busy: the decoder compiles
-        and captures its graphs now (tens of seconds where it compiles), not in the first requests."""
-        for busy in (1, self.slots):
-            for _ in range(busy):
-                self.add(Request([self.engine.tokenizer.bos_token_id], max_tokens=3, temperature=0.0))
-            while self.busy:
-                self.step()
+        """Capture (and compile, where the plan compiles) the decode step of every row count the
+        batch can take, and the sampler with and without top-k, before the first request: nothing is
+        captured or compiled while serving. Eager decoding has nothing to capture."""
+        if self.engine.decoder.mode != "graph":
+            return
+        self.add(Request([self.engine.tokenizer.bos_token_id], max_tokens=1, temperature=0.0))
+        while self.busy:  # one request through the batch: allocates its cache
+            self.step()
+        s = self.sampler
+        for rows in range(1, self.slots + 1):  # the decoder rounds these up to the graphs it keeps
+            self.cache.pos = 0  # every slot free: a row sees only the column it writes
+            logits = self.engine.decoder(self.feed[:rows], self.cache)
+            for top_k in (0, SAMPLING.top_k):
+                sample(logits, s.temperature[:rows], s.top_k[:rows], s.seed[:rows], s.index[:rows], top_k, s.compile)
+        self.cache.pos = 0
 
     # ---- decoding
 
     @torch.no_grad()
     def step(self) -> dict[int, int]:
-        """One token for every running request and the first token of each newly admitted one:
-        {request id: token}. A request leaves after its stop token (which is returned) or its
-        max_tokens-th token."""
+        """One token for every running request and the first token of each request whose prefill
+        ends this step: {request id: token}. A request leaves after its stop token (which is
+        returned) or its max_tokens-th token."""
         out: dict[int, int] = {}
         if self.running:
             self._make_room()
             # rows up to the highest busy slot only (slots fill lowest first): one request alone
             # costs a one-row forward, not a forward of every slot
-            slots = list(self.running)
-            inputs = [self.engine.tokenizer.bos_token_id] * (max(slots) + 1)
-            for slot in slots:
-                inputs[slot] = self.running[slot].last
-            feed = torch.tensor(inputs, dtype=torch.long, device=self.device).view(-1, 1)
-            logits = self.engine.last_logits(feed, self.cache)[slots]
-            out.update(self._sample(slots, logits))
-        joined = self._admit()
-        if joined:
-            out.update(joined)
+            rows = max(self.running) + 1
+            logits = self.engine.decoder(self.feed[:rows], self.cache)
+            out.update(self._sample(logits, slice(0, rows), list(range(rows))))
+        out.update(self._prefill())
         return out
 
-    def _sample(self, slots: list[int], logits: torch.Tensor) -> dict[int, int]:
-        """Sample row i of `logits` for slots[i]; forced tool tokens take precedence."""
-        requests = [self.running[slot].request for slot in slots]
-        # greedy rows need no generator: one argmax covers all of them; a sampling row draws
-        # from its own generator, so its tokens do not depend on its batch mates
-        greedy = [r.temperature == 0 for r in requests]
-        best = logits.argmax(dim=-1, keepdim=True) if any(greedy) else None
-        if all(greedy):
-            sampled = best
-        else:
-            sampled = torch.cat([best[i : i + 1] if greedy[i] else
-                                 sample_next(logits[i : i + 1], r.temperature, r.top_k, self.running[slot].rng)
-                                 for i, (slot, r) in enumerate(zip(slots, requests, strict=True))])
-        tokens = sampled.view(-1).tolist()  # one host sync for the batch
+    def _sample(self, logits: torch.Tensor, rows: slice | torch.Tensor, slots: list[int]) -> dict[int, int]:
+        """Sample rows `rows` of the batch from `logits` (slots[i]: the slot of its row i; free ones
+        are dropped); forced tool tokens take precedence."""
+        tokens = self.sampler.sample(logits, rows)
+        self.feed[rows, 0] = tokens
         out = {}
-        for slot, token in zip(slots, tokens, strict=True):
-            s = self.running[slot]
-            token, _ = self.engine.next_token(s.state, token)
-            s.generated, s.last = s.generated + 1, token
+        for slot, sampled in zip(slots, tokens.tolist(), strict=True):  # one host sync for the batch
+            s = self.running.get(slot)
+            if s is None:
+                continue
+            token, forced = self.engine.next_token(s.state, sampled)
+            if forced:
+                self.feed[slot, 0] = token
+            s.generated += 1
             out[s.rid] = token
             if s.state.done or s.generated >= s.request.max_tokens:
                 self._free(slot)
@@ -147,32 +178,66 @@ class DecodeBatch:
 
     def _free(self, slot: int) -> None:
         self.running.pop(slot, None)
+        self.sampler.stop(slot)
         self.cache.pad[slot] = self.free_pad
         if not self.running:
             self.cache.pos = 0  # nothing cached is needed any more
 
-    def _admit(self) -> dict[int, int]:
-        free = [slot for slot in range(self.slots) if slot not in self.running]
-        joining = []
-        while self.waiting and len(joining) < len(free):
+    def _prefill(self) -> dict[int, int]:
+        """Prefill the next chunk of waiting prompts; the requests whose prompts are then complete join."""
+        # nothing to stall in an idle batch: prefill all that fits at once
+        budget = self.prefill_tokens if self.running else None
+        if self.prefilling is None:
+            self.prefilling = self._next_group(budget)
+            if self.prefilling is None:
+                return {}
+        group = self.prefilling
+        if group.done < group.width:
+            columns = group.width - group.done if budget is None else max(1, budget // len(group.requests))
+            end = min(group.width, group.done + columns)
+            group.logits = self.engine.prefill(group.ids[:, group.done : end], group.cache)
+            group.done = end
+            if group.done < group.width:
+                return {}
+        self.prefilling = None
+        return self._join(group, group.logits)
+
+    def _next_group(self, budget: int | None) -> _Prefill | None:
+        """The waiting requests to prefill together, in order: as many as free slots allow, while
+        their padded width fits the budget (one alone when its prompt is longer: chunked)."""
+        free = self.slots - len(self.running)
+        joining: list[tuple[int, Request]] = []
+        width = 0
+        while self.waiting and len(joining) < free:
+            wider = max(width, len(self.waiting[0][1].prompt))
+            if joining and budget is not None and (len(joining) + 1) * wider > budget:
+                break
             joining.append(self.waiting.popleft())
+            width = wider
         if not joining:
-            return {}
-        slots = free[: len(joining)]
-        width = max(len(req.prompt) for _, req in joining)
-        # prefill the newcomers together, left-padded to one width, in a cache of their own
+            return None
+        bos = self.engine.tokenizer.bos_token_id
         pad = torch.tensor([width - len(req.prompt) for _, req in joining], device=self.device)
-        ids = torch.tensor([[self.engine.tokenizer.bos_token_id] * (width - len(req.prompt)) + req.prompt
-                            for _, req in joining], device=self.device)
-        prefill = KVCache(self.cache.num_layers, width, pad=pad)
-        logits = self.engine.last_logits(ids, prefill)
-        # then place them so that their prompts end at the shared write position (moving the
-        # running rows right first when a prompt is longer than what is cached)
-        self._shift(max(0, width - self.cache.pos))
-        self.cache.place(torch.tensor(slots, device=self.device), prefill)
-        for slot, (rid, req) in zip(slots, joining, strict=True):
-            self.running[slot] = _Slot(rid, req, torch.Generator(device=self.device).manual_seed(req.seed))
-        return self._sample(slots, logits)
+        ids = torch.tensor([[bos] * (width - len(req.prompt)) + req.prompt for _, req in joining], device=self.device)
+        return _Prefill(joining, ids, KVCache(self.cache.num_layers, width, pad=pad))
+
+    def _join(self, group: _Prefill, logits: torch.Tensor) -> dict[int, int]:
+        """Place a prefilled group so that its prompts end at the shared write position (moving the
+        running rows right first when a prompt is longer than what is cached), and sample its first tokens."""
+        slots = [slot for slot in range(self.slots) if slot not in self.running][: len(group.requests)]
+        self._shift(max(0, group.width - self.cache.pos))
+        rows = torch.tensor(slots, device=self.device)
+        self.cache.place(rows, group.cache)
+        for slot, (rid, req) in zip(slots, group.requests, strict=True):
+            self.running[slot] = _Slot(rid, req)
+        requests = [req for _, req in group.requests]
+        self.sampler.start(slots, [r.temperature for r in requests], [r.top_k for r in requests], [r.seed for r in requests])
+        out = self._sample(logits, rows, slots)
+        for slot, (rid, _) in zip(slots, group.requests, strict=True):
+            if rid in group.cancelled:
+                out.pop(rid, None)
+                self._free(slot)
+        return out
 
     def _live_span(self) -> int:
         """Columns from the earliest start of a running row to pos."""

@@ -1,13 +1,16 @@
 """The engine: samples of one prompt decoded together on a KV cache, with the calculator tool.
 
-`Engine.generate` prefills the prompt once and decodes its `num_samples` rows together. After
-sampling, every decode loop (this one and nanochat.infer.batch.DecodeBatch) takes the per-row step
-`Engine.next_token`: a queued calculator output overrides the sampled token (forced: RL must not
-learn from it), a <|python_end|> sends the call to the calculator, <|assistant_end|> ends the row.
-`generate` (module level) is the cache-free reference the tests compare the engine against.
+`Engine.generate` prefills the prompt once and decodes its `num_samples` rows together. Every decode
+loop (this one, nanochat.infer.batch.DecodeBatch and the cache-free reference `generate` the tests
+compare the engine against) samples the same way, all rows at once on the device
+(nanochat.infer.sampling.BatchSampler), then takes the per-row step `Engine.next_token`: a queued
+calculator output overrides the sampled token (forced: RL must not learn from it), a <|python_end|>
+sends the call to the calculator, <|assistant_end|> ends the row.
 
 Rule: sampling defaults come from `SAMPLING` and the longest context from `context_length`, for
 every caller (CLI, evals, RL, server); other values are passed explicitly (evals decode greedily).
+A row's tokens depend only on its prompt and (temperature, top-k, seed): sample r of a decode
+seeded s samples with `sample_seed(s, r)`, so one sample decodes as a lone request seeded s does.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import nn
 from nanochat.calculator import calculate
 from nanochat.infer.cache import KVCache
 from nanochat.infer.graphs import Decoder
+from nanochat.infer.sampling import BatchSampler, as_int64
 from nanochat.precision import PrecisionPlan
 from nanochat.tokenizer import Tokenizer
 
@@ -45,17 +49,6 @@ def context_length(model: nn.Module) -> int:
     return model.config.sequence_len
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, rng: torch.Generator) -> torch.Tensor:
-    """(B, V) logits -> (B, 1) token ids; temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng)
-
-
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -70,14 +63,15 @@ def generate(
     device = next(model.parameters()).device
     context_len = context_length(model)
     tokens = torch.tensor([ids], dtype=torch.long, device=device)
-    rng = torch.Generator(device=device).manual_seed(seed)
+    sampler = BatchSampler(1, device)
+    sampler.start([0], [temperature], [top_k], [seed])
     was_training = model.training
     model.eval()
     for _ in range(max_new_tokens):
         with plan.compute_context():
             logits = model(tokens[:, -context_len:])[:, -1, :]
-        next_id = sample_next(logits, temperature, top_k, rng)
-        tokens = torch.cat([tokens, next_id], dim=1)
+        next_id = sampler.sample(logits)
+        tokens = torch.cat([tokens, next_id[:, None]], dim=1)
         yield int(next_id)
     model.train(was_training)
 
@@ -108,6 +102,12 @@ class _HostCopy:
         return self.buffer.view(-1).tolist()
 
 
+def sample_seed(seed: int, sample: int) -> int:
+    """The seed of sample `sample` of a decode seeded `seed`: sample 0 keeps `seed` (one sample
+    decodes as a lone request with that seed does), the others step away along a Weyl sequence."""
+    return as_int64(seed + sample * 0x9E3779B97F4A7C15)
+
+
 @dataclass
 class Row:
     """Decoding state of one sample: tokens to force next, and the tool call being written."""
@@ -130,10 +130,9 @@ class Engine:
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
 
-    def last_logits(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (rows, vocab) of the last position of `ids` (rows, T) after the cached tokens."""
-        if ids.size(1) == 1:
-            return self.decoder(ids, cache)
+    def prefill(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (rows, vocab) of the last position of `ids` (rows, T) after the tokens `cache` holds:
+        a plain forward (one-token steps of a decode loop go through `self.decoder`)."""
         with self.plan.compute_context():
             return self.model(ids, kv_cache=cache)[:, -1, :]
 
@@ -177,22 +176,24 @@ class Engine:
         max_tokens = min(max_tokens, limit - len(prompt))
         if max_tokens <= 0:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room to generate (model limit {limit})")
-        rng = torch.Generator(device=device).manual_seed(seed)
+        sampler = BatchSampler(num_samples, device, compile=self.decoder.compile)
+        sampler.start(list(range(num_samples)), [temperature] * num_samples, [top_k] * num_samples,
+                      [sample_seed(seed, r) for r in range(num_samples)])
         self.decoder.sync_weights()
         prefill = KVCache(len(self.model.transformer.h), len(prompt) + max_tokens)
-        logits = self.last_logits(torch.tensor([prompt], dtype=torch.long, device=device), prefill)
+        logits = self.prefill(torch.tensor([prompt], dtype=torch.long, device=device), prefill)
         workspace = None if self.decoder.mode == "eager" else self.decoder.workspace(num_samples, prefill.max_len, prefill)
         cache = prefill.repeat(num_samples, into=workspace)
         logits = logits.expand(num_samples, -1)
         rows = [Row() for _ in range(num_samples)]
         for step in range(max_tokens):
-            sampled = sample_next(logits, temperature, top_k, rng)
+            sampled = sampler.sample(logits)[:, None]
             forcing = any(row.forced for row in rows)
             sampled_host = _HostCopy(sampled)
             if not forcing and step < max_tokens - 1:
                 # run the next step on the sampled ids while the host reads them and does its
                 # bookkeeping: the GPU does not wait for Python between tokens
-                logits = self.last_logits(sampled, cache)
+                logits = self.decoder(sampled, cache)
             tokens, mask = [], []
             for row, token in zip(rows, sampled_host.values(), strict=True):
                 token, forced = self.next_token(row, token)
@@ -202,7 +203,7 @@ class Engine:
             if all(row.done for row in rows) or step == max_tokens - 1:
                 return
             if forcing:  # a tool output overrides some rows' ids: feed the host's tokens
-                logits = self.last_logits(torch.tensor(tokens, dtype=torch.long, device=device).view(-1, 1), cache)
+                logits = self.decoder(torch.tensor(tokens, dtype=torch.long, device=device).view(-1, 1), cache)
 
     def generate_batch(self, prompt: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
         """Whole samples: prompt + generated tokens of each row, up to and including its stop token,

@@ -1,5 +1,6 @@
 """Decode speed of the Engine: time to first token, tokens/s per stream and in aggregate, and the
-share of the GPU's memory-bandwidth bound.
+share of the GPU's memory-bandwidth bound; then the same for the decode path the server runs
+(nanochat.infer.batch.DecodeBatch), greedy and sampled side by side, and with requests joining and leaving.
 
     python -m nanochat.scripts.bench_infer --depth 12                      # random weights, auto dtype
     NANOCHAT_EMULATE=p100 python -m nanochat.scripts.bench_infer --depth 12
@@ -11,6 +12,12 @@ and shared by every row, 256 new tokens per row, greedy, 1 and 32 rows. Speed do
 the weights, so without --checkpoint a freshly initialized model of the given depth is timed.
 Every row decodes exactly --new-tokens tokens (stop tokens are not honoured here). The bound is
 the memory bandwidth's (see `bound`), at the mid-decode context (prompt + new/2).
+
+The served path's table (`serve_path`) runs one DecodeBatch of max(--num-samples) slots, warmed up as a
+replica warms it: each row count greedy and sampled at --sampled-temperature / --sampled-top-k, with
+the ratio of their speeds; then "join and leave": 2 x that many requests arriving --stagger steps
+apart, with max_tokens from a quarter of --new-tokens to all of it, so rows join and leave while
+others decode (TTFT there counts from a request's arrival).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from nanochat import checkpoint
 from nanochat.common import init_process, write_json
 from nanochat.config import CommonConfig, option, parse_config, row_counts
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.infer.batch import DecodeBatch, Request
 from nanochat.infer.engine import Engine
 from nanochat.infer.graphs import MODES
 from nanochat.precision import peak_bandwidth
@@ -40,8 +48,11 @@ class BenchInferConfig(CommonConfig):
     prompt_len: int = option(512, "prompt tokens (prefilled once, then shared by every row)")
     new_tokens: int = option(256, "tokens decoded per row")
     num_samples: str = option("1,32", "comma-separated batch sizes (rows decoded together)")
-    temperature: float = option(0.0, "sampling temperature; 0 = greedy")
-    top_k: int = option(0, "top-k sampling; 0 = off")
+    temperature: float = option(0.0, "sampling temperature of the engine's table; 0 = greedy")
+    top_k: int = option(0, "top-k sampling of the engine's table; 0 = off")
+    sampled_temperature: float = option(0.8, "temperature of the served path's sampled runs")
+    sampled_top_k: int = option(50, "top-k of the served path's sampled runs; 0 = off")
+    stagger: int = option(2, "steps between arrivals in the served path's join-and-leave run")
     repeats: int = option(3, "timed runs per batch size (the median is reported)")
     decode: str = option("auto", "decode steps: auto (CUDA graphs on a GPU), eager, static, graph", choices=MODES)
     profile: bool = option(False, "print the top ops of one batch-1 decode step (torch.profiler)")
@@ -115,6 +126,75 @@ def measure(engine: Engine, prompt: list[int], rows: int, cfg: BenchInferConfig,
     return result
 
 
+def time_schedule(batch: DecodeBatch, schedule: dict[int, list[Request]], device: torch.device) -> dict:
+    """Run the batch with schedule[step] added before that step, until it is idle: time to first token
+    (median, from a request's arrival), and ms per step and tokens/s over the steps after the first."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    arrival: dict[int, float] = {}
+    first: dict[int, float] = {}
+    tokens, step, first_step_end = 0, 0, 0.0
+    sync()
+    while batch.busy or step <= max(schedule):
+        for request in schedule.get(step, []):
+            arrival[batch.add(request)] = time.perf_counter()
+        out = batch.step()  # reads the step's tokens on the host: the step is over when it returns
+        now = time.perf_counter()
+        for rid in out:
+            first.setdefault(rid, now)
+        if step == 0:
+            first_step_end = now
+        else:
+            tokens += len(out)
+        step += 1
+    sync()
+    decode = time.perf_counter() - first_step_end
+    return {"ttft_ms": 1000 * statistics.median(first[rid] - arrival[rid] for rid in arrival),
+            "ms_per_step": 1000 * decode / max(step - 1, 1), "tok_per_s": tokens / decode, "steps": step}
+
+
+def median_run(batch: DecodeBatch, schedule: dict[int, list[Request]], cfg: BenchInferConfig, device: torch.device) -> dict:
+    """The run with the median tokens/s of --repeats, after one untimed run."""
+    time_schedule(batch, schedule, device)
+    runs = sorted((time_schedule(batch, schedule, device) for _ in range(cfg.repeats)), key=lambda r: r["tok_per_s"])
+    return runs[len(runs) // 2]
+
+
+def serve_path(engine: Engine, prompt: list[int], sizes: list[int], cfg: BenchInferConfig, device: torch.device) -> dict:
+    """The served decode path alone: one DecodeBatch as a replica runs it, greedy and sampled side
+    by side at each row count, then requests joining and leaving."""
+    engine.stop_ids = set()  # decode the full length on every row
+    new = cfg.new_tokens
+    # room for a request that joins while one that started up to `new` steps earlier still decodes
+    batch = DecodeBatch(engine, slots=max(sizes), capacity=len(prompt) + 2 * new)
+    batch.warm_up()
+    greedy = dict(temperature=0.0, top_k=None)
+    sampled = dict(temperature=cfg.sampled_temperature, top_k=cfg.sampled_top_k or None)
+    results = []
+    for rows in sizes:
+        runs = {name: median_run(batch, {0: [Request(prompt, new, seed=r, **settings) for r in range(rows)]}, cfg, device)
+                for name, settings in (("greedy", greedy), ("sampled", sampled))}
+        results.append({"rows": rows, **runs, "sampled_over_greedy": runs["sampled"]["tok_per_s"] / runs["greedy"]["tok_per_s"]})
+    arrivals = 2 * max(sizes)
+    schedule = {i * cfg.stagger: [Request(prompt, max(1, new * (1 + i % 4) // 4), seed=i, **sampled)] for i in range(arrivals)}
+    return {"slots": max(sizes), "sampled": sampled, "results": results,
+            "join_and_leave": {"requests": arrivals, "stagger": cfg.stagger, **median_run(batch, schedule, cfg, device)}}
+
+
+def print_serve_path(served: dict) -> None:
+    s = served["sampled"]
+    print(f"served decode path (DecodeBatch, {served['slots']} slots), greedy | sampled at temperature "
+          f"{s['temperature']}, top-k {s['top_k']}:")
+
+    def figures(r: dict) -> str:
+        return f"{r['ms_per_step']:6.2f} ms/step {r['tok_per_s']:10,.0f} tok/s first token {r['ttft_ms']:7.1f} ms"
+
+    for r in served["results"]:
+        print(f"rows {r['rows']:>3}: {figures(r['greedy'])} | {figures(r['sampled'])} | "
+              f"sampled/greedy {r['sampled_over_greedy']:.2f}")
+    j = served["join_and_leave"]
+    print(f"join and leave ({j['requests']} sampled requests, one every {j['stagger']} steps): {figures(j)}")
+
+
 def profile_step(engine: Engine, prompt: list[int]) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -151,11 +231,13 @@ def main(argv: list[str] | None = None) -> dict:
         share = f" | {100 * r['share_of_bound']:.1f}% of the bandwidth bound" if r["share_of_bound"] else ""
         print(f"rows {r['rows']:>3}: first token {r['ttft_ms']:7.1f} ms | {r['ms_per_step']:6.2f} ms/step | "
               f"{r['tok_per_s_per_stream']:8,.0f} tok/s per stream | {r['tok_per_s']:10,.0f} tok/s in all{share}")
+    served = serve_path(engine, prompt, sizes, cfg, device)
+    print_serve_path(served)
     if cfg.profile:
         print(profile_step(engine, prompt))
     out = {"plan": plan.to_dict(), "depth": model.config.n_layer, "params": model.num_params(), "decode": engine.decoder.mode,
            "compile": engine.decoder.compile, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
-           "temperature": cfg.temperature, "torch": torch.__version__, "results": results}
+           "temperature": cfg.temperature, "torch": torch.__version__, "results": results, "serve_path": served}
     write_json(cfg.out, out)
     return out
 

@@ -1,0 +1,136 @@
+"""Sampling for a whole batch on the device: one token per row of a (rows, vocab) logits tensor in a
+fixed handful of tensor ops, each row with its own temperature (0 = greedy), top-k and seed.
+
+Rule: a row's token depends only on its logits, its seed and how many tokens it has sampled so far
+(`index`), never on its batch mates or its place in the batch. The random numbers are a hash of
+(seed, index, token id), counter-based as Philox is, and the Gumbel-max trick turns them into a
+draw: argmax(logits / temperature + Gumbel noise) over the row's top k is distributed as
+softmax(logits / temperature) restricted to those k tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+_UNIFORM_BITS = 24  # float32 holds 24-bit integers exactly
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32) on int64 tensors of values below 2**32: masking
+    after each multiply keeps them there, so a product is never negative and right shifts stay logical."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & MASK32
+    return x ^ (x >> 15)
+
+
+def _gumbel(seed: torch.Tensor, index: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(rows, vocab) float32 Gumbel noise, a pure function of each row's (seed, index) and the token id."""
+    lo, hi = seed & MASK32, (seed >> 32) & MASK32  # any int64 seed, negative ones included
+    key = _mix32(_mix32(_mix32(lo ^ 0x5BD1E995) ^ hi) ^ (index & MASK32))[:, None]
+    token = torch.arange(vocab, device=seed.device)
+    # two rounds, the key mixed into both: rows whose keys differ by a few bits do not share noise
+    bits = _mix32(_mix32(key ^ token) ^ key)
+    uniform = ((bits >> (32 - _UNIFORM_BITS)).float() + 0.5) * 2.0**-_UNIFORM_BITS  # in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(uniform))
+
+
+def _draw(logits: torch.Tensor, allowed: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor,
+          index: torch.Tensor) -> torch.Tensor:
+    """Sampled rows: Gumbel-max over `allowed` (the logits, -inf outside the top k); greedy rows: argmax."""
+    # shifted by the row's maximum first: a tiny temperature sends the others to -inf, not the maximum to inf
+    scaled = (allowed - logits.amax(dim=1, keepdim=True)) / temperature[:, None]
+    sampled = (scaled + _gumbel(seed, index, logits.size(1))).argmax(dim=1)
+    return torch.where(temperature > 0, sampled, logits.argmax(dim=1))
+
+
+def _pick(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return _draw(logits, logits, temperature, seed, index)
+
+
+def _pick_top_k(logits: torch.Tensor, top_values: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    # each row's k-th largest logit, gathered at its own k; no threshold for a row without one
+    kth = top_values.gather(1, (top_k.clamp(1, top_values.size(1)) - 1)[:, None])
+    kth = torch.where(top_k[:, None] > 0, kth, float("-inf"))
+    return _draw(logits, logits.masked_fill(logits < kth, float("-inf")), temperature, seed, index)
+
+
+@functools.cache
+def _compiled(pick: Callable) -> Callable:
+    """`pick` under torch.compile (built on first use): the hash, the noise and both argmaxes fuse
+    into a few kernels instead of dozens of launches. Dynamic shapes: any row count and top-k width;
+    one function per branch, so neither branch's programs push the other's out of the cache."""
+    return torch.compile(pick, dynamic=True)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, seed: torch.Tensor,
+           index: torch.Tensor, max_top_k: int, compile: bool = False) -> torch.Tensor:
+    """(rows,) token ids for (rows, vocab) `logits`; every other argument but the last two is a (rows,)
+    tensor on the logits' device: temperature (float32, <= 0 = greedy), top_k (int64, <= 0 = the whole
+    vocabulary), seed (any int64), index (int64: tokens the row has sampled before this one).
+    `max_top_k` is the largest top_k of any row (0 = none has one), known on the host so that nothing
+    here waits for the device. `compile`: run under torch.compile (where the precision plan compiles)."""
+    # one layout and one grad mode whatever the caller (an expanded prefill row, a graph's output
+    # buffer): each difference would be one more program for torch.compile to build
+    logits = logits.float().contiguous()
+    vocab = logits.size(1)
+    with torch.no_grad():
+        if max_top_k <= 0:
+            pick = _compiled(_pick) if compile else _pick
+            return pick(logits, temperature, seed, index)
+        # at least 2 wide: a width of 1 would be one more shape to specialize on
+        top_values = torch.topk(logits, min(max(max_top_k, 2), vocab)).values
+        pick = _compiled(_pick_top_k) if compile else _pick_top_k
+        return pick(logits, top_values, temperature, top_k, seed, index)
+
+
+def as_int64(seed: int) -> int:
+    """Any Python int as the int64 with the same low 64 bits (seeds of 64 bits or more, or below -2**63)."""
+    return (seed + 2**63) % 2**64 - 2**63
+
+
+class BatchSampler:
+    """The sampling settings of each row of a batch, kept on the device and written only when rows
+    start sampling; `sample` draws one token for each row asked and advances those rows' counters."""
+
+    def __init__(self, rows: int, device: torch.device, compile: bool = False):
+        self.device, self.compile = device, compile
+        self.temperature = torch.zeros(rows, device=device)
+        self.top_k = torch.zeros(rows, dtype=torch.long, device=device)
+        self.seed = torch.zeros(rows, dtype=torch.long, device=device)
+        self.index = torch.zeros(rows, dtype=torch.long, device=device)
+        self._top_k = [0] * rows  # on the host: the top-k width without reading the device
+        self.max_top_k = 0
+
+    def start(self, rows: Sequence[int], temperature: Sequence[float], top_k: Sequence[int | None],
+              seed: Sequence[int]) -> None:
+        """Rows `rows` sample from now on with these settings (top_k None: the whole vocabulary),
+        their token counters back at 0."""
+        ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+        ks = [k if k is not None and k > 0 else 0 for k in top_k]
+        self.temperature[ids] = torch.tensor(temperature, dtype=torch.float32).to(self.device)
+        self.top_k[ids] = torch.tensor(ks, dtype=torch.long).to(self.device)
+        self.seed[ids] = torch.tensor([as_int64(s) for s in seed], dtype=torch.long).to(self.device)
+        self.index[ids] = 0
+        for row, k in zip(rows, ks, strict=True):
+            self._top_k[row] = k
+        self.max_top_k = max(self._top_k)
+
+    def stop(self, row: int) -> None:
+        """Row `row` no longer samples: its top-k stops widening the batch's top-k."""
+        self._top_k[row] = 0
+        self.max_top_k = max(self._top_k)
+
+    def sample(self, logits: torch.Tensor, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """(rows,) token ids on the device for `logits` (one row per entry of `rows`: a slice or an
+        int64 tensor of row numbers); those rows' counters advance by one."""
+        tokens = sample(logits, self.temperature[rows], self.top_k[rows], self.seed[rows], self.index[rows],
+                        self.max_top_k, self.compile)
+        self.index[rows] += 1
+        return tokens
