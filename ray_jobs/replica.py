@@ -8,6 +8,7 @@ replica whose decoding thread stopped fails Serve's health check (and answers 50
 # no `from __future__ import annotations` here: FastAPI reads the routes' parameter types at run time,
 # through Serve's ingress wrapper, where string annotations are not resolved
 
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +32,7 @@ from ray_jobs.serve import FAULT_ENV, PAGE, ServeConfig
 # test faults ($NANOCHAT_SERVE_FAULT, read where the app is built; docs/serving.md)
 
 FAULTS = ("step_raises", "thread_dies")
+SWITCH_INTERVAL_S = 0.0005  # how long a thread may hold the GIL while another waits for it (Python: 5 ms)
 
 
 class DecodingThreadKilled(BaseException):
@@ -161,6 +163,9 @@ class ChatServer:
 
     def __init__(self, cfg: ServeConfig, api_key: str | None = None, fault: str = ""):
         self.cfg = cfg
+        # the decoding thread and the event loop share the GIL: at Python's default 5 ms switch interval a
+        # decode step (well under 1 ms of GPU time) can wait 5 ms for the GIL after every hand-over
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         api.state.api_key = api_key or None  # checked by openai_api.BearerKey before a body is read
         self.device, self.plan = init_process(cfg)
         if cfg.precision != "any" and cfg.dtype == "auto" and self.plan.short != cfg.precision:
@@ -216,7 +221,7 @@ class ChatServer:
     async def _take(self, reader: Reader, deadline: float | None) -> list[int] | None:
         """The reader's waiting tokens; the decoder's failures and the deadline as API errors."""
         try:
-            return await reader.take(deadline)
+            return await reader.take(deadline, self.cfg.stream_interval_ms / 1000)
         except TimeoutError:
             raise ApiError(504, f"no answer within the request timeout of {self.cfg.request_timeout_s:g} s", "timeout",
                            type="server_error") from None

@@ -72,6 +72,8 @@ class ServeConfig(CommonConfig):
     max_queue: int = option(64, "requests a replica keeps waiting beyond those; more get 429")
     request_timeout_s: float = option(300.0, "seconds a request may take end to end (Serve's HTTP timeout and each "
                                              "answer's deadline); 0 = no limit")
+    stream_interval_ms: float = option(20.0, "a stream's tokens go out at most this often (the first at once): "
+                                             "fewer, larger events when many streams share a replica; 0 = every step")
     insecure: bool = option(False, "allow a --host other than loopback without $NANOCHAT_API_KEY: anyone who "
                                    "reaches the port can use the model")
     precision: str = option("any", "pin replicas to nodes of this precision group (node label nanochat/precision)",

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from nanochat.infer.batch import DecodeBatch, Request
-from nanochat.infer.decode_thread import DecodeError, DecodeThread
+from nanochat.infer.decode_thread import DecodeError, DecodeThread, Reader
 from nanochat.infer.engine import Engine
 from nanochat.infer.stream import AnswerStream
 from nanochat.tokenizer import Tokenizer
@@ -143,8 +143,9 @@ def test_a_reader_that_lags_takes_every_waiting_token_at_once(engine, tokenizer)
         reader = thread.submit(req)
         # the event loop is blocked (as a busy one is) until the whole answer is decoded
         started.wait(30)
-        while thread.batch.busy:
+        while thread.batch.busy or thread._decoding:
             time.sleep(0.01)
+        time.sleep(0.1)  # the thread hands the last step's tokens over just after the batch empties
         return await read_all(reader)
 
     tokens, takes = asyncio.run(lagging())
@@ -214,3 +215,19 @@ def test_a_reader_past_its_deadline_stops_waiting(engine, tokenizer):
         stuck.set()
         while thread.batch.busy:  # the thread finishes its request before the tests go on (or Python exits)
             time.sleep(0.01)
+
+
+def test_takes_after_the_first_are_an_interval_apart_and_group_the_tokens_between():
+    async def scenario() -> tuple[list, list, float]:
+        queue: asyncio.Queue = asyncio.Queue()
+        reader = Reader(queue)
+        queue.put_nowait(1)
+        first = await reader.take(interval=0.2)  # the first token goes out at once
+        queue.put_nowait(2)
+        asyncio.get_running_loop().call_later(0.05, queue.put_nowait, 3)
+        started = time.monotonic()
+        second = await reader.take(interval=0.2)  # waits out the interval, then takes all that came
+        return first, second, time.monotonic() - started
+
+    first, second, waited = asyncio.run(scenario())
+    assert first == [1] and second == [2, 3] and waited >= 0.15

@@ -35,14 +35,20 @@ class Reader:
 
     def __init__(self, queue: asyncio.Queue):
         self._queue, self._ended = queue, False
+        self._last: float | None = None  # when the previous take returned
 
-    async def take(self, deadline: float | None = None) -> list[int] | None:
+    async def take(self, deadline: float | None = None, interval: float = 0.0) -> list[int] | None:
         """The tokens waiting (at least one; waits for one), or None once the answer has ended. Raises
-        DecodeError when the decoder failed the request, TimeoutError past `deadline` (time.monotonic())."""
+        DecodeError when the decoder failed the request, TimeoutError past `deadline` (time.monotonic()).
+        After the first take, takes are at least `interval` seconds apart: the tokens of that time go
+        out together (each hand-over costs the event loop and Serve's stream per item, not per token)."""
         if self._ended:
             return None
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         items = [await asyncio.wait_for(self._queue.get(), timeout)]
+        if self._last is not None and (wait := self._last + interval - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
+        self._last = time.monotonic()
         while not self._queue.empty():
             items.append(self._queue.get_nowait())
         tokens = []
