@@ -12,11 +12,12 @@ import time
 
 import pytest
 
-from nanochat.infer.batch import DecodeBatch, Request
+from nanochat.infer.batch import Request
 from nanochat.infer.decode_thread import DecodeError, DecodeThread, Reader
 from nanochat.infer.engine import Engine
 from nanochat.infer.stream import AnswerStream
 from nanochat.tokenizer import Tokenizer
+from tests.test_batching import alone
 from tests.test_engine import PLAN, random_model
 
 # ----------------------------------------------------------------------------- the text stream
@@ -115,15 +116,6 @@ def engine(tokenizer):
 
 def request(tokenizer: Tokenizer, text: str, max_tokens: int = 12, seed: int = 1) -> Request:
     return Request(tokenizer.encode(text, prepend=tokenizer.bos_token_id), max_tokens, temperature=1.0, top_k=20, seed=seed)
-
-
-def alone(engine: Engine, req: Request) -> list[int]:
-    batch = DecodeBatch(engine, slots=1, capacity=len(req.prompt) + req.max_tokens)
-    rid = batch.add(req)
-    tokens = []
-    while batch.busy:
-        tokens += [t for r, t in batch.step().items() if r == rid]
-    return tokens
 
 
 async def read_all(reader, deadline: float | None = None) -> tuple[list[int], int]:
