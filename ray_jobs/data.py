@@ -220,11 +220,17 @@ def estimated_tokens(shards: list[Path]) -> float:
     return _footers(shards)[0] / TEXT_BYTES_PER_TOKEN
 
 
-def epochs_per_pass(shards: list[Path]) -> int:
+def epochs_per_pass(shards: list[Path], run_tokens: int | None = None) -> int:
     """How many epochs one execution of the dataset streams: 1 for a corpus of TOKENS_PER_PASS tokens or
-    more, enough epochs for about that many tokens for a smaller one."""
+    more, enough epochs for about that many tokens for a smaller one, and no more than a run of
+    `run_tokens` (when its length is known) reads, with a margin for the estimate: the pipeline runs
+    ahead of training, and on a 2-core machine every epoch tokenized and split that the run never
+    reads is taken from training."""
     text_bytes, row_groups = _footers(shards)
-    wanted = math.ceil(TOKENS_PER_PASS / max(1.0, text_bytes / TEXT_BYTES_PER_TOKEN))
+    tokens = max(1.0, text_bytes / TEXT_BYTES_PER_TOKEN)
+    wanted = math.ceil(TOKENS_PER_PASS / tokens)
+    if run_tokens:
+        wanted = min(wanted, math.ceil(2 * run_tokens / tokens) + 1)
     return max(1, min(wanted, ROW_GROUPS_PER_PASS // max(1, row_groups)))
 
 

@@ -175,11 +175,18 @@ def fault_hook(spec: str, rank: int, restored: bool) -> Callable[[int], None]:
     return maybe_kill
 
 
-def stage_batches(stage: Stage, run: Run, rank: int, world: int, position: dict | None) -> Iterator:
-    """Ray Data batches for a stage that trains on the shards; the stage's own per-worker batches for the
-    others, whose checkpointed position holds one entry per worker (their shares advance at different paces)."""
+def pass_epochs(cfg) -> int:
+    """Epochs per execution of the training dataset, from settings the driver (ray_datasets) and every
+    worker (train_loop_per_worker, before its setup resolves any) read alike."""
+    run_tokens = cfg.num_iterations * cfg.total_batch_size if cfg.num_iterations > 0 and cfg.total_batch_size > 0 else None
+    return epochs_per_pass(split_shards(list_shards(cfg.data_dir), "train"), run_tokens)
+
+
+def stage_batches(stage: Stage, run: Run, rank: int, world: int, position: dict | None, epochs: int) -> Iterator:
+    """Ray Data batches (`epochs` per pass) for a stage that trains on the shards; the stage's own per-worker
+    batches for the others, whose checkpointed position holds one entry per worker (their shares advance at
+    different paces)."""
     if stage.shards:
-        epochs = epochs_per_pass(split_shards(list_shards(run.cfg.data_dir), "train"))  # what the driver's datasets hold (ray_datasets)
         return RayBatches(run.device, run.cfg.device_batch_size, position, epochs)
     mine = None
     if position is not None and len(position["workers"]) == world:
@@ -264,6 +271,7 @@ def train_loop_per_worker(config: dict) -> None:
     quiet_report_log()
     stage = STAGES[config["stage"]]
     cfg = stage.config(**config["stage_config"])
+    epochs = pass_epochs(cfg) if stage.shards else 1  # before setup: what the driver's datasets hold
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run = stage.setup(cfg, ray.train.torch.get_device(), world, rank)
@@ -278,7 +286,7 @@ def train_loop_per_worker(config: dict) -> None:
             start_step, position = restore_run(run, Path(directory))
         if rank == 0:
             print(f"resumed at step {start_step}, data position {position}", flush=True)
-    batches = stage_batches(stage, run, rank, world, position)
+    batches = stage_batches(stage, run, rank, world, position, epochs)
     # a Tune trial's run is judged at its evaluations (ray_jobs/tune.py): nothing is logged past a stop
     judged = config.get("mlflow_judged", {})
     tracker = Tracker(config["mlflow_uri"], config["mlflow_run_id"], **judged) if rank == 0 else None
@@ -331,7 +339,7 @@ def resolve_paths(cfg, stage: Stage) -> None:
 def ray_datasets(cfg, run_dir: Path) -> dict:
     """TorchTrainer arguments that stream the training shards through Ray Data."""
     shards = split_shards(list_shards(cfg.data_dir), "train")
-    epochs = epochs_per_pass(shards)  # the workers derive the same number (stage_batches)
+    epochs = pass_epochs(cfg)  # the workers derive the same number (train_loop_per_worker)
 
     def build(start: dict | None = None) -> ray.data.Dataset:
         return quiet(build_dataset(shards, cfg.tokenizer_dir, cfg.max_seq_len, start=start, epochs=epochs,

@@ -259,7 +259,8 @@ def run_trial(config: dict, fixed: dict) -> None:
         id_file.write_text(tracker.run_id)
 
     data = SimpleNamespace(data_dir=fixed["stage_config"]["data_dir"], tokenizer_dir=fixed["stage_config"]["tokenizer_dir"],
-                           max_seq_len=settings["max_seq_len"], tokenize_workers=fixed["tokenize_workers"])
+                           max_seq_len=settings["max_seq_len"], tokenize_workers=fixed["tokenize_workers"],
+                           num_iterations=settings["num_iterations"], total_batch_size=settings["total_batch_size"])
     trainer = TorchTrainer(
         train.train_loop_per_worker,
         train_loop_config={

@@ -133,6 +133,10 @@ def test_a_pass_holds_many_epochs_of_a_small_corpus_and_one_of_a_large(train_sha
     assert 1 < epochs and epochs * len(row_group_streams) <= data.ROW_GROUPS_PER_PASS
     monkeypatch.setattr(data, "ROW_GROUPS_PER_PASS", 10**9)
     assert epochs_per_pass(train_shards) * data.estimated_tokens(train_shards) >= data.TOKENS_PER_PASS
+    # a run of known length gets no more epochs than it reads, with room for the estimate's error
+    for epochs_read in (0.5, 3, 7.5):
+        short = epochs_per_pass(train_shards, run_tokens=int(epochs_read * actual))
+        assert epochs_read <= short < epochs_per_pass(train_shards) and short <= 2 * 4 * epochs_read + 1
     monkeypatch.setattr(data, "TOKENS_PER_PASS", actual // 10)  # a corpus ten times a pass: one epoch
     assert epochs_per_pass(train_shards) == 1
 
