@@ -60,11 +60,11 @@ def test_time_budget_lands_within_ten_percent(data_dir, tokenizer_dir, tmp_path)
 
 def test_a_budget_too_small_to_calibrate_is_refused_at_the_first_timed_step(data_dir, tokenizer_dir, tmp_path):
     run = tmp_path / "run"
-    with pytest.raises(UsageError) as refused:
-        base_train.main(budgeted_args(data_dir, tokenizer_dir, run, "1s"))
+    with pytest.raises(UsageError) as refused:  # half a second: too small on any machine (the refusal counts whole seconds)
+        base_train.main(budgeted_args(data_dir, tokenizer_dir, run, "0.5s"))
     message = str(refused.value)
-    assert "\n" not in message and message.startswith("--time-budget 1s is too small to calibrate: ")
+    assert "\n" not in message and message.startswith("--time-budget 0.5s is too small to calibrate: ")
     minimum = int(message.split("Give at least --time-budget ")[1].split("s")[0])
-    assert minimum > 1 and message.endswith("or --num-iterations instead.")
+    assert minimum >= 1 and message.endswith("or --num-iterations instead.")
     # stopped as soon as the cost was known: the warm-up steps and the first timed one, no more
     assert len(read_metrics(run / "metrics.jsonl")) == WARMUP_STEPS

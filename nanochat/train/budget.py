@@ -59,6 +59,8 @@ def parse_duration(text: str) -> float:
 
 
 def format_duration(seconds: float) -> str:
+    if seconds < 1:  # as given ('0.5s'), not rounded to '0s'
+        return f"{seconds:g}s"
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
