@@ -32,7 +32,7 @@ MAX_MESSAGE_CHARS = 8000
 MAX_TOTAL_CHARS = 32000
 MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_TOKENS = 512
-# below this a temperature samples greedily: dividing the logits by it would overflow to inf and NaN
+# below this a temperature is greedy: its draw is the argmax but for ties, and greedy decoding skips the noise
 MIN_TEMPERATURE = 1e-5
 OPEN_PATHS = ("/", "/health", "/metrics")  # answered without the API key
 
@@ -164,8 +164,13 @@ def sampling(body: ChatRequest, vocab_size: int) -> tuple[float, int | None, int
     token, any integer seed maps to one of 2**63."""
     temperature = SAMPLING.temperature if body.temperature is None else body.temperature
     top_k = SAMPLING.top_k if body.top_k is None else body.top_k
-    seed = secrets.randbits(63) if body.seed is None else body.seed % 2**63
+    seed = secrets.randbits(63) if body.seed is None else request_seed(body.seed)
     return (temperature if temperature >= MIN_TEMPERATURE else 0.0), (top_k if 0 < top_k < vocab_size else None), seed
+
+
+def request_seed(seed: int) -> int:
+    """The decoding seed of a request's `seed`: any integer, as one of 2**63."""
+    return seed % 2**63
 
 
 def authorized(headers: dict[bytes, bytes], api_key: str | None) -> bool:

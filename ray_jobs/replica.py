@@ -24,7 +24,16 @@ from nanochat.infer.batch import Request as DecodeRequest
 from nanochat.infer.decode_thread import DecodeError, DecodeThread, Reader
 from nanochat.infer.engine import Engine, context_length
 from nanochat.infer.stream import AnswerStream
-from ray_jobs.openai_api import Answer, ApiError, ChatRequest, api, completion, events, to_answer
+from ray_jobs.openai_api import (
+    Answer,
+    ApiError,
+    ChatRequest,
+    api,
+    completion,
+    events,
+    request_seed,
+    to_answer,
+)
 from ray_jobs.scheduler import LABEL_PRECISION
 from ray_jobs.serve import FAULT_ENV, PAGE, ServeConfig
 
@@ -51,7 +60,7 @@ def fault_hook(spec: str) -> Callable[[list[DecodeRequest]], None] | None:
         kind, _, seed = item.strip().partition(":")
         if kind not in FAULTS or not seed.lstrip("-").isdigit():
             raise ValueError(f"${FAULT_ENV}={spec!r}: each fault is KIND:SEED with KIND one of {', '.join(FAULTS)}")
-        faults[int(seed) % 2**63] = kind  # the seed as the API passes it on
+        faults[request_seed(int(seed))] = kind  # the seed as the API passes it on
 
     def before_step(requests: list[DecodeRequest]) -> None:
         for request in requests:
