@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from nanochat.chat import ConversationError, render_for_completion
 from nanochat.infer.batch import Request as DecodeRequest
 from nanochat.infer.engine import SAMPLING
+from nanochat.infer.sampling import request_seed
 from nanochat.tokenizer import Tokenizer
 
 MAX_MESSAGES = 500
@@ -166,11 +167,6 @@ def sampling(body: ChatRequest, vocab_size: int) -> tuple[float, int | None, int
     top_k = SAMPLING.top_k if body.top_k is None else body.top_k
     seed = secrets.randbits(63) if body.seed is None else request_seed(body.seed)
     return (temperature if temperature >= MIN_TEMPERATURE else 0.0), (top_k if 0 < top_k < vocab_size else None), seed
-
-
-def request_seed(seed: int) -> int:
-    """The decoding seed of a request's `seed`: any integer, as one of 2**63."""
-    return seed % 2**63
 
 
 def authorized(headers: dict[bytes, bytes], api_key: str | None) -> bool:

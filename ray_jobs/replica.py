@@ -1,8 +1,8 @@
-"""One replica of ray_jobs/serve.py: the model on the replica's device, its batch decoder and the API's routes.
+"""One replica of ray_jobs/serve.py: its decoding process (the model on the replica's device) and the API's routes.
 
 Imported where the application is built (serve.build_app), so that `python -m ray_jobs.serve` checks its
 checkpoint, tokenizer, port and cluster before Ray Serve, FastAPI and the decoding code load. Rule: a
-replica whose decoding thread stopped fails Serve's health check (and answers 503) until Serve replaces it.
+replica whose decoding process stopped fails Serve's health check (and answers 503) until Serve replaces it.
 """
 
 # no `from __future__ import annotations` here: FastAPI reads the routes' parameter types at run time,
@@ -11,19 +11,20 @@ replica whose decoding thread stopped fails Serve's health check (and answers 50
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from nanochat.checkpoint import load_for_inference, run_dir_of
-from nanochat.common import init_process
-from nanochat.infer.batch import Request as DecodeRequest
-from nanochat.infer.decode_thread import DecodeError, DecodeThread, Reader
-from nanochat.infer.engine import Engine, context_length
+from nanochat.checkpoint import run_dir_of
+from nanochat.config import CommonConfig
+from nanochat.infer.decode_process import DecodeError, DecodeProcess, DecoderSpec, Reader, serving_engine
+from nanochat.infer.engine import stop_ids
 from nanochat.infer.stream import AnswerStream
+from nanochat.tokenizer import Tokenizer
 from ray_jobs.openai_api import (
     Answer,
     ApiError,
@@ -31,45 +32,13 @@ from ray_jobs.openai_api import (
     api,
     completion,
     events,
-    request_seed,
     to_answer,
 )
 from ray_jobs.scheduler import LABEL_PRECISION
-from ray_jobs.serve import FAULT_ENV, PAGE, ServeConfig
+from ray_jobs.serve import PAGE, ServeConfig
+from ray_jobs.serve_faults import fault_hook
 
-# -----------------------------------------------------------------------------
-# test faults ($NANOCHAT_SERVE_FAULT, read where the app is built; docs/serving.md)
-
-FAULTS = ("step_raises", "thread_dies")
 SWITCH_INTERVAL_S = 0.0005  # how long a thread may hold the GIL while another waits for it (Python: 5 ms)
-
-
-class DecodingThreadKilled(BaseException):
-    """Escapes the decoding step's own error handling, as a bug in the thread's loop would."""
-
-
-def fault_hook(spec: str) -> Callable[[list[DecodeRequest]], None] | None:
-    """The decoding thread's `before_step` for a test fault: "step_raises:SEED" makes every decode step
-    holding a request of that seed raise, "thread_dies:SEED" ends the decoding thread at such a step;
-    several are joined by commas. Tied to a request's seed, not to a step count, so that a replacement
-    replica (started with the same spec) fails only when a test asks it to."""
-    if not spec:
-        return None
-    faults = {}
-    for item in spec.split(","):
-        kind, _, seed = item.strip().partition(":")
-        if kind not in FAULTS or not seed.lstrip("-").isdigit():
-            raise ValueError(f"${FAULT_ENV}={spec!r}: each fault is KIND:SEED with KIND one of {', '.join(FAULTS)}")
-        faults[request_seed(int(seed))] = kind  # the seed as the API passes it on
-
-    def before_step(requests: list[DecodeRequest]) -> None:
-        for request in requests:
-            if faults.get(request.seed) == "step_raises":
-                raise RuntimeError(f"{FAULT_ENV}: a decode step fails (a request of seed {request.seed})")
-            if faults.get(request.seed) == "thread_dies":
-                raise DecodingThreadKilled(f"{FAULT_ENV}: the decoding thread dies (a request of seed {request.seed})")
-
-    return before_step
 
 
 # -----------------------------------------------------------------------------
@@ -172,26 +141,28 @@ class ChatServer:
 
     def __init__(self, cfg: ServeConfig, api_key: str | None = None, fault: str = ""):
         self.cfg = cfg
-        # the decoding thread and the event loop share the GIL: at Python's default 5 ms switch interval a
-        # decode step (well under 1 ms of GPU time) can wait 5 ms for the GIL after every hand-over
+        # the relay thread and the event loop share the GIL: at Python's default 5 ms switch interval a
+        # step's tokens (one per 1 ms or less) could wait 5 ms for the GIL after every hand-over
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         api.state.api_key = api_key or None  # checked by openai_api.BearerKey before a body is read
-        self.device, self.plan = init_process(cfg)
-        if cfg.precision != "any" and cfg.dtype == "auto" and self.plan.short != cfg.precision:
+        # the model lives in the decoding process (nanochat/infer/decode_process.py); this one serves HTTP
+        settings = CommonConfig(dtype=cfg.dtype, device=cfg.device, seed=cfg.seed)
+        self.decoder = DecodeProcess(DecoderSpec(partial(serving_engine, cfg.checkpoint, cfg.tokenizer_dir, settings),
+                                                 cfg.max_concurrency, make_before_step=partial(fault_hook, fault) if fault else None))
+        facts = self.decoder.facts
+        if cfg.precision != "any" and cfg.dtype == "auto" and facts["precision"] != cfg.precision:
+            self.decoder.close()
             raise RuntimeError(f"this replica was pinned to the {cfg.precision} group but its device "
-                               f"({self.plan.name}) plans {self.plan.short}: check the node's {LABEL_PRECISION} label")
-        model, tokenizer, step_dir, meta = load_for_inference(cfg.checkpoint, self.device, cfg.tokenizer_dir or None)
-        self.engine = Engine(model, tokenizer, self.plan)
-        self.context = context_length(model)  # prompt + answer must fit
-        # a quarter more cache columns than one request can use, so the shared cache is compacted
-        # at most every context/4 steps (see nanochat/infer/batch.py)
-        self.decoder = DecodeThread(self.engine, cfg.max_concurrency, self.context + self.context // 4, fault_hook(fault))
+                               f"({facts['plan']}) plans {facts['precision']}: check the node's {LABEL_PRECISION} label")
+        self.tokenizer = Tokenizer.load(facts["tokenizer_dir"])  # the one the decoding process checked
+        self.stop_ids = stop_ids(self.tokenizer)
+        self.context = facts["context"]  # prompt + answer must fit
         self.metrics = ServingMetrics()
-        self.model_id = cfg.model_name or run_dir_of(step_dir).name
+        self.model_id = cfg.model_name or run_dir_of(facts["step_dir"]).name
         self.created = int(time.time())
         self.active = 0  # admitted requests: decoding or waiting for a batch
         self.limit = cfg.max_concurrency + cfg.max_queue
-        print(f"[replica] {step_dir} ({meta.get('stage', '?')} model) on {self.plan.name}, {self.plan.dtype}; "
+        print(f"[replica] {facts['step_dir']} ({facts['stage']} model) on {facts['plan']}, {facts['dtype']}; "
               f"context {self.context}, batches of up to {cfg.max_concurrency}", flush=True)
 
     async def _pieces(self, answer: Answer, arrived: float) -> AsyncIterator[str]:
@@ -206,14 +177,14 @@ class ChatServer:
         try:
             yield ""
             deadline = arrived + self.cfg.request_timeout_s if self.cfg.request_timeout_s > 0 else None
-            stream = AnswerStream(self.engine.tokenizer)
+            stream = AnswerStream(self.tokenizer)
             reader = self.decoder.submit(answer.request)
             while (tokens := await self._take(reader, deadline)) is not None:
                 self.metrics.decoded(timing, len(tokens))
                 piece = ""
                 for token in tokens:
                     answer.completion_tokens += 1
-                    if token in self.engine.stop_ids:
+                    if token in self.stop_ids:
                         answer.finish_reason = "stop"
                         break
                     piece += stream.feed(token)
@@ -223,7 +194,7 @@ class ChatServer:
             if tail:
                 yield tail
         finally:
-            self.decoder.cancel(answer.request)  # a no-op when it finished; frees the slot when the reader left early
+            self.decoder.cancel(reader)  # a no-op when it finished; frees the slot when the reader left early
             self.active -= 1
             self.metrics.finished(timing)
 
@@ -248,7 +219,7 @@ class ChatServer:
 
     @api.get("/health")
     async def health(self) -> JSONResponse:
-        """200 with this replica's load, or 503 with the reason once its decoding thread has stopped."""
+        """200 with this replica's load, or 503 with the reason once its decoding process has stopped."""
         body = {"status": "ok", "active": self.active, "max_concurrency": self.cfg.max_concurrency,
                 "max_queue": self.cfg.max_queue, "replica": serve.get_replica_context().replica_id.unique_id}
         if self.decoder.failure is not None:
@@ -276,7 +247,7 @@ class ChatServer:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatRequest):
         arrived = time.monotonic()
-        answer = to_answer(body, self.engine.tokenizer, self.context)
+        answer = to_answer(body, self.tokenizer, self.context)
         pieces = self._pieces(answer, arrived)
         await pieces.__anext__()  # admitted (or 429 before any byte is sent)
         if body.stream:

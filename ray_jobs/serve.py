@@ -42,14 +42,13 @@ from nanochat.errors import UsageError
 from nanochat.tokenizer import Tokenizer
 from ray_jobs.cluster import connect, joins_cluster, planned_nodes, run_driver
 from ray_jobs.scheduler import LABEL_PRECISION, check_room, choose_group, groups, nodes_from_ray
+from ray_jobs.serve_faults import FAULT_ENV, parse_faults
 
 if TYPE_CHECKING:
     from ray.serve import Application
 
 PAGE = Path(__file__).parent / "static" / "chat.html"
 API_KEY_ENV = "NANOCHAT_API_KEY"
-# tests only: make the replica's decoding fail (ray_jobs/replica.py, fault_hook), read where the app is built
-FAULT_ENV = "NANOCHAT_SERVE_FAULT"
 EXTRA_ONGOING = 16  # room above the replica's own limits for /health, /v1/models and the requests it refuses
 # Serve asks each replica's check_health this often; 3 failures in a row and the replica is replaced
 HEALTH_CHECK_PERIOD_S = 2.0
@@ -148,7 +147,9 @@ def build_app(args: dict[str, Any] | ServeConfig) -> Application:
         health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
         ray_actor_options=actor,
     )
-    return deployment.bind(cfg, os.environ.get(API_KEY_ENV) or None, os.environ.get(FAULT_ENV, ""))
+    fault = os.environ.get(FAULT_ENV, "")  # tests only (ray_jobs/serve_faults.py)
+    parse_faults(fault)  # a bad spec fails here, not in every replica
+    return deployment.bind(cfg, os.environ.get(API_KEY_ENV) or None, fault)
 
 
 app = build_app  # `serve run ray_jobs.serve:app checkpoint=...` calls it with the key=value args

@@ -56,6 +56,29 @@ def test_static_step_decodes_like_the_plain_cache():
     assert run_batch(engine(model, PLAN, "static"), PROMPTS) == run_batch(engine(model, PLAN, "eager"), PROMPTS)
 
 
+def test_a_group_prefilled_in_its_padded_shape_matches_the_plain_prefill(monkeypatch):
+    model = random_model(128, n_kv_head=1, sequence_len=256)
+    static, eager = engine(model, PLAN, "static"), engine(model, PLAN, "eager")
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]  # 3 rows -> 4, 10 columns -> 16
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    pad = torch.tensor([width - len(p) for p in prompts])
+    plain = KVCache(2, width, pad=pad.clone())
+    expected = eager.prefill(ids, plain)
+    cache, logits = static.decoder.prefill(ids, pad)
+    assert static.decoder.prefill_shape(3, width) == (4, 16) and cache.pos == width
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    for row, prompt in enumerate(prompts):  # the real columns' keys and values, padding left out
+        real = slice(width - len(prompt), width)
+        torch.testing.assert_close(cache.k[:, row, :, real], plain.k[:, row, :, real], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(cache.v[:, row, :, real], plain.v[:, row, :, real], rtol=1e-4, atol=1e-4)
+    assert static.decoder.prefill_shape(1, 129) is None and static.decoder.prefill_shape(64, 32) is None
+    assert eager.decoder.prefill(ids, pad) is None  # eager decoding prefills as it always did
+    # the batch prefills a group that fits through it, never through the plain forward
+    monkeypatch.setattr(static, "prefill", lambda *args: pytest.fail("a group that fits was prefilled eagerly"))
+    assert run_batch(static, PROMPTS) == run_batch(eager, PROMPTS)
+
+
 def test_sync_weights_brings_a_trained_model_into_the_decode_copy():
     model = random_model(128, n_kv_head=1)
     static, eager = engine(model, PLAN, "static"), engine(model, PLAN, "eager")

@@ -1,7 +1,7 @@
 """The Ray Serve chat endpoint on CPU, over real HTTP: one Serve instance per module (on the session's
 local Ray, conftest.py's `local_ray`) with two applications of the tiny checkpoint, "main" at /
 (default limits, no key) and "tight" at /tight (1 in the batch, 1 waiting, a bearer key, and the test
-faults of $NANOCHAT_SERVE_FAULT: a decode step that raises, a decoding thread that dies, each when a
+faults of $NANOCHAT_SERVE_FAULT: a decode step that raises, a decoding process that dies, each when a
 request of their seed asks). Answers are checked against the engine run in this process, streamed
 against non-streamed, and through the official `openai` client."""
 
@@ -35,7 +35,7 @@ from tests.test_chat_eval import tiny_run  # noqa: F401  (the shared tiny checkp
 KEY = "test-key-123"
 CONTEXT = 64  # the tiny checkpoint's --max-seq-len
 HELLO = [{"role": "user", "content": "Hello"}]
-STEP_RAISES_SEED, THREAD_DIES_SEED = 4242, 4343  # tight's faults
+STEP_RAISES_SEED, DECODER_DIES_SEED = 4242, 4343  # tight's faults
 
 
 def free_port() -> int:
@@ -61,7 +61,7 @@ def server(tiny_run, tokenizer_dir, monkeypatch_module, local_ray) -> Server:  #
         monkeypatch_module.delenv(serve_app.API_KEY_ENV, raising=False)
         main = serve_app.build_app(common)
         monkeypatch_module.setenv(serve_app.API_KEY_ENV, KEY)  # read when the app is built
-        monkeypatch_module.setenv(serve_app.FAULT_ENV, f"step_raises:{STEP_RAISES_SEED},thread_dies:{THREAD_DIES_SEED}")
+        monkeypatch_module.setenv(serve_app.FAULT_ENV, f"step_raises:{STEP_RAISES_SEED},decoder_dies:{DECODER_DIES_SEED}")
         tight = serve_app.build_app({**common, "max_concurrency": "1", "max_queue": "1"})
         monkeypatch_module.delenv(serve_app.API_KEY_ENV)
         monkeypatch_module.delenv(serve_app.FAULT_ENV)
@@ -357,13 +357,13 @@ def test_a_decode_step_that_raises_fails_its_request_without_its_text(server, en
     assert chat(server.tight, headers=AUTH, max_tokens=8, temperature=0).json()["choices"][0]["message"]["content"] == text
 
 
-def test_a_dead_decoding_thread_gets_its_replica_replaced(server, engine):
+def test_a_dead_decoding_process_gets_its_replica_replaced(server, engine):
     health = httpx.get(f"{server.tight}/health", timeout=30)
     assert health.status_code == 200, health.text
     replica = health.json()["replica"]
-    assert_error(chat(server.tight, headers=AUTH, max_tokens=8, seed=THREAD_DIES_SEED), 503, "replica_unavailable")
+    assert_error(chat(server.tight, headers=AUTH, max_tokens=8, seed=DECODER_DIES_SEED), 503, "replica_unavailable")
     failed = httpx.get(f"{server.tight}/health", timeout=30)  # Serve needs 3 failed checks, 2 s apart
-    assert failed.status_code == 503 and failed.json()["reason"].startswith("the decoding thread stopped: ")
+    assert failed.status_code == 503 and failed.json()["reason"].startswith("the decoding process stopped: ")
     assert_error(chat(server.tight, headers=AUTH, max_tokens=2), 503, "replica_unavailable")
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -124,13 +124,17 @@ class DecodeBatch:
     @torch.no_grad()
     def warm_up(self) -> None:
         """Capture (and compile, where the plan compiles) the decode step of every row count the
-        batch can take, and the sampler with and without top-k, before the first request: nothing is
-        captured or compiled while serving. Eager decoding has nothing to capture."""
+        batch can take, the prefill of every group shape it may capture, and the sampler with and
+        without top-k, before the first request: nothing is captured or compiled while serving.
+        Eager decoding has nothing to capture."""
         if self.engine.decoder.mode != "graph":
             return
         self.add(Request([self.engine.tokenizer.bos_token_id], max_tokens=1, temperature=0.0))
         while self.busy:  # one request through the batch: allocates its cache
             self.step()
+        for shape in self.engine.decoder.prefill_shapes(self.slots):  # captured on first use
+            self.engine.decoder.prefill(torch.zeros(shape, dtype=torch.long, device=self.device),
+                                        torch.zeros(shape[0], dtype=torch.long, device=self.device))
         s = self.sampler
         for rows in range(1, self.slots + 1):  # the decoder rounds these up to the graphs it keeps
             self.cache.pos = 0  # every slot free: a row sees only the column it writes
@@ -195,12 +199,22 @@ class DecodeBatch:
         if group.done < group.width:
             columns = group.width - group.done if budget is None else max(1, budget // len(group.requests))
             end = min(group.width, group.done + columns)
-            group.logits = self.engine.prefill(group.ids[:, group.done : end], group.cache)
+            group.logits = self._prefill_columns(group, end)
             group.done = end
             if group.done < group.width:
                 return {}
         self.prefilling = None
         return self._join(group, group.logits)
+
+    def _prefill_columns(self, group: _Prefill, end: int) -> torch.Tensor:
+        """The logits of the group's last column after prefilling columns [done, end): one captured graph
+        when the whole group fits one (nanochat.infer.graphs, Decoder.prefill), else a plain forward."""
+        if group.done == 0 and end == group.width:
+            graphed = self.engine.decoder.prefill(group.ids, group.cache.pad)
+            if graphed is not None:
+                group.cache, logits = graphed
+                return logits
+        return self.engine.prefill(group.ids[:, group.done : end], group.cache)
 
     def _next_group(self, budget: int | None) -> _Prefill | None:
         """The waiting requests to prefill together, in order: as many as free slots allow, while

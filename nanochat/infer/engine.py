@@ -118,6 +118,11 @@ class Row:
     done: bool = False
 
 
+def stop_ids(tokenizer: Tokenizer) -> set[int]:
+    """The tokens that end an answer."""
+    return {tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id}
+
+
 class Engine:
     """Batched KV-cache sampling from a chat model, with the calculator tool. Prompts are prefilled
     with the model; one-token steps go through a `Decoder` (nanochat.infer.graphs; `decode`: its mode)."""
@@ -126,7 +131,7 @@ class Engine:
         self.model, self.tokenizer, self.plan = model, tokenizer, plan
         self.decoder = Decoder(model, plan, decode)
         special = tokenizer.encode_special
-        self.stop_ids = {special("<|assistant_end|>"), tokenizer.bos_token_id}
+        self.stop_ids = stop_ids(tokenizer)
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
 

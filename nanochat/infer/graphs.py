@@ -25,6 +25,9 @@ from nanochat.infer.cache import KVCache
 from nanochat.precision import PrecisionPlan
 
 MODES = ("auto", "eager", "static", "graph")
+# prompt columns of a captured prefill: a group of prompts is left-padded up to the next of these
+PREFILL_WIDTHS = (16, 32, 64, 128)
+PREFILL_MAX_TOKENS = 1024  # rows x columns of the largest captured prefill; larger groups prefill eagerly
 
 
 class StaticStep(AttentionCache):
@@ -73,6 +76,11 @@ def _one_token(model: nn.Module, ids: torch.Tensor, step: StaticStep) -> torch.T
     return model(ids, kv_cache=step)[:, -1, :]
 
 
+def _last_logits(model: nn.Module, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    # a copy, not a view: a view would keep every column's logits (rows x columns x vocab) alive in the graph's pool
+    return model(ids, kv_cache=cache)[:, -1, :].clone()
+
+
 @functools.cache
 def _compiled_one_token() -> Callable:
     """`_one_token` under torch.compile, built on first use (importing inductor costs every entry point
@@ -117,6 +125,14 @@ class _Graph:
     logits: torch.Tensor
 
 
+@dataclass
+class _PrefillGraph:
+    graph: torch.cuda.CUDAGraph | None  # None in "static" mode
+    ids: torch.Tensor  # (rows, columns)
+    cache: KVCache  # its pad: (rows,)
+    logits: torch.Tensor
+
+
 class Decoder:
     """One-token forwards over a KVCache: `decoder(ids, cache)` -> (rows, vocab) float32 logits.
     In graph mode the logits are a view of the graph's output buffer: use them (sample, copy)
@@ -140,6 +156,9 @@ class Decoder:
         self._graphs: dict[int, _Graph] = {}  # by rows, for the cache at _cache_ptr
         self._cache_ptr: int | None = None
         self._workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._prefills: dict[tuple[int, int], _PrefillGraph] = {}  # by (rows, columns)
+        self._prefill_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # shared: prefills never overlap
+        self._prefill_pool = None  # the captured prefills' memory pool, shared for the same reason
 
     @property
     def fused(self) -> bool:
@@ -239,6 +258,86 @@ class Decoder:
         """The graph's computation run eagerly, on inputs that live on the device."""
         with self.plan.compute_context():
             return _one_token(self.weights, ids, StaticStep(cache.k, cache.v, pos, pad))
+
+    # ---- prefill: a whole group of prompts in one captured graph
+
+    def prefill_shape(self, rows: int, columns: int) -> tuple[int, int] | None:
+        """The captured prefill that holds `rows` prompts left-padded to `columns` (both rounded up), or
+        None where there is none (eager decoding, or a group too wide or too large)."""
+        if self.mode not in ("static", "graph"):
+            return None
+        width = next((w for w in PREFILL_WIDTHS if w >= columns), None)
+        padded = 1 << (rows - 1).bit_length()
+        return None if width is None or padded * width > PREFILL_MAX_TOKENS else (padded, width)
+
+    def prefill_shapes(self, max_rows: int) -> list[tuple[int, int]]:
+        """Every captured prefill that groups of up to `max_rows` prompts can use."""
+        shapes = {self.prefill_shape(rows, width) for rows in range(1, max_rows + 1) for width in PREFILL_WIDTHS}
+        return sorted(shapes - {None})
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, pad: torch.Tensor) -> tuple[KVCache, torch.Tensor] | None:
+        """Prefill a left-padded group of prompts (ids (rows, columns), pad (rows,)) in one captured graph,
+        padded further up to its shape: (their cache, the logits of their last column), views of the
+        graph's buffers that the next prefill overwrites; None where no captured shape holds the group
+        (the caller prefills eagerly). One replay instead of launching every kernel of the forward
+        from Python: on an H200, 8-12 ms of host time per prefill at depth 12 -> about 1-2 ms."""
+        rows, columns = ids.shape
+        shape = self.prefill_shape(rows, columns)
+        if shape is None:
+            return None
+        p = self._prefills.get(shape) or self._new_prefill(shape, ids.device)
+        extra = shape[1] - columns
+        p.ids.zero_()  # padding: any token, no query attends to it
+        p.ids[:rows, extra:] = ids
+        p.cache.pad[:rows] = pad + extra
+        p.cache.pad[rows:] = shape[1]  # a row of nothing but padding: each query sees itself only
+        if p.graph is None:
+            p.cache.pos = 0
+            p.logits = self._prefill_forward(p)
+        else:
+            p.graph.replay()
+        view = KVCache(p.cache.num_layers, columns, pad=pad)
+        view.k, view.v, view.pos = p.cache.k[:, :rows, :, extra:], p.cache.v[:, :rows, :, extra:], columns
+        return view, p.logits[:rows]
+
+    def _prefill_forward(self, p: _PrefillGraph) -> torch.Tensor:
+        with self.plan.compute_context():
+            return _last_logits(self.weights, p.ids, p.cache)
+
+    def _new_prefill(self, shape: tuple[int, int], device: torch.device) -> _PrefillGraph:
+        """The buffers of a prefill shape, captured in graph mode: the cache's keys and values are views
+        of one buffer that every shape shares (allocated for the largest), outside the graphs' pool."""
+        rows, columns = shape
+        cfg = self.model.config
+        if self._prefill_kv is None:
+            dtype = self.plan.torch_dtype if device.type == "cuda" else torch.float32
+            size = cfg.n_layer * PREFILL_MAX_TOKENS * cfg.n_kv_head * (cfg.n_embd // cfg.n_head)
+            self._prefill_kv = (torch.zeros(size, dtype=dtype, device=device), torch.zeros(size, dtype=dtype, device=device))
+        kv_shape = (cfg.n_layer, rows, cfg.n_kv_head, columns, cfg.n_embd // cfg.n_head)
+        cache = KVCache(cfg.n_layer, columns, pad=torch.zeros(rows, dtype=torch.long, device=device))
+        cache.k, cache.v = (t[: kv_shape[0] * rows * kv_shape[2] * columns * kv_shape[4]].view(kv_shape) for t in self._prefill_kv)
+        p = self._prefills[shape] = _PrefillGraph(None, torch.zeros(rows, columns, dtype=torch.long, device=device),
+                                                  cache, torch.empty(0, device=device))
+        if self.mode == "graph":
+            self._capture_prefill(p)
+        return p
+
+    def _capture_prefill(self, p: _PrefillGraph) -> None:
+        device = p.ids.device
+        if self._prefill_pool is None:
+            self._prefill_pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # workspaces and lazy initialisation, before the capture
+                p.cache.pos = 0
+                self._prefill_forward(p)
+        torch.cuda.current_stream(device).wait_stream(side)
+        p.graph = torch.cuda.CUDAGraph()
+        p.cache.pos = 0
+        with torch.cuda.graph(p.graph, pool=self._prefill_pool):
+            p.logits = self._prefill_forward(p)
 
     def _buffers(self, rows: int, device: torch.device) -> _Graph:
         return _Graph(torch.cuda.CUDAGraph(), torch.zeros(rows, 1, dtype=torch.long, device=device),

@@ -95,6 +95,11 @@ def as_int64(seed: int) -> int:
     return (seed + 2**63) % 2**64 - 2**63
 
 
+def request_seed(seed: int) -> int:
+    """The decoding seed of a request's `seed` (the API's, or a test fault's): any integer, as one of 2**63."""
+    return seed % 2**63
+
+
 class BatchSampler:
     """The sampling settings of each row of a batch, kept on the device and written only when rows
     start sampling; `sample` draws one token for each row asked and advances those rows' counters."""

@@ -1,19 +1,23 @@
 """The serving side of nanochat/infer without a server: the incremental text stream (stream.py) against
-decoding each segment whole, and the decoding thread (decode_thread.py) on a random tiny model: a reader
-that lags takes its tokens in one piece, a step that raises fails only the requests it decoded, a dead
-thread fails every reader, and a reader past its deadline stops waiting."""
+decoding each segment whole, and the decoding process (decode_process.py) on a random tiny model: its
+answers are those of decoding alone, a reader that lags takes its tokens in one piece, a step that raises
+fails only the requests it decoded, a loop that dies or a killed process fails every reader, present and
+later, a reader past its deadline stops waiting, and a process that cannot start says why."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
-import threading
+import signal
 import time
+from collections.abc import Callable
+from functools import partial
 
 import pytest
 
 from nanochat.infer.batch import Request
-from nanochat.infer.decode_thread import DecodeError, DecodeThread, Reader
+from nanochat.infer.decode_process import DecodeError, DecodeProcess, DecoderSpec, Reader
 from nanochat.infer.engine import Engine
 from nanochat.infer.stream import AnswerStream
 from nanochat.tokenizer import Tokenizer
@@ -106,12 +110,52 @@ def test_the_stream_decodes_a_short_window_per_token(tokenizer, monkeypatch):
     assert len(windows) == len(tokens) + 1 and max(windows) <= 4, max(windows)  # 4: an emoji split into its bytes
 
 
-# ----------------------------------------------------------------------------- the decoding thread
+# ----------------------------------------------------------------------------- the decoding process
+
+DOOMED_SEED, SLOW_SEED, DEADLY_SEED = 666, 777, 999  # scripted_hook's faults
+
+
+class Killed(BaseException):
+    """Escapes the decoding loop's handling of a failed step, as a bug in the loop would."""
+
+
+def tiny_engine(tokenizer_dir: str) -> tuple[Engine, dict]:
+    """The decoding process's engine: the same random model as the tests' own `engine`."""
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    return Engine(random_model(tokenizer.vocab_size), tokenizer, PLAN), {"vocab": tokenizer.vocab_size}
+
+
+def scripted_hook() -> Callable[[list[Request]], None]:
+    """A step holding a request of DOOMED_SEED raises, of SLOW_SEED takes a second, of DEADLY_SEED ends the loop."""
+
+    def before_step(requests: list[Request]) -> None:
+        seeds = {request.seed for request in requests}
+        if DEADLY_SEED in seeds:
+            raise Killed
+        if DOOMED_SEED in seeds:
+            raise RuntimeError("a step that fails")
+        if SLOW_SEED in seeds:
+            time.sleep(1.0)
+
+    return before_step
+
+
+def start(tokenizer_dir, slots: int) -> DecodeProcess:
+    spec = DecoderSpec(partial(tiny_engine, str(tokenizer_dir)), slots, capacity=64, make_before_step=scripted_hook)
+    return DecodeProcess(spec, start_timeout_s=120)
 
 
 @pytest.fixture(scope="module")
 def engine(tokenizer):
     return Engine(random_model(tokenizer.vocab_size), tokenizer, PLAN)
+
+
+@pytest.fixture(scope="module")
+def decoder(tokenizer_dir):
+    """One slot: a second request waits outside the batch."""
+    process = start(tokenizer_dir, slots=1)
+    yield process
+    process.close()
 
 
 def request(tokenizer: Tokenizer, text: str, max_tokens: int = 12, seed: int = 1) -> Request:
@@ -126,87 +170,101 @@ async def read_all(reader, deadline: float | None = None) -> tuple[list[int], in
     return tokens, takes
 
 
-def test_a_reader_that_lags_takes_every_waiting_token_at_once(engine, tokenizer):
-    started = threading.Event()
-    thread = DecodeThread(engine, slots=2, capacity=64, before_step=lambda requests: started.set())
+def test_the_process_reports_its_engine_and_answers_as_decoding_alone_does(decoder, engine, tokenizer):
+    requests = [request(tokenizer, text, seed=i) for i, text in enumerate(["In the beginning", "And God", "said"])]
+
+    async def scenario():
+        return [(await read_all(reader))[0] for reader in [decoder.submit(r) for r in requests]]
+
+    assert decoder.facts == {"vocab": tokenizer.vocab_size}
+    assert asyncio.run(scenario()) == [alone(engine, r) for r in requests]
+
+
+def test_a_reader_that_lags_takes_every_waiting_token_at_once(decoder, engine, tokenizer):
     req = request(tokenizer, "In the beginning", max_tokens=10)
 
     async def lagging():
-        reader = thread.submit(req)
+        reader = decoder.submit(req)
         # the event loop is blocked (as a busy one is) until the whole answer is decoded
-        started.wait(30)
-        while thread.batch.busy or thread._decoding:
+        while reader.key in decoder._readers:  # the relay thread drops a reader at its answer's end
             time.sleep(0.01)
-        time.sleep(0.1)  # the thread hands the last step's tokens over just after the batch empties
         return await read_all(reader)
 
     tokens, takes = asyncio.run(lagging())
     assert tokens == alone(engine, req) and takes == 1
 
 
-def test_a_step_that_raises_fails_only_its_requests_and_the_next_ones_are_answered(engine, tokenizer):
-    doomed, waiting, later = (request(tokenizer, text, seed=i) for i, text in enumerate(["And God", "said", "Let there"]))
-    release = threading.Event()
-
-    def before_step(requests: list[Request]) -> None:
-        release.wait(30)  # `waiting` is queued behind `doomed` (one slot) before this step runs
-        if doomed in requests:
-            raise RuntimeError("a step that fails")
-
-    thread = DecodeThread(engine, slots=1, capacity=64, before_step=before_step)
+def test_a_step_that_raises_fails_only_its_requests_and_the_next_ones_are_answered(decoder, engine, tokenizer):
+    doomed = request(tokenizer, "And God", seed=DOOMED_SEED)
+    waiting, later = request(tokenizer, "said", seed=2), request(tokenizer, "Let there", seed=3)
 
     async def scenario():
-        doomed_reader, waiting_reader = thread.submit(doomed), thread.submit(waiting)
-        await asyncio.sleep(0.2)
-        release.set()
+        doomed_reader, waiting_reader = decoder.submit(doomed), decoder.submit(waiting)  # one slot: `waiting` waits
         with pytest.raises(DecodeError, match=r"internal error while decoding \(error \w+\)") as failed:
-            await read_all(doomed_reader)
-        assert "a step that fails" not in str(failed.value)
-        return (await read_all(waiting_reader))[0], (await read_all(thread.submit(later)))[0]
+            await read_all(doomed_reader, time.monotonic() + 60)
+        assert "a step that fails" not in str(failed.value) and failed.value.error_id and not failed.value.retry
+        return (await read_all(waiting_reader))[0], (await read_all(decoder.submit(later)))[0]
 
     assert asyncio.run(scenario()) == (alone(engine, waiting), alone(engine, later))
-    assert thread.failure is None
+    assert decoder.failure is None
 
 
-def test_a_dead_thread_fails_every_reader_and_every_later_one(engine, tokenizer):
-    class Killed(BaseException):
-        pass
-
-    def before_step(requests: list[Request]) -> None:
-        raise Killed
-
-    thread = DecodeThread(engine, slots=1, capacity=64, before_step=before_step)
+def test_a_reader_past_its_deadline_stops_waiting_and_its_request_is_cancelled(decoder, engine, tokenizer):
+    slow, after = request(tokenizer, "In", max_tokens=30, seed=SLOW_SEED), request(tokenizer, "In", seed=4)
 
     async def scenario():
-        readers = [thread.submit(request(tokenizer, "In", seed=i)) for i in range(3)]
+        reader = decoder.submit(slow)
+        begun = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await reader.take(begun + 0.3)
+        waited = time.monotonic() - begun
+        decoder.cancel(reader)  # as the server does: without it the slot would be held for 30 s
+        return waited, (await read_all(decoder.submit(after), time.monotonic() + 30))[0]
+
+    waited, tokens = asyncio.run(scenario())
+    assert waited < 5 and tokens == alone(engine, after)
+
+
+def test_a_loop_that_dies_fails_every_reader_and_every_later_one(tokenizer_dir, tokenizer):
+    process = start(tokenizer_dir, slots=1)
+
+    async def scenario():
+        readers = [process.submit(request(tokenizer, "In", seed=seed)) for seed in (DEADLY_SEED, 1, 2)]
         for reader in readers:
             with pytest.raises(DecodeError, match="replaced") as stopped:
-                await read_all(reader, time.monotonic() + 30)
+                await read_all(reader, time.monotonic() + 60)
             assert stopped.value.retry
         with pytest.raises(DecodeError, match="replaced"):
-            await read_all(thread.submit(request(tokenizer, "In")), time.monotonic() + 30)
-
-    asyncio.run(scenario())
-    assert thread.failure.startswith("the decoding thread stopped: Killed (error ")
-
-
-def test_a_reader_past_its_deadline_stops_waiting(engine, tokenizer):
-    stuck = threading.Event()
-    thread = DecodeThread(engine, slots=1, capacity=64, before_step=lambda requests: stuck.wait(30))
-
-    async def scenario():
-        reader = thread.submit(request(tokenizer, "In"))
-        start = time.monotonic()
-        with pytest.raises(TimeoutError):
-            await reader.take(start + 0.3)
-        return time.monotonic() - start
+            await read_all(process.submit(request(tokenizer, "In")), time.monotonic() + 30)
 
     try:
-        assert asyncio.run(scenario()) < 10
+        asyncio.run(scenario())
+        assert process.failure.startswith("the decoding process stopped: Killed (error ")
     finally:
-        stuck.set()
-        while thread.batch.busy:  # the thread finishes its request before the tests go on (or Python exits)
-            time.sleep(0.01)
+        process.close()
+
+
+def test_a_killed_process_fails_every_reader(tokenizer_dir, tokenizer):
+    process = start(tokenizer_dir, slots=1)
+
+    async def scenario():
+        reader = process.submit(request(tokenizer, "In", max_tokens=30, seed=SLOW_SEED))
+        await asyncio.sleep(0.5)
+        os.kill(process.process.pid, signal.SIGKILL)
+        with pytest.raises(DecodeError, match="replaced"):
+            await read_all(reader, time.monotonic() + 30)
+
+    try:
+        asyncio.run(scenario())
+        assert process.failure == f"the decoding process exited (code {-signal.SIGKILL})"
+    finally:
+        process.close()
+
+
+def test_a_process_that_cannot_start_says_why(tmp_path):
+    spec = DecoderSpec(partial(tiny_engine, str(tmp_path / "missing")), slots=1, capacity=64)
+    with pytest.raises(RuntimeError, match="could not start(.|\n)*no tokenizer at"):
+        DecodeProcess(spec, start_timeout_s=120)
 
 
 def test_takes_after_the_first_are_an_interval_apart_and_group_the_tokens_between():
