@@ -15,11 +15,15 @@ directory whose files do not match it (a truncated copy, a half-synced bucket) i
     writer.submit(root, snapshot(step, model=m, ...))   # the same, written on a thread (BackgroundWriter)
     path = find_latest(root)
     state = load_checkpoint(path, model=m, optimizer=opt, scaler=sc, expect={"model_config": cfg})
+
+A run directory belongs to one run: `run.json` names its run id, every checkpoint's meta carries it, and
+a `RunLock` keeps a second live writer out (open_run_dir, claim_run_dir).
 """
 
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
 import logging
@@ -27,6 +31,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -54,6 +59,9 @@ MANIFEST_FILE = "manifest.json"
 COMPILE_PREFIX = "_orig_mod."
 STEP_DIR_RE = re.compile(r"^step_(\d+)$")
 LEFTOVER_PREFIXES = (".tmp-", ".old-", ".del-")  # hidden dirs of saves/deletes that were cut short
+ORPHAN_RE = re.compile(r"^\.old-(step_\d+)-")  # a step moved aside by _publish; its replacement may never have landed
+OWNER_FILE = "run.json"  # in a run dir: the run id of the run that owns it
+LOCK_FILE = "writer.lock"  # in a run dir: flock'ed by the live process that writes its checkpoints
 
 
 class CheckpointError(UsageError, RuntimeError):
@@ -237,9 +245,38 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
         m = STEP_DIR_RE.match(p.name)
         if m and p.is_dir():
             found.append((int(m.group(1)), p))
+        elif (orphaned := _orphaned_step(p)) is not None:
+            log.warning("%s holds the only copy of %s (a save of that step was cut between its two renames): "
+                        "do not remove it; --resume puts it back", p, orphaned)
         elif p.name.startswith(LEFTOVER_PREFIXES):
             log.warning("ignoring leftover %s (an interrupted save or delete); safe to remove", p)
     return sorted(found, reverse=True)
+
+
+def _orphaned_step(p: Path) -> str | None:
+    """The step_N name a `.old-step_N-...` dir stands for when step_N itself is missing, else None."""
+    m = ORPHAN_RE.match(p.name)
+    return m.group(1) if m and p.is_dir() and not (p.parent / m.group(1)).exists() else None
+
+
+def restore_orphans(root: str | Path) -> list[Path]:
+    """Rename back every complete `.old-step_N-...` whose step_N is missing: a save that replaced step N
+    moved the old copy aside and was killed before its new copy landed. Returns the steps restored.
+    Only the run's writer may call it (under its RunLock): a live save passes through that state."""
+    root, restored = Path(root), []
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        name = _orphaned_step(p)
+        if name is None or (root / name).exists():  # a second orphan of the same step: the first one won
+            continue
+        problem = _manifest_problem(p)
+        if problem is not None:
+            log.warning("cannot restore %s as %s: %s", p, name, problem)
+            continue
+        os.replace(p, root / name)
+        _fsync_dir(root)
+        log.warning("restored %s from %s (a save of that step was cut between its two renames)", root / name, p.name)
+        restored.append(root / name)
+    return restored
 
 
 def find_latest(root: str | Path) -> Path | None:
@@ -318,8 +355,29 @@ def snapshot(
         record = json.loads(json.dumps(record))  # also a copy: later changes to meta do not leak in
     except TypeError as e:
         raise CheckpointError(f"meta and loader_state must be JSON-serializable: {e}") from e
+    weights = _canonical_state_dict(model)
+    _check_finite(step, weights)
     optimizer_state = None if optimizer is None else optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
-    return Snapshot(step, _to_host(_canonical_state_dict(model)), _to_host(optimizer_state), record)
+    return Snapshot(step, _to_host(weights), _to_host(optimizer_state), record)
+
+
+def _check_finite(step: int, weights: dict[str, torch.Tensor]) -> None:
+    """Refuse to save NaN/inf weights: a diverged checkpoint would replace (keep_last) the good ones
+    a run could still resume from. One flag per tensor, read back once, so the check costs one sync."""
+    floats = [(k, v) for k, v in weights.items() if v.is_floating_point()]
+    if not floats:
+        return
+    device = floats[0][1].device
+    finite = torch.stack([torch.isfinite(v).all().to(device) for _, v in floats])
+    if bool(finite.all()):
+        return
+    name, bad = floats[int((~finite).nonzero()[0])]
+    count = int((~torch.isfinite(bad)).sum())
+    raise CheckpointError(
+        f"refusing to save step {step}: model tensor {name!r} holds {count} of {bad.numel()} values that are NaN or "
+        "inf (the run diverged). Nothing was written; resume from the last checkpoint (--resume) with a lower "
+        "learning rate or another --dtype."
+    )
 
 
 def write_snapshot(root: str | Path, snap: Snapshot, keep_last: int | None = None) -> Path:
@@ -512,6 +570,149 @@ def run_dir_of(step_dir: str | Path) -> Path:
     <run>/step_N (Ray Train storage). Evaluation results and reports are written there."""
     parent = Path(step_dir).resolve().parent
     return parent.parent if parent.name == "checkpoints" else parent
+
+
+# ---------------------------------------------------------------------------------------------------
+# run directories: one run each, one live writer
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def run_owner(run_dir: str | Path) -> str | None:
+    """The run id `run_dir`'s run.json names, or None where there is none."""
+    path = Path(run_dir) / OWNER_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["run_id"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is unreadable ({e}); it names the run that owns {run_dir}: restore it, "
+                              "or move the run's checkpoints to a new directory") from e
+
+
+def _holds_checkpoints(root: Path) -> bool:
+    return root.is_dir() and any(STEP_DIR_RE.match(p.name) or p.name.startswith(LEFTOVER_PREFIXES) for p in root.iterdir())
+
+
+def check_run_id(step_dir: Path, meta: dict, run_id: str, run_dir: Path) -> None:
+    """Refuse to resume a checkpoint another run wrote (a checkpoint from before run ids were recorded passes)."""
+    theirs = meta.get("run_id")
+    if theirs is not None and theirs != run_id:
+        raise CheckpointError(
+            f"{step_dir} was written by run {theirs}, but {run_dir / OWNER_FILE} says {run_dir} belongs to run "
+            f"{run_id}: two runs wrote checkpoints here. Move the other run's checkpoints out, or resume in its own directory."
+        )
+
+
+def open_run_dir(run_dir: str | Path, ckpt_root: str | Path, resume: bool, elsewhere: str) -> tuple[str, Path | None]:
+    """(run id, checkpoint to resume from or None) of a run starting in `run_dir`, whose checkpoints go
+    to `ckpt_root`. Without `resume`, a directory that holds a run (run.json, or checkpoints) is refused
+    (`elsewhere` names the flags that pick another one); with it, the run id is the directory's owner's
+    (or the latest checkpoint's, where no run.json was written) and a checkpoint of another run is refused.
+    Reads only: the writer then restores orphaned steps (restore_orphans) and claims it (claim_run_dir)."""
+    run_dir, ckpt_root = Path(run_dir), Path(ckpt_root)
+    owner = run_owner(run_dir)
+    if not resume:
+        if owner is None and not _holds_checkpoints(ckpt_root):
+            return new_run_id(), None
+        latest = find_latest(ckpt_root)
+        of_run = f" of run {owner}" if owner else ""
+        what = (f"checkpoints (latest: {latest.name}){of_run}" if latest else f"checkpoints{of_run}"
+                if _holds_checkpoints(ckpt_root) else f"run {owner} (stopped before its first checkpoint)")
+        raise CheckpointError(f"{run_dir} already holds {what}; pass --resume to continue that run, or {elsewhere} for a new one")
+    latest = find_latest(ckpt_root)
+    meta = _read_record(latest)["meta"] if latest else {}
+    run_id = owner or meta.get("run_id") or new_run_id()
+    if latest is not None:
+        check_run_id(latest, meta, run_id, run_dir)
+    return run_id, latest
+
+
+def claim_run_dir(run_dir: str | Path, run_id: str) -> None:
+    """Write `run_dir`'s run.json naming `run_id` (call it holding the RunLock); refused when another run
+    claimed the directory since open_run_dir looked."""
+    run_dir = Path(run_dir)
+    owner = run_owner(run_dir)
+    if owner == run_id:
+        return
+    if owner is not None:
+        raise CheckpointError(f"{run_dir} was claimed by run {owner} while this run ({run_id}) started; "
+                              "pass --resume to continue that run, or choose another directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{OWNER_FILE}.{os.getpid()}"
+    _write_json({"run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname()}, tmp)
+    os.replace(tmp, run_dir / OWNER_FILE)
+    _fsync_dir(run_dir)
+
+
+class RunLock:
+    """An advisory lock (flock) on <run_dir>/writer.lock, held by the one process that writes the run's
+    checkpoints for the run's whole life: a second writer is refused, naming the holder. The kernel drops
+    it when the holder dies, however it dies, so a killed run never leaves the directory locked."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._file = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")  # not "w": truncating would erase the holder's name before we know we hold it
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that has not written its name yet"
+            f.close()
+            raise CheckpointError(f"{self.path.parent} is in use by another run ({holder}); wait for it to end or stop "
+                                  "it, or choose another directory for this one") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # the file stays: removing it would let a third process lock a new file while a second holds the old one
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# the shards a run trains on
+
+
+def shard_set(paths: list[Path]) -> dict:
+    """What a checkpoint records of the shards it was trained on: names in order and a fingerprint of
+    names and sizes (nanochat.dataset.shard_fingerprint)."""
+    from nanochat.dataset import shard_fingerprint
+
+    return {"fingerprint": shard_fingerprint(paths), "names": [p.name for p in paths]}
+
+
+def check_shard_set(step_dir: Path, saved: dict | None, current: dict, allow: bool) -> None:
+    """Refuse to resume on other shards than `step_dir` was trained on, unless `allow`ed (--allow-new-shards):
+    the last shard is the validation split and the data position counts the training shards in order."""
+    if saved is None or saved["fingerprint"] == current["fingerprint"]:
+        return
+    before, now = saved["names"], current["names"]
+    changes = [f"{verb} {', '.join(names)}" for verb, names in (
+        ("added", [n for n in now if n not in before]), ("removed", [n for n in before if n not in now])) if names]
+    if before[-1:] != now[-1:]:
+        changes.append(f"the validation shard was {before[-1]}, now {now[-1]}")
+    what = "; ".join(changes) or "the same names, other sizes (a shard was rewritten)"
+    if allow:
+        log.warning("--allow-new-shards: %s was trained on other shards (%s); continuing on these", step_dir, what)
+        return
+    raise CheckpointError(
+        f"the shards are not the set {step_dir} was trained on: {what}. The last shard is the validation split and "
+        "the saved data position counts the training shards in order, so the run would evaluate on other data and "
+        "resume at another place in it. Restore those shards, or pass --allow-new-shards to continue on these."
+    )
 
 
 def load_model_state(path: str | Path, map_location: Any = "cpu") -> tuple[dict, dict]:

@@ -13,6 +13,9 @@ hands out batches r, r+W, r+2W, ... of it, so W ranks see exactly the batches on
 
 The position saved by `state_dict()` is the first token not yet handed out: (epoch, shard,
 row_group, offset into that row group's token stream). It does not depend on the batch size.
+
+Batches are cut ahead on a thread that lives as long as the loader: `close()` it (or use it as a
+context manager) when done, or the thread and its batches (pinned memory on CUDA) stay behind.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanochat.dataset import num_row_groups, read_row_group
+from nanochat.dataset import nonempty_row_groups, read_row_group
 from nanochat.tokenizer import Tokenizer
 
 
@@ -88,12 +91,12 @@ class DataLoader:
         self.num_threads = num_threads
         self._bos = tokenizer.bos_token_id
         # Opening every shard up front also validates them all before training starts.
-        all_row_groups = [(s, g) for s, path in enumerate(self.shards) for g in range(num_row_groups(path))]
+        all_row_groups = nonempty_row_groups(self.shards)
         self._work = all_row_groups[rank::world_size]
         if not self._work:
             raise ValueError(
                 f"rank {rank} of {world_size} gets no row groups: the {len(self.shards)} shards hold only "
-                f"{len(all_row_groups)}. Use fewer ranks or rebuild with smaller row groups (--docs-per-row-group)."
+                f"{len(all_row_groups)} that hold documents. Use fewer ranks or rebuild with smaller row groups (--docs-per-row-group)."
             )
         self._next_epoch, self._next_item = 0, 0  # the row group to read after the pending ones
         self._split_world = split_world
@@ -106,6 +109,7 @@ class DataLoader:
         self.prefetch = prefetch
         self._ready: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
         self._thread: threading.Thread | None = None
+        self._stop = threading.Event()  # set by close(): the thread exits before it cuts another batch
 
     # --- reading -------------------------------------------------------------
 
@@ -151,15 +155,42 @@ class DataLoader:
     def _produce(self) -> None:
         """Background thread: keeps `prefetch` batches ready (tokenizing releases the GIL)."""
         try:
-            while True:
+            while not self._stop.is_set():
                 self._ready.put(self._host_batch())
         except BaseException as error:  # handed to the consumer, e.g. a DataError naming the file
             self._ready.put(error)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._ready.get_nowait()
+            except queue.Empty:
+                return
+
+    def close(self) -> None:
+        """Stop the prefetch thread and drop what it cut ahead; the loader hands out nothing after this."""
+        self._stop.set()
+        if self._thread is not None:
+            # Emptying the queue frees a thread blocked on a full one; it puts at most one more item
+            # (the batch it was cutting), which fits, and then sees the stop.
+            self._drain()
+            self._thread.join()
+            self._thread = None
+        self._drain()
+        self._pending.clear()
+
+    def __enter__(self) -> DataLoader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def __iter__(self) -> DataLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._stop.is_set():
+            raise RuntimeError("this DataLoader was closed: make a new one to read on (its state_dict() says from where)")
         if not self.prefetch:
             x, y, self._state = self._host_batch()
         else:

@@ -23,12 +23,14 @@ Default output dir: `$NANOCHAT_DATA`, else `$NANOCHAT_BASE_DIR/data` (~/.cache/n
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,8 @@ SCHEMA = pa.schema([pa.field("text", pa.string())])
 
 # the embedded corpus has only 1189 documents: smaller groups so several ranks get work
 EMBEDDED_LAYOUT = {"docs_per_row_group": 32, "row_groups_per_shard": 8, "val_docs": 64}
+
+log = logging.getLogger(__name__)
 
 
 class DataError(UsageError, ValueError):
@@ -113,7 +117,50 @@ def read_row_group(path: str | Path, index: int) -> list[str]:
         raise DataError(
             f"{path}: row group {index} has {column.null_count} null texts; fix or rebuild the shard."
         )
-    return column.to_pylist()
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:  # pyarrow does not check UTF-8 when it reads; Python does when it decodes
+        row, err = _first_undecodable(column)
+        raise DataError(
+            f"{path}: row group {index}, document {row} is not valid UTF-8 ({err.reason} at byte {err.start}); "
+            f"fix the source's encoding and rebuild the shards: `{BUILD_COMMAND} --source SOURCE --out {path.parent} "
+            "--overwrite`."
+        ) from None
+
+
+def _first_undecodable(column: pa.ChunkedArray) -> tuple[int, UnicodeDecodeError]:
+    """The first document of a string column that is not valid UTF-8, and its error (there is one)."""
+    for row, raw in enumerate(column.cast(pa.large_binary()).to_pylist()):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            return row, err
+    raise AssertionError("decoding the column failed, but every document decodes on its own")
+
+
+def nonempty_row_groups(shards: Sequence[str | Path]) -> list[tuple[int, int]]:
+    """(shard index, row group) of every row group of `shards` that holds documents, in stream order: the
+    work of every loader. Opening every shard checks them all (a bad one fails here, naming the file).
+    Row groups of zero rows (some parquet writers leave them) hold nothing: left out, and counted in the log."""
+    kept: list[tuple[int, int]] = []
+    empty: list[tuple[Path, int]] = []
+    for s, path in enumerate(shards):
+        meta = _open_shard(Path(path)).metadata
+        for g in range(meta.num_row_groups):
+            if meta.row_group(g).num_rows:
+                kept.append((s, g))
+            else:
+                empty.append((Path(path), g))
+    if empty and not _logged_empty.issuperset(empty):
+        names = [f"{path.name} row group {g}" for path, g in empty]
+        log.warning("skipping %d empty row groups (zero rows) of %d: %s", len(empty), len(kept) + len(empty),
+                    ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""))
+        _logged_empty.update(empty)
+    return kept
+
+
+# empty row groups already logged: once per process, not again for each evaluation's new loader
+_logged_empty: set[tuple[Path, int]] = set()
 
 
 def list_shards(data_dir: str | Path) -> list[Path]:
@@ -125,6 +172,15 @@ def list_shards(data_dir: str | Path) -> list[Path]:
             "or pass --data-dir DIR where they are."
         )
     return shards
+
+
+def shard_fingerprint(paths: list[Path]) -> str:
+    """A hash of the shards' names and sizes, in order: it changes when a shard is added, removed,
+    renamed or rewritten, which moves the validation split and the saved data positions."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(f"{Path(path).name}\0{Path(path).stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def split_shards(shards: list[Path], split: str) -> list[Path]:

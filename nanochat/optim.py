@@ -54,6 +54,13 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, dtype: torch.dtype = 
     return X.mT if tall else X
 
 
+def grad_norm(grads: list[Tensor]) -> Tensor:
+    """The L2 norm of all `grads` together, a float32 scalar on their device, computed without waiting on
+    it: one foreach pass of per-tensor norms, then the norm of those. Inf or NaN when any gradient holds one,
+    so the same number serves the log and the decision to skip a step."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, dtype=torch.float32)))
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """Muon for "muon" groups, AdamW for "adamw" groups, in one step().
 

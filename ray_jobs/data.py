@@ -10,7 +10,8 @@ Pipeline (one pass over the dataset = one execution of it = `epochs` epochs):
   1. work items: one row per row group and epoch, `{"epoch": e, "shard": i, "row_group": j}`, in
      stream order, one block each. Row groups rather than `read_parquet` files, so that a position
      names an exact place to restart from and the reading goes through
-     `nanochat.dataset.read_row_group`, whose errors name the file.
+     `nanochat.dataset.read_row_group`, whose errors name the file and row group (a null text, bytes
+     that are not UTF-8). Row groups of zero rows get no item (`nonempty_row_groups` logs how many).
   2. `TokenizeRowGroups`, an actor pool (the tokenizer is loaded once per actor): each row group
      becomes its BOS-prefixed, concatenated token stream (column "tokens", list<int32>).
   3. `PackRows`, ONE ordered stateful actor: concatenates the streams, carries the remainder from
@@ -74,7 +75,14 @@ from ray.data import ExecutionOptions
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from nanochat.dataloader import pack_rows
-from nanochat.dataset import DataError, list_shards, num_row_groups, read_row_group, split_shards
+from nanochat.dataset import (
+    DataError,
+    list_shards,
+    nonempty_row_groups,
+    num_row_groups,
+    read_row_group,
+    split_shards,
+)
 from nanochat.tokenizer import Tokenizer
 
 SOURCE_KEYS = ("epoch", "shard", "row_group")  # a row group's place in the stream; epoch: counted in the pass
@@ -102,7 +110,7 @@ class TokenizeRowGroups:
             docs = read_row_group(self.shards[int(shard)], int(row_group))
             ids = self.tokenizer.encode(docs, prepend=self.bos)
             parts = [np.asarray(doc, dtype=np.int32) for doc in ids]
-            streams.append(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32))
+            streams.append(np.concatenate(parts))  # work items name no empty row group
         columns = {key: pa.array(batch[key], type=pa.int64()) for key in SOURCE_KEYS}
         return pa.table({**columns, "tokens": pa.array(streams, type=pa.list_(pa.int32()))})
 
@@ -181,8 +189,9 @@ def work_items(shards: list[Path], start: dict | None, epochs: int = 1) -> list[
     """One item per row group of `shards` and epoch (counted from 0), from the row group of `start`
     (a checkpoint's data position; its epoch is the caller's to count) on."""
     # Opening every shard here checks them all (readable parquet, a 'text' column) before any
-    # worker starts; damage inside a row group surfaces later, from the tokenizer actors.
-    row_groups = [(s, g) for s, path in enumerate(shards) for g in range(num_row_groups(path))]
+    # worker starts; damage inside a row group surfaces later, from the tokenizer actors. Row groups
+    # of zero rows are left out (and counted in the log), as the plain loader leaves them out.
+    row_groups = nonempty_row_groups(shards)
     first = 0
     if start is not None:
         where = (int(start["shard"]), int(start["row_group"]))

@@ -23,6 +23,7 @@ from nanochat.checkpoint import (
     find_latest,
     load_checkpoint,
     load_model_state,
+    restore_orphans,
     save_checkpoint,
 )
 
@@ -241,6 +242,61 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path, mode):
     assert find_latest(tmp_path) == previous
     state_dict, _ = load_model_state(previous)
     assert torch.equal(state_dict["0.weight"], model[0].weight)  # the old weights, intact
+
+
+def first_rename_then_die(real_replace):
+    """Stands in for os.replace in a save of a step that exists: the old copy is moved aside (the first
+    rename), then the process is SIGKILLed before the new copy takes its place (the second)."""
+    calls = []
+
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            die()
+        real_replace(src, dst)
+
+    return replace
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_step_orphaned_between_the_two_renames_is_restored(tmp_path, caplog):
+    model, opt, _ = make_state(0)
+    save(tmp_path, 1, model, opt, loader_state={"pos": 1})
+    save(tmp_path, 2, model, opt, loader_state={"pos": 2})
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.replace = first_rename_then_die(os.replace)
+            save(tmp_path, 2, make_state(1)[0], loader_state={"pos": 99})  # step 2 saved again, cut short
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"child status {status}"
+    [orphan] = [p for p in tmp_path.iterdir() if p.name.startswith(".old-step_000002-")]
+    assert not (tmp_path / "step_000002").exists()
+
+    with caplog.at_level(logging.WARNING, logger="nanochat.checkpoint"):
+        assert find_latest(tmp_path).name == "step_000001"
+        [said] = [r.getMessage() for r in caplog.records if orphan.name in r.getMessage()]
+        assert "holds the only copy of step_000002" in said and "safe to remove" not in said
+        assert restore_orphans(tmp_path) == [tmp_path / "step_000002"]
+    assert f"restored {tmp_path / 'step_000002'} from {orphan.name}" in caplog.text
+    restored = find_latest(tmp_path)
+    assert restored == tmp_path / "step_000002" and not orphan.exists()
+    fresh, fresh_opt, _ = make_state(3)
+    assert load_checkpoint(restored, model=fresh, optimizer=fresh_opt)["loader_state"] == {"pos": 2}
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_parameters_are_never_saved(tmp_path, bad):
+    model, opt, _ = make_state(0)
+    save(tmp_path, 1, model, opt)
+    with torch.no_grad():
+        model[2].bias[1] = bad
+    with pytest.raises(CheckpointError, match=r"refusing to save step 2: model tensor '2.bias' holds 1 of 4 values that are NaN or inf"):
+        save(tmp_path, 2, model, opt, keep_last=1)
+    assert step_dirs(tmp_path) == ["step_000001"] and find_latest(tmp_path).name == "step_000001"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import re
+import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +27,8 @@ from nanochat.dataset import (
     read_row_group,
     split_shards,
 )
+from nanochat.train.base import BaseTrainConfig
+from nanochat.train.base import setup as base_setup
 
 # -----------------------------------------------------------------------------
 # helpers: read shards with pyarrow directly and tokenize one document at a time, so the
@@ -49,6 +55,19 @@ def rows_from_batch(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
 
 def write_parquet(path, table: pa.Table) -> None:
     pq.write_table(table, path)
+
+
+def write_row_groups(path, row_groups: list[list]) -> None:
+    """One parquet row group per list, as given: empty ones too, and bytes that are not UTF-8 in a string column."""
+    with pq.ParquetWriter(path, pa.schema([("text", pa.string())])) as writer:
+        for docs in row_groups:
+            # view: the bytes go in as they are (a string array built from str would be valid UTF-8)
+            column = pa.array([d.encode() if isinstance(d, str) else d for d in docs], type=pa.binary()).view(pa.string())
+            writer.write_table(pa.table({"text": column}))
+
+
+def loader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "nanochat-loader"]
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +149,45 @@ def test_bad_shards_raise_data_error_naming_the_file(tmp_path, tokenizer):
     write_parquet(nulls, pa.table({"text": ["ok", None]}))
     with pytest.raises(DataError, match="null"):
         read_row_group(nulls, 0)
+
+
+def test_text_that_is_not_utf8_names_the_file_row_group_and_document(tmp_path, tokenizer):
+    bad = tmp_path / "latin1.parquet"
+    write_row_groups(bad, [["fine", "also fine"], ["fine", "caf\xe9 au lait".encode("latin-1"), "fine"]])
+    message = re.escape(f"{bad}: row group 1, document 1 is not valid UTF-8 (invalid continuation byte at byte 3)")
+    # every reader of shards: the row group reader, a parquet source for `build`, the loader
+    with pytest.raises(DataError, match=message):
+        read_row_group(bad, 1)
+    with pytest.raises(DataError, match=message):
+        list(iter_source(str(bad)))
+    with DataLoader([bad], tokenizer, batch_size=1, seq_len=8) as loader, pytest.raises(DataError, match=message):
+        for _ in range(100):  # row group 0 first, then the bad one
+            next(loader)
+    assert read_row_group(bad, 0) == ["fine", "also fine"]
+
+
+def test_empty_row_groups_are_skipped_and_counted(tmp_path, tokenizer, caplog):
+    docs = [f"document number {i} of a few" for i in range(12)]
+    with_empty = tmp_path / "with_empty.parquet"
+    write_row_groups(with_empty, [[], docs[:5], [], [], docs[5:], []])
+    plain = tmp_path / "plain.parquet"
+    write_row_groups(plain, [docs[:5], docs[5:]])
+    with caplog.at_level(logging.WARNING, logger="nanochat.dataset"):
+        loader = DataLoader([with_empty], tokenizer, batch_size=2, seq_len=15, prefetch=0)
+    assert caplog.messages == [
+        "skipping 4 empty row groups (zero rows) of 6: with_empty.parquet row group 0, with_empty.parquet row group 2, "
+        "with_empty.parquet row group 3, with_empty.parquet row group 5"
+    ]
+    # two routes to one stream: the same documents without the empty row groups, over two epochs
+    reference = DataLoader([plain], tokenizer, batch_size=2, seq_len=15, prefetch=0)
+    while reference.epoch == 0:
+        x, y = next(loader)
+        rx, ry = next(reference)
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+    assert loader.epoch == 1 and loader.state_dict()["row_group"] in (1, 4)
+    with pytest.raises(ValueError, match="that hold documents"):
+        write_row_groups(tmp_path / "none.parquet", [[], []])
+        DataLoader([tmp_path / "none.parquet"], tokenizer, batch_size=1, seq_len=8)
 
 
 # -----------------------------------------------------------------------------
@@ -295,3 +353,38 @@ def test_cuda_batches_match_cpu_batches(train_shards, tokenizer):
     for _ in range(3):
         (cx, cy), (gx, gy) = next(on_cpu), next(on_gpu)
         assert gx.is_cuda and torch.equal(gx.cpu(), cx) and torch.equal(gy.cpu(), cy)
+
+
+# -----------------------------------------------------------------------------
+# closing: the prefetch thread and its batches go with the loader
+
+
+def test_closed_loader_stops_its_thread_and_hands_out_nothing(train_shards, tokenizer):
+    before = loader_threads()
+    loader = DataLoader(train_shards, tokenizer, 2, 31, prefetch=2)
+    first = next(loader)
+    # the thread cuts batches until the queue is full, then waits for room: close() must free it
+    deadline = time.monotonic() + 30
+    while not loader._ready.full() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert loader._ready.full() and len(loader_threads()) == len(before) + 1
+    loader.close()
+    assert loader_threads() == before and loader._ready.empty()
+    with pytest.raises(RuntimeError, match="closed"):
+        next(loader)
+    loader.close()  # twice is fine
+    with DataLoader(train_shards, tokenizer, 2, 31) as again:
+        assert torch.equal(next(again)[0], first[0])
+    assert loader_threads() == before
+
+
+def test_evaluations_leave_no_thread_behind(data_dir, tokenizer_dir):
+    cfg = BaseTrainConfig(device="cpu", data_dir=str(data_dir), tokenizer_dir=str(tokenizer_dir), depth=2, head_dim=32,
+                          max_seq_len=64, device_batch_size="4", total_batch_size=256, eval_tokens=512,
+                          compile="off")
+    run = base_setup(cfg, torch.device("cpu"))
+    first = run.evaluate()  # anything the first evaluation starts for good (torch's pools) is counted before
+    threads = threading.enumerate()
+    results = [run.evaluate() for _ in range(10)]
+    assert threading.enumerate() == threads
+    assert results == [first] * 10, "each evaluation reads the same batches"

@@ -6,6 +6,7 @@ On the session's shared local Ray instance (conftest.py's `local_ray`).
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 import shutil
 import threading
@@ -19,6 +20,7 @@ import torch
 from nanochat.dataloader import DataLoader, pack_rows
 from nanochat.dataset import DataError, list_shards, split_shards
 from ray_jobs.data import POSITION_KEYS, build_dataset, epochs_per_pass, iter_train_batches, resume_position
+from tests.test_data import write_row_groups
 
 SEQ_LEN, BATCH = 64, 4
 ROW_LEN = SEQ_LEN + 1
@@ -219,14 +221,21 @@ def test_two_consumers_get_disjoint_rows(local_ray, train_shards, tokenizer_dir,
 
 # Last in the file: after a failed execution Ray frees its actors' CPUs only ~20 s later, and a
 # test after it would wait for them.
-def test_damaged_row_group_fails_iteration_with_the_file_name(local_ray, data_dir, tokenizer_dir, tmp_path):
-    # the footer is fine (so building succeeds); the second row group holds a null text, which
-    # only the tokenizer actor finds: its error must reach the consumer
+def test_damaged_row_group_fails_iteration_naming_file_and_row_group(local_ray, data_dir, tokenizer, tokenizer_dir,
+                                                                     tmp_path, caplog):
+    # The footer is fine (so building succeeds). Row group 1 holds no rows: left out of the work, and
+    # counted in the log. Row group 2 holds a text that is not UTF-8, which only the tokenizer actor
+    # finds: its error must reach the consumer, the same error as the plain loader's.
     shards = copy_shards(data_dir, tmp_path)
-    with pq.ParquetWriter(shards[1], pa.schema([("text", pa.string())])) as writer:
-        writer.write_table(pa.table({"text": ["fine"] * 4}))
-        writer.write_table(pa.table({"text": ["fine", None, "fine"]}))
-    ds = build_dataset(shards, tokenizer_dir, SEQ_LEN, tokenize_concurrency=1)
+    write_row_groups(shards[1], [["fine"] * 4, [], ["fine", "caf\xe9".encode("latin-1"), "fine"]])
+    with caplog.at_level(logging.WARNING, logger="nanochat.dataset"):
+        ds = build_dataset(shards, tokenizer_dir, SEQ_LEN, tokenize_concurrency=1)
+    total = sum(pq.ParquetFile(s).num_row_groups for s in shards)
+    assert caplog.messages == [f"skipping 1 empty row groups (zero rows) of {total}: {shards[1].name} row group 1"]
+    message = re.escape(f"{shards[1]}: row group 2, document 1 is not valid UTF-8")
     # the consumer gets the DataError itself (wrapped by Ray, still an instance of it)
-    with pytest.raises(DataError, match=re.escape(f"{shards[1].name}: row group 1 has 1 null texts")):
+    with pytest.raises(DataError, match=message):
         take(iter_train_batches(ds.iterator(), BATCH, "cpu"), 10_000)
+    with DataLoader(shards, tokenizer, BATCH, SEQ_LEN) as plain, pytest.raises(DataError, match=message):
+        for _ in range(10_000):
+            next(plain)

@@ -2,8 +2,10 @@
 
 The user message is the prompt (imports, signature, docstring); the reference answer is the whole
 function (prompt + canonical solution). A response passes when prompt + its code + the task's
-tests + check(entry_point) runs cleanly in a sandboxed subprocess (nanochat/execution.py). The
-prompt goes first so that a body-only answer completes it and a whole-function answer redefines it.
+tests + check(entry_point) runs to its end in the isolated subprocess of nanochat/execution.py
+(unprivileged user, no network, whole process tree killed): an answer that exits early, even with
+status 0, fails. The prompt goes first so that a body-only answer completes it and a whole-function
+answer redefines it.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from typing import ClassVar
 
 import torch
 
+from nanochat.checkpoint import shard_set
 from nanochat.common import seed_everything
 from nanochat.config import ModelShapeConfig, option
 from nanochat.dataloader import DataLoader
@@ -48,7 +49,8 @@ class BaseRun(Run):
     eval_rows: int  # rows per validation batch: the micro-batch, or fewer for a split smaller than one
 
     def val_loader(self) -> DataLoader:
-        """The validation stream; under a process group this rank's batches of it (rank r: r, r+W, ...)."""
+        """The validation stream; under a process group this rank's batches of it (rank r: r, r+W, ...).
+        A new loader each time (every evaluation reads the stream from its start): close it when done."""
         return DataLoader(val_shards(self.cfg), self.tokenizer, self.eval_rows, self.cfg.max_seq_len,
                           self.device, batch_split=world())
 
@@ -56,8 +58,9 @@ class BaseRun(Run):
         """Bits per byte on the first batches of the validation shard, split over the ranks (collective)."""
         rank, world_size = world()
         mine = len(range(rank, self.eval_steps, world_size))  # batches rank, rank + W, ... of those one process takes
-        return {"val_bpb": evaluate_bpb(self.model, self.plan, self.val_loader(), mine, self.tokenizer.token_bytes(),
-                                        progress="val bpb" if self.is_main else "")}
+        with self.val_loader() as batches:  # closed: its prefetch thread and batches go with it
+            return {"val_bpb": evaluate_bpb(self.model, self.plan, batches, mine, self.tokenizer.token_bytes(),
+                                            progress="val bpb" if self.is_main else "")}
 
     def samples(self) -> dict[str, str]:
         """A few greedy continuations to eyeball during training."""
@@ -109,10 +112,12 @@ def setup(cfg: BaseTrainConfig, device: torch.device, world_size: int = 1, rank:
     # counted once, before the run's clock starts (a --time-budget counts from build_run)
     steps, rows = eval_steps(cfg.eval_tokens, cfg.device_batch_size, cfg.max_seq_len, val_shards(cfg), tokenizer,
                              verbose=rank == 0)
+    # the shard set (its last shard is validation, data positions count the others): a resume checks it
+    shards = shard_set(list_shards(cfg.data_dir or default_data_dir()))
     return build_run(BaseRun, cfg, device, plan, tokenizer, model, grad_accum, compile=cfg.compile,
                      weight_decay=cfg.weight_decay, tokens_per_step=tokens_per_step,
                      num_iterations=num_iterations, world_size=world_size, rank=rank, eval_steps=steps,
-                     eval_rows=rows)
+                     eval_rows=rows, meta={"shards": shards})
 
 
 def shard_batches(run: BaseRun, rank: int = 0, world: int = 1, position: dict | None = None) -> DataLoader:

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from nanochat.optim import grad_norm
+
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
 # torch 2.13 renamed these two (the old names warn); older releases have only the old names
 reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
@@ -113,8 +115,9 @@ class Bucket:
 class DataParallel:
     """Synchronises one model's gradients over the default process group; see the module docstring.
 
-    Use: `arm()` before the last micro-batch's backward, `finish(loss)` after it (returns the mean loss),
-    step `self.optimizer`, then `gather_params()` (sharded)."""
+    Use: `arm()` before the last micro-batch's backward, `finish(loss)` after it (returns the mean loss and
+    the gradient norm), step `self.optimizer` (or, on a non-finite norm, skip it on every rank alike), then
+    `gather_params()` (sharded)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, shard: bool = True,
                  comm_dtype: torch.dtype | None = None, bucket_bytes: int = BUCKET_BYTES):
@@ -190,20 +193,24 @@ class DataParallel:
         else:
             b.work = dist.all_reduce(b.flat, async_op=True)
 
-    def finish(self, loss: Tensor) -> Tensor:
+    def finish(self, loss: Tensor) -> tuple[Tensor, Tensor]:
         """Launch what backward left (unused parameters), wait for every bucket, hand out the averaged
-        gradients; returns the loss averaged over ranks."""
+        gradients; returns the loss averaged over ranks and the norm of the whole averaged gradient, the
+        same on every rank (inf or NaN on all of them when any rank holds a non-finite piece)."""
         for b in self.buckets[self.next_launch:]:
             b.ready = True
         self._launch_ready()
         self.armed = False
-        loss = loss.detach().float().reshape(1).clone()
-        loss_work = dist.all_reduce(loss, async_op=True)
         for b in self.buckets:
             b.work.wait()
             self._hand_out(b)
-        loss_work.wait()
-        return loss[0] / self.world
+        # a sharded rank holds only its own pieces: their squared norms add up to the whole's over the ranks
+        # (replicated: every rank holds the whole, so each adds a world-th); one collective carries the loss too
+        held = [t.grad for t in self.local.values()] if self.shard else [p.grad for b in self.buckets for p in b.params]
+        squared = grad_norm(held).square() / (1 if self.shard else self.world)
+        totals = torch.stack([loss.detach().float().reshape(()) / self.world, squared])
+        dist.all_reduce(totals)
+        return totals[0], totals[1].sqrt()
 
     def _hand_out(self, b: Bucket) -> None:
         source = b.out if self.shard else b.flat

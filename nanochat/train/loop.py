@@ -44,7 +44,10 @@ class StageConfig(CommonConfig):
     eval_every: int = option(250, "evaluate every N steps (and at the end); -1 = only at the end")
     save_every: int = option(1000, "checkpoint every N steps (and at the end); -1 = only at the end")
     keep_last: int = option(2, "complete checkpoints to keep")
-    resume: bool = option(False, "continue from the latest complete checkpoint in --run-dir")
+    resume: bool = option(False, "continue the run in --run-dir from its latest complete checkpoint (without it, a "
+                          "run dir that holds a run is refused)")
+    allow_new_shards: bool = option(False, "with --resume: continue although the shards differ from those the "
+                                    "checkpoint was trained on (another validation shard, shifted data positions)")
     run_dir: str = option("", "output directory; empty = $NANOCHAT_BASE_DIR/runs/<stage>_d<depth>")
     tokenizer_dir: str = option("", "trained tokenizer; empty = $NANOCHAT_BASE_DIR/tokenizer")
     max_bad_steps: int = option(20, "abort after this many skipped (non-finite) steps in a row")
@@ -133,6 +136,9 @@ def restore_run(run: Run, path: Path) -> tuple[int, dict | None]:
         path, model=run.model, optimizer=run.step_fn.parallel or run.optimizer, scaler=run.scaler,  # a sharded run takes its pieces
         expect={"model_config": run.meta["model_config"], "tokenizer": run.meta["tokenizer"]},
     )
+    if "shards" in run.meta:  # a stage that trains on shards
+        checkpoint.check_shard_set(path, state["meta"].get("shards"), run.meta["shards"], run.cfg.allow_new_shards)
+    run.meta["run_id"] = state["meta"].get("run_id", run.meta["run_id"])  # the run goes on under its own id
     run.step_fn.skipped_total = state["meta"].get("skipped_steps", 0)
     if state["meta"].get("time_budget"):  # a budgeted run already fixed its horizon: keep it
         run.meta["time_budget"] = state["meta"]["time_budget"]
@@ -181,13 +187,14 @@ def build_run(run_class: type[R], cfg: StageConfig, device: torch.device, plan: 
               model: GPT, grad_accum: int, *, compile: str = "off", lr_frac: float = 1.0, weight_decay: float = 0.0,
               tokens_per_step: int, num_iterations: int, world_size: int, rank: int,
               meta: dict | None = None, **fields: object) -> R:
-    """The stage's Run: `model`, its step, and a meta (stage, model, tokenizer, plan, settings, + `meta`)."""
+    """The stage's Run: `model`, its step, and a meta (stage, a new run id, model, tokenizer, plan, settings,
+    + `meta`). An entry point that owns a run dir replaces the id with the dir's (checkpoint.open_run_dir)."""
     step_fn = make_step(model, plan, grad_accum, cfg, compile, lr_frac, weight_decay)
     # where the tokenizer and the shards are, so later entry points need no flags for them (checkpoint.tokenizer_dir_for)
     sources = {"tokenizer_dir": str(tokenizer.directory) if tokenizer.directory else None}
     if hasattr(cfg, "data_dir"):  # a stage that reads shards
         sources["data_dir"] = str(Path(cfg.data_dir or default_data_dir()).resolve())
-    meta = {"stage": cfg.STAGE, "model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer.fingerprint(),
+    meta = {"stage": cfg.STAGE, "run_id": checkpoint.new_run_id(), "model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer.fingerprint(),
             **sources, "plan": plan.to_dict(), "train_config": dataclasses.asdict(cfg), **(meta or {})}
     return run_class(cfg=cfg, device=device, plan=plan, tokenizer=tokenizer, model=model, step_fn=step_fn, grad_accum=step_fn.grad_accum, tokens_per_step=tokens_per_step,
                      num_iterations=num_iterations, meta=meta, world_size=world_size, is_main=rank == 0, **fields)
@@ -241,7 +248,7 @@ def train(run: Run, batches: Iterator, start_step: int, log: Callable[[dict], No
                 bar.total = n
             record = {"step": done, "loss": result.loss, "tok_per_s": run.tokens_per_step / dt, "lr_mult": lrm,
                       "mfu": run.flops_per_token * run.tokens_per_step / dt / plan.peak_flops if plan.peak_flops else None,
-                      "loss_scale": result.scale, "skipped": result.skipped}
+                      "loss_scale": result.scale, "skipped": result.skipped, "grad_norm": result.grad_norm}
             if is_due(cfg.eval_every, done) or probing:  # every rank evaluates its share (collective)
                 evaluated, seconds = timed(run.evaluate)
                 if budget is not None:

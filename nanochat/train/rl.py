@@ -164,7 +164,8 @@ def train(run: RLRun, problems: Iterator[int], start_step: int, log: Callable[[d
         result = run.step_fn(iter(batches))
         done = step + 1
         record = {"step": done, "loss": result.loss, "reward": sum(rewards) / len(rewards), "lr_mult": lrm,
-                  "seconds": time.perf_counter() - t0, "loss_scale": result.scale, "skipped": result.skipped}
+                  "seconds": time.perf_counter() - t0, "loss_scale": result.scale, "skipped": result.skipped,
+                  "grad_norm": result.grad_norm}
         if done == n or (cfg.eval_every > 0 and done % cfg.eval_every == 0):  # every rank: evaluate() is split over them
             evaluated = run.evaluate()
             record.update(evaluated)

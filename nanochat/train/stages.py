@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from nanochat.checkpoint import BackgroundWriter, find_latest, stage_run_dir
+from nanochat import checkpoint
+from nanochat.checkpoint import BackgroundWriter, stage_run_dir
 from nanochat.common import default_device
 from nanochat.config import parse_config
 from nanochat.runlog import MetricsLog
@@ -48,22 +49,34 @@ STAGES = {stage.name: stage for stage in (
 
 
 def run_plain(name: str, argv: list[str] | None, description: str) -> dict:
-    """A stage's single-process run, each training script's main(): setup, --resume from the latest
-    checkpoint, the loop (metrics.jsonl, checkpoints written in the background with the data position),
-    summary.json. SIGTERM saves at the next step boundary and exits with status 143 (128 + SIGTERM)."""
+    """A stage's single-process run, each training script's main(): the run dir claimed (a run dir holds
+    one run: another is refused without --resume, a second live writer always), setup, --resume from the
+    latest checkpoint, the loop (metrics.jsonl, checkpoints written in the background with the data
+    position), summary.json. SIGTERM saves at the next step boundary and exits with status 143 (128 + SIGTERM)."""
     stage = STAGES[name]
     cfg = parse_config(stage.config, argv, description=description)
-    run = stage.setup(cfg, torch.device(cfg.device or default_device()))
-    print(f"precision plan:\n{run.plan.summary()}\n{run.describe()}")
     run_dir = Path(cfg.run_dir or stage_run_dir(name, cfg.depth))
     ckpt_dir = run_dir / "checkpoints"
+    with checkpoint.RunLock(run_dir):  # held until the last checkpoint is on disk
+        if cfg.resume and ckpt_dir.is_dir():
+            checkpoint.restore_orphans(ckpt_dir)
+        run_id, latest = checkpoint.open_run_dir(run_dir, ckpt_dir, cfg.resume, "--run-dir DIR")  # before setup: fail fast
+        run = stage.setup(cfg, torch.device(cfg.device or default_device()))
+        run.meta["run_id"] = run_id
+        print(f"precision plan:\n{run.plan.summary()}\n{run.describe()}")
+        return _train_plain(stage, cfg, run, run_dir, latest)
+
+
+def _train_plain(stage: Stage, cfg: StageConfig, run: Run, run_dir: Path, latest: Path | None) -> dict:
+    """run_plain from the restore on, under the run dir's lock."""
+    ckpt_dir = run_dir / "checkpoints"
     start_step, position = 0, None
-    latest = find_latest(ckpt_dir) if cfg.resume else None
     if latest is not None:
         start_step, position = restore_run(run, latest)
-        print(f"resumed from {latest} at step {start_step}")
+        print(f"resumed run {run.meta['run_id']} from {latest} at step {start_step}")
     elif cfg.resume:
         print(f"--resume: no complete checkpoint in {ckpt_dir}, starting from scratch")
+    checkpoint.claim_run_dir(run_dir, run.meta["run_id"])
     batches = stage.batches(run, 0, 1, position)
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if latest else None)
     writer = BackgroundWriter()

@@ -1,9 +1,10 @@
 """The training step, shared by the plain scripts and the Ray train loop.
 
 One optimizer step = `grad_accum` micro-batches of forward+backward under the plan's autocast,
-then (fp16 only) the GradScaler's unscale / inf-check / step / update, then zero_grad. The loss is
-kept on the device during accumulation so micro-steps never wait on the host; the one `.item()`
-per step is the price of the divergence guard and the log line.
+then (fp16 only) the GradScaler's unscale / inf-check / step / update, then zero_grad. In every dtype
+a step whose loss or gradient norm is not finite is skipped whole, as an fp16 overflow is. The loss
+and the norm stay on the device until the step's one wait on it, the price of that decision, the
+divergence guard and the log line.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from nanochat.optim import grad_norm
 from nanochat.precision import PrecisionPlan
 from nanochat.train.data_parallel import DataParallel
 
@@ -25,7 +27,7 @@ WeightedBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # + a weight pe
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss stayed non-finite (or fp16 steps kept overflowing) for too many steps in a row."""
+    """The loss or the gradients stayed non-finite (or fp16 steps kept overflowing) for too many steps in a row."""
 
 
 def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float) -> float:
@@ -56,9 +58,10 @@ def set_schedule(optimizer: torch.optim.Optimizer, lrm: float, momentum: float) 
 @dataclass
 class StepResult:
     loss: float  # mean training loss over the micro-batches (nan if non-finite)
-    skipped: bool  # the optimizer did not step (fp16 overflow or non-finite loss)
+    skipped: bool  # the optimizer did not step (fp16 overflow, non-finite loss or gradient)
     scale: float | None  # GradScaler scale after the step, None without a scaler
     data_s: float = 0.0  # seconds the host waited for the step's batches
+    grad_norm: float = math.nan  # L2 norm of the whole averaged (unscaled) gradient, inf/nan when non-finite
 
 
 PHASES = ("data", "compute", "exposed_comm", "optimizer")
@@ -155,21 +158,26 @@ class TrainStep:
         marks.append(self.clock.mark())
         mean = total / self.grad_accum
         if self.parallel is not None:
-            # every worker then holds the same mean loss and its averaged gradients (all of them, or the
-            # ones it owns), and all of them take, or skip, the same optimizer step
-            mean = self.parallel.finish(mean)
-        marks.append(self.clock.mark())
-        mean_loss = mean.item()
+            # every worker then holds the same mean loss and gradient norm and its averaged gradients (all of
+            # them, or the ones it owns), and all of them take, or skip, the same optimizer step
+            mean, norm = self.parallel.finish(mean)
+            marks.append(self.clock.mark())
+        else:
+            marks.append(self.clock.mark())
+            norm = grad_norm([p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None])
+        mean_loss, norm_value = torch.stack([mean.float(), norm]).tolist()  # the step's one wait on the device
         self.clock.read_previous()
-        skipped = self._optimizer_step(math.isfinite(mean_loss))
+        if self.scaler is not None:
+            norm_value /= self.scaler.get_scale()  # the gradients are still scaled
+        skipped = self._optimizer_step(math.isfinite(mean_loss) and math.isfinite(norm_value))
         marks.append(self.clock.mark())
         if self.parallel is not None and not skipped:
             self.parallel.gather_params()
         marks.append(self.clock.mark())
         self.clock.finish_step(marks, data_s)
         self.optimizer.zero_grad(set_to_none=True)
-        self._guard(skipped, mean_loss)
-        return StepResult(mean_loss, skipped, self.scaler.get_scale() if self.scaler else None, data_s)
+        self._guard(skipped, mean_loss, norm_value)
+        return StepResult(mean_loss, skipped, self.scaler.get_scale() if self.scaler else None, data_s, norm_value)
 
     def distribute(self, model: nn.Module, shard: bool = True, comm_dtype: torch.dtype | None = None) -> DataParallel:
         """Make this step (over `model`) one worker of the default process group: gradients sync through
@@ -193,12 +201,13 @@ class TrainStep:
         x, y, w = batch
         return (self.model(x, y, loss_reduction="none") * w).sum()
 
-    def _optimizer_step(self, loss_is_finite: bool) -> bool:
-        """Step every optimizer group, or none. Returns True when the step was skipped."""
+    def _optimizer_step(self, finite: bool) -> bool:
+        """Step every optimizer group, or none. Returns True when the step was skipped. `finite`: the loss and
+        the gradient norm both are; with a GradScaler its own inf-check over the same gradients decides."""
         if self.scaler is None:
-            if loss_is_finite:
+            if finite:
                 self.optimizer.step()
-            return not loss_is_finite
+            return not finite
         # unscale first so Muon orthogonalizes true gradients; scaler.step skips the whole
         # optimizer (Muon and AdamW groups alike) if any gradient holds inf/NaN
         scale_before = self.scaler.get_scale()
@@ -207,15 +216,15 @@ class TrainStep:
         self.scaler.update()
         return self.scaler.get_scale() < scale_before
 
-    def _guard(self, skipped: bool, loss: float) -> None:
+    def _guard(self, skipped: bool, loss: float, norm: float) -> None:
         self.skipped_total += skipped
         self.bad_in_a_row = self.bad_in_a_row + 1 if skipped else 0
         if self.bad_in_a_row < self.max_bad_steps:
             return
         scale = f", loss scale {self.scaler.get_scale():g}" if self.scaler else ""
         raise TrainingDiverged(
-            f"{self.bad_in_a_row} optimizer steps in a row were skipped (last loss {loss}{scale}): training has "
-            f"diverged in {self.plan.dtype}. Lower the learning rates, resume from an earlier checkpoint, "
+            f"{self.bad_in_a_row} optimizer steps in a row were skipped (last loss {loss}, gradient norm {norm}{scale}): "
+            f"training has diverged in {self.plan.dtype}. Lower the learning rates, resume from an earlier checkpoint, "
             "or try --dtype float32 to rule out a precision problem."
         )
 
