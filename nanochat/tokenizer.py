@@ -267,6 +267,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids)
 
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        """The bytes of `ids` (a token may hold part of a character: decode() shows it as U+FFFD)."""
+        return self._enc.decode_bytes(ids)
+
     # --- derived tables ------------------------------------------------------
 
     def token_bytes(self) -> torch.Tensor:

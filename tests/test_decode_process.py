@@ -28,10 +28,7 @@ from tests.test_engine import PLAN, random_model
 
 
 class WholeDecodeStream:
-    """The reference: each segment decoded whole at every token, the new suffix handed out, trailing
-    U+FFFD held back (what AnswerStream did before it decoded a window)."""
-
-    OPEN, CLOSE = AnswerStream._OPEN, AnswerStream._CLOSE
+    """The reference: each segment decoded whole; the parts and the whole text an answer must give."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
@@ -39,34 +36,40 @@ class WholeDecodeStream:
         self.starts = {special("<|python_start|>"): "python", special("<|output_start|>"): "python_output"}
         self.ends = {special("<|python_end|>"): "python", special("<|output_end|>"): "python_output"}
         self.parts: list[dict] = []
-        self.kind, self.segment, self.shown = "text", [], 0
+        self.kind, self.segment, self.shown = "text", [], ""
 
-    def new_text(self, final: bool = False) -> str:
-        text = self.tokenizer.decode(self.segment)
-        ready = text if final else text.rstrip("\ufffd")
-        piece, self.shown = ready[self.shown:], max(self.shown, len(ready))
-        return piece
-
-    def close(self) -> str:
-        piece = self.new_text(final=True)
+    def close(self) -> None:
         if self.segment:
-            self.parts.append({"type": self.kind, "text": self.tokenizer.decode(self.segment)})
-        piece += self.CLOSE[self.kind]
-        self.kind, self.segment, self.shown = "text", [], 0
-        return piece
+            text = self.tokenizer.decode(self.segment)
+            self.parts.append({"type": self.kind, "text": text})
+            self.shown += text
+        self.shown += AnswerStream._CLOSE[self.kind]
+        self.kind, self.segment = "text", []
 
-    def feed(self, token: int) -> str:
+    def feed(self, token: int) -> None:
         if token in self.starts:
-            piece = self.close()
+            self.close()
             self.kind = self.starts[token]
-            return piece + self.OPEN[self.kind]
-        if token in self.ends and self.ends[token] == self.kind:
-            return self.close()
-        self.segment.append(token)
-        return self.new_text()
+            self.shown += AnswerStream._OPEN[self.kind]
+        elif token in self.ends and self.ends[token] == self.kind:
+            self.close()
+        else:
+            self.segment.append(token)
+
+    def text_so_far(self) -> str:
+        """Decoded whole up to here, a character still split across tokens left out."""
+        pending = self.tokenizer.decode_bytes(self.segment)
+        for cut in range(min(3, len(pending)) + 1):  # a UTF-8 character is 4 bytes at most
+            try:
+                return self.shown + pending[: len(pending) - cut].decode("utf-8", errors="strict" if cut else "replace")
+            except UnicodeDecodeError:
+                continue
+        return self.shown + pending.decode("utf-8", errors="replace")
 
     def finish(self) -> str:
-        return self.close() if self.segment or self.kind != "text" else ""
+        if self.segment or self.kind != "text":
+            self.close()
+        return self.shown
 
 
 def random_answer(tokenizer: Tokenizer, rng: random.Random) -> list[int]:
@@ -92,22 +95,31 @@ def test_the_incremental_stream_gives_what_decoding_each_segment_whole_gives(tok
     for _ in range(200):
         tokens = random_answer(tokenizer, rng)
         stream, reference = AnswerStream(tokenizer), WholeDecodeStream(tokenizer)
-        got = [stream.feed(t) for t in tokens] + [stream.finish()]
-        expected = [reference.feed(t) for t in tokens] + [reference.finish()]
-        assert got == expected
+        out = ""
+        for token in tokens:
+            out += stream.feed(token)
+            reference.feed(token)
+            so_far = reference.text_so_far()
+            # out at once: all that decodes whole, invalid bytes as U+FFFD, only a split character held back
+            assert out == so_far or (out == so_far[:-1] and so_far.endswith("\ufffd")), (out, so_far)
+        assert out + stream.finish() == reference.finish()
         assert stream.parts == reference.parts and stream.text == tokenizer.decode(tokens)
 
 
-def test_the_stream_decodes_a_short_window_per_token(tokenizer, monkeypatch):
-    """However long the answer, each token decodes only the tokens since the last complete character."""
-    windows: list[int] = []
-    decode = tokenizer.decode
-    monkeypatch.setattr(tokenizer, "decode", lambda ids: (windows.append(len(ids)), decode(ids))[1])
+def test_the_stream_decodes_each_token_once(tokenizer, monkeypatch):
+    """However long the answer, and whatever bytes it holds, a token costs one token's decoding."""
+    decoded: list[int] = []
+    decode_bytes = tokenizer.decode_bytes
+    monkeypatch.setattr(tokenizer, "decode_bytes", lambda ids: (decoded.append(len(ids)), decode_bytes(ids))[1])
+    monkeypatch.setattr(tokenizer, "decode", lambda ids: pytest.fail("a whole window was decoded"))
     stream = AnswerStream(tokenizer)
     text = "In the beginning God created the heaven and the earth, Café ☕ 😀. " * 20
     tokens = tokenizer.encode(text)
     assert "".join(stream.feed(t) for t in tokens) + stream.finish() == text
-    assert len(windows) == len(tokens) + 1 and max(windows) <= 4, max(windows)  # 4: an emoji split into its bytes
+    garbage = [random.Random(1).randrange(256) for _ in range(500)]  # the byte tokens: mostly invalid UTF-8
+    stream = AnswerStream(tokenizer)
+    assert "".join(stream.feed(t) for t in garbage) + stream.finish() == decode_bytes(garbage).decode(errors="replace")
+    assert decoded == [1] * (len(tokens) + len(garbage))
 
 
 # ----------------------------------------------------------------------------- the decoding process

@@ -36,6 +36,7 @@ KEY = "test-key-123"
 CONTEXT = 64  # the tiny checkpoint's --max-seq-len
 HELLO = [{"role": "user", "content": "Hello"}]
 STEP_RAISES_SEED, DECODER_DIES_SEED = 4242, 4343  # tight's faults
+REQUEST_TIMEOUT_S = 12  # Serve's HTTP timeout in these tests (ray_jobs.serve sets it from --request-timeout-s)
 
 
 def free_port() -> int:
@@ -57,7 +58,7 @@ def server(tiny_run, tokenizer_dir, monkeypatch_module, local_ray) -> Server:  #
     port = free_port()
     common = {"checkpoint": str(tiny_run), "tokenizer_dir": str(tokenizer_dir), "device": "cpu", "num_cpus": "0.5"}
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
         monkeypatch_module.delenv(serve_app.API_KEY_ENV, raising=False)
         main = serve_app.build_app(common)
         monkeypatch_module.setenv(serve_app.API_KEY_ENV, KEY)  # read when the app is built
@@ -341,6 +342,21 @@ def test_the_key_is_checked_before_the_body_is_read(server):
         conn.sendall(b"POST /tight/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100000\r\n\r\n{\"messages\": ")
         assert conn.recv(4096).startswith(b"HTTP/1.1 401")
+
+
+def test_a_client_that_stalls_its_body_is_cut_off_at_the_request_timeout(server):
+    """A client with the key that sends part of its body and stalls holds the connection no longer than
+    Serve's request timeout (and the replica answers the next request)."""
+    host, port = server.tight.removeprefix("http://").split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=REQUEST_TIMEOUT_S + 30) as conn:
+        started = time.monotonic()
+        conn.sendall(b"POST /tight/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 100000\r\n\r\n{\"messages\": ")
+        reply = conn.recv(4096)
+        waited = time.monotonic() - started
+    assert reply.split(b" ")[1] in (b"408", b"504"), reply[:200]
+    assert REQUEST_TIMEOUT_S - 1 <= waited <= REQUEST_TIMEOUT_S + 15, waited
+    assert chat(server.tight, headers=AUTH, max_tokens=2).status_code == 200
 
 
 def test_a_decode_step_that_raises_fails_its_request_without_its_text(server, engine):

@@ -1,12 +1,16 @@
 """The text of an answer as its tokens arrive, for a terminal or an HTTP stream. Rule: each
-segment (text, a calculator call, its output) comes out as if decoded whole at every token, only the
-new suffix handed out, a trailing U+FFFD (a character split across tokens) held until it completes;
-but only the tokens since the last complete character are decoded, so each token costs the same
-however long the answer (the prefix/read offsets of vLLM's incremental detokenizer)."""
+segment (text, a calculator call, its output) comes out as it decodes whole, piece by piece: each
+token's bytes go through an incremental UTF-8 decoder, which holds the bytes of a character split
+across tokens until it completes and turns bytes that can never form one into U+FFFD at once (as
+decoding whole does). So each token costs the same however long the answer, garbage included."""
 
 from __future__ import annotations
 
+import codecs
+
 from nanochat.tokenizer import Tokenizer
+
+_UTF8 = codecs.getincrementaldecoder("utf-8")
 
 
 class AnswerStream:
@@ -27,22 +31,15 @@ class AnswerStream:
 
     def _new_segment(self, kind: str) -> None:
         self._kind, self._segment, self._pieces = kind, [], []
-        # the window: the segment's tokens from `_start` on, of whose text `_shown` characters are out.
-        # UTF-8 resynchronises after a complete character, so decoding from there gives what decoding
-        # the whole segment would give after the text already out
-        self._start, self._shown = 0, 0
+        self._utf8 = _UTF8(errors="replace")  # errors as in Tokenizer.decode
 
-    def _new_text(self, final: bool = False) -> str:
-        text = self.tokenizer.decode(self._segment[self._start:])
-        ready = text if final else text.rstrip("\ufffd")
-        piece, self._shown = ready[self._shown:], max(self._shown, len(ready))
-        if not text.endswith("\ufffd"):  # no character is pending: the next window starts here
-            self._start, self._shown = len(self._segment), 0
+    def _new_text(self, token_bytes: bytes, final: bool = False) -> str:
+        piece = self._utf8.decode(token_bytes, final)
         self._pieces.append(piece)
         return piece
 
     def _close_segment(self) -> str:
-        piece = self._new_text(final=True)
+        piece = self._new_text(b"", final=True)
         if self._segment:
             self.parts.append({"type": self._kind, "text": "".join(self._pieces)})
         piece += self._CLOSE[self._kind]
@@ -59,7 +56,7 @@ class AnswerStream:
         if token in self._ends and self._ends[token] == self._kind:
             return self._close_segment()
         self._segment.append(token)
-        return self._new_text()
+        return self._new_text(self.tokenizer.decode_bytes([token]))
 
     def finish(self) -> str:
         """Flush what is held back; return the last text to print."""
