@@ -8,7 +8,9 @@
 # The labels come from this machine's own precision probe (`python -m nanochat.precision --labels`),
 # e.g. nanochat/precision=fp16,nanochat/gpu=Tesla-P100-PCIE-16GB, so ray_jobs/scheduler.py can keep
 # the workers of one model inside one dtype. NANOCHAT_DTYPE and NANOCHAT_EMULATE are honoured like
-# everywhere else; PYTHON picks the interpreter (default python3).
+# everywhere else; PYTHON picks the interpreter (default python3). A node whose Ray or torch is not
+# the version the locks pin (requirements.lock, requirements-torch.txt) is refused: install from them
+# (docs/cluster.md, section 1), or set NANOCHAT_UNLOCKED=1 to start it anyway.
 set -euo pipefail
 
 usage() {
@@ -47,6 +49,18 @@ esac
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python3}"
 probe() { PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}" "$python" -m nanochat.precision "$@"; }
+
+# A machine set up later than the others may hold another Ray or torch: it would join, and jobs would
+# fail on it (or compute differently from the rest of its group) long after it started.
+locked="$(sed -n 's/^\(ray\|torch\)==\([^ ;]*\).*/\1 \2/p' "${repo}/requirements.lock" "${repo}/requirements-torch.txt")"
+installed="$("$python" -c 'from importlib.metadata import version as v; print("ray", v("ray")); print("torch", v("torch").split("+")[0])')" \
+    || installed="no installed ray and torch"
+if [[ "$installed" != "$locked" && -z "${NANOCHAT_UNLOCKED:-}" ]]; then
+    echo "error: this node has ${installed//$'\n'/, } but the locks pin ${locked//$'\n'/, } (requirements.lock," \
+        "requirements-torch.txt): install from them (docs/cluster.md, section 1), or set NANOCHAT_UNLOCKED=1" \
+        "to start it anyway" >&2
+    exit 1
+fi
 
 if ! labels="$(probe --labels)"; then
     echo "error: the precision probe failed (see above); fix NANOCHAT_DTYPE/NANOCHAT_EMULATE or the CUDA setup" >&2

@@ -204,9 +204,10 @@ def data_position_of(batches) -> dict:
 
 
 class WorkerHooks:
-    """A worker's `log` and `save` for the stage's loop. Every `report_every` steps the metrics go to MLflow
-    (rank 0) and Ray Train, and Ray's preemption notice is read; checkpoints are gathered from every rank,
-    written by rank 0 to local disk and copied to storage by Ray Train in the background."""
+    """A worker's `log` and `save` for the stage's loop. Every `report_every` steps the metrics go to Ray
+    Train and Ray's preemption notice is read; checkpoints are gathered from every rank, written by rank 0 to
+    local disk and copied to storage by Ray Train in the background, and then rank 0 writes the metrics of
+    the steps they cover to MLflow (a Tune trial's before each report, which its driver judges)."""
 
     def __init__(self, run: Run, batches: Iterator, rank: int, tracker: Tracker | None, start_step: int,
                  after_step: Callable[[int], None]):
@@ -221,10 +222,10 @@ class WorkerHooks:
     def log(self, record: dict) -> None:
         self.last.update(record)
         if self.tracker:
-            self.tracker.log(record)
-        if self.every > 0 and record["step"] % self.every == 0:  # every rank: both calls below are barriers
-            if self.tracker:
-                self.tracker.flush()
+            self.tracker.log(record)  # written once a checkpoint covers it (save)
+        if self.every > 0 and record["step"] % self.every == 0:  # every rank: the report is a barrier
+            if self.tracker and self.tracker.judged_by_driver:  # a Tune trial's driver may end its run on this report
+                self.tracker.flush(through=record["step"])
             ray.train.report(numeric(self.last))
             self._check_preemption(record["step"])
         self.after_step(record["step"])
@@ -251,10 +252,11 @@ class WorkerHooks:
         if self.rank != 0:
             ray.train.report(numeric(self.last))
             return
-        self.tracker.flush()
         path = write_snapshot(self.local_root, snapshot_run(self.run, step, data_position, optimizer_state))
         ray.train.report(numeric(self.last), checkpoint=ray.train.Checkpoint.from_directory(path), checkpoint_dir_name=path.name,
                          checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+        # only now the steps this checkpoint covers go to MLflow: a restart from it logs each later step once
+        self.tracker.flush(through=step)
 
 
 def quiet_report_log() -> None:
@@ -275,6 +277,8 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run = stage.setup(cfg, ray.train.torch.get_device(), world, rank)
+    if config.get("run_id"):  # the driver's run (a Tune trial's run keeps the id setup gave it)
+        run.meta["run_id"] = config["run_id"]
     if world > 1:
         run.step_fn.distribute(run.model, shard=config["shard_optimizer"], comm_dtype=getattr(torch, config["grad_dtype"]) if config["grad_dtype"] else None)
     check_group(run, rank, config["precision"])
@@ -296,6 +300,7 @@ def train_loop_per_worker(config: dict) -> None:
     hooks = WorkerHooks(run, batches, rank, tracker, start_step, fault_hook(config["fault"], rank, restored is not None))
     summary = stage.loop(run, batches, start_step, with_step_split(run, hooks.log, cfg.report_every), hooks.save)
     if rank == 0:  # the driver prints it
+        tracker.flush()  # one more try for metrics a failing store kept back (the last checkpoint covers them all)
         tracker.log_json("summary.json", summary)
         Path(config["summary_path"]).write_text(json.dumps(summary, indent=2))
 
@@ -362,27 +367,31 @@ def load_tokenizer(directory: str) -> Tokenizer:
     return Tokenizer.load(directory)
 
 
-def check_resume(run_dir: Path, resume: bool, train_shards: list[Path] | None) -> None:
-    """Ray Train resumes a run from its storage folder by itself (same --name and --storage-path): make
-    that an explicit choice rather than a surprise, and make sure the shards still hold its data position."""
-    latest = checkpoint.find_latest(run_dir) if run_dir.exists() else None
-    if latest is None:
-        return
-    if not resume:
-        raise SystemExit(f"{run_dir} already holds checkpoints (latest: {latest.name}); pass --resume to "
-                         "continue that run, or --name / --storage-path for a new one")
-    position = checkpoint.load_checkpoint(latest, restore_rng=False)["loader_state"]
-    if train_shards is not None and position is not None:
-        work_items(train_shards, position)
+def check_resume(run_dir: Path, cfg, shards: list[Path] | None) -> str:
+    """The run id of the run about to start in `run_dir` (checkpoint.open_run_dir: a folder that holds a
+    run needs --resume, and resumes only its own checkpoints). Ray Train resumes a run from its storage
+    folder by itself (same --name and --storage-path): this makes that an explicit choice rather than a
+    surprise, and checks that the shards are those the checkpoint was trained on and still hold its data
+    position. The driver has always refused with SystemExit, which ends it in one line."""
+    try:
+        run_id, latest = checkpoint.open_run_dir(run_dir, run_dir, cfg.resume, "--name / --storage-path")
+        if latest is not None and shards is not None:
+            state = checkpoint.load_checkpoint(latest, restore_rng=False)
+            checkpoint.check_shard_set(latest, state["meta"].get("shards"), checkpoint.shard_set(shards), cfg.allow_new_shards)
+            if state["loader_state"] is not None:
+                work_items(split_shards(shards, "train"), state["loader_state"])
+    except checkpoint.CheckpointError as refused:
+        raise SystemExit(str(refused)) from None
+    return run_id
 
 
-def preflight(cfg, stage: Stage, run_dir: Path) -> None:
+def preflight(cfg, stage: Stage, run_dir: Path) -> str:
     """Everything the driver can check before it starts Ray, an MLflow run or a GPU, so that a mistake
     fails in one line and at once: the shards (every footer read), the tokenizer, the checkpoint to
-    resume. (The checkpoint a later stage starts from is checked by resolve_paths.)"""
+    resume. (The checkpoint a later stage starts from is checked by resolve_paths.) Returns the run id."""
     train_shards = check_shards(cfg.data_dir) if stage.shards else None
     load_tokenizer(cfg.tokenizer_dir)
-    check_resume(run_dir, cfg.resume, train_shards)
+    return check_resume(run_dir, cfg, list_shards(cfg.data_dir) if train_shards is not None else None)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -394,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
     resolve_paths(cfg, STAGES[stage])
     storage = Path(cfg.storage_path or base_dir() / "ray_results").resolve()
     name = cfg.name or checkpoint.stage_run_dir(stage, cfg.depth).name
-    preflight(cfg, STAGES[stage], storage / name)
+    run_id = preflight(cfg, STAGES[stage], storage / name)
     cpus = cfg.num_workers * cfg.cpus_per_worker + cfg.tokenize_workers + 1  # + the packing actor
     nodes = planned_nodes(cfg.address, cfg.dtype, cfg.device, cpus)
     group, scaling = plan_cluster(cfg.precision, cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, ray_nodes=nodes)
@@ -410,14 +419,16 @@ def main(argv: list[str] | None = None) -> dict:
     uri = cfg.mlflow_uri or default_uri(cfg.storage_path)
     params = {**dataclasses.asdict(cfg), "precision_group": group.precision}
     # the run ends with the block: FAILED on an error, KILLED on Ctrl-C or SIGTERM (`ray job stop`)
-    with Tracker.create(uri, cfg.mlflow_experiment, name, params).ending() as tracker:
+    # the driver holds the run folder's lock while Ray Train writes checkpoints there: one writer per run
+    with checkpoint.RunLock(storage / name), Tracker.create(uri, cfg.mlflow_experiment, name, params).ending() as tracker:
+        checkpoint.claim_run_dir(storage / name, run_id)
         print(f"MLflow run {tracker.run_id} in {uri}  ({ui_command(uri)})")
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
                 "stage": stage, "stage_config": stage_config, "precision": group.precision,
                 "shard_optimizer": cfg.shard_optimizer, "grad_dtype": cfg.grad_dtype, "fault": os.environ.get(FAULT_ENV, ""),
-                "mlflow_uri": uri, "mlflow_run_id": tracker.run_id, "summary_path": str(storage / name / "summary.json"),
+                "run_id": run_id, "mlflow_uri": uri, "mlflow_run_id": tracker.run_id, "summary_path": str(storage / name / "summary.json"),
             },
             scaling_config=scaling,
             run_config=RunConfig(

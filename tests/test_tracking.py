@@ -1,6 +1,7 @@
 """nanochat/tracking.py on a real sqlite store: a run never stays RUNNING (an error, Ctrl-C and SIGTERM
-end it FAILED or KILLED), a judged run logs nothing past a stop, and the `mlflow ui` lines of the docs
-open the store every entry point writes to."""
+end it FAILED or KILLED), a judged run logs nothing past a stop, a failing store never stops training and
+gets every step once when it recovers, and the `mlflow ui` lines of the docs open the store every entry
+point writes to."""
 
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
-from nanochat.tracking import TERMINATED, Tracker, default_uri
+from nanochat import tracking
+from nanochat.checkpoint import find_latest
+from nanochat.tracking import TERMINATED, Tracker, default_uri, ensure_experiment
+from ray_jobs import train as ray_train
 from tests.conftest import REPO
 
 VERDICT_DELAY_S = 0.5  # how long the "driver" below takes to judge a report
@@ -145,3 +151,102 @@ def test_every_mlflow_ui_line_of_the_docs_opens_the_default_store(tmp_path, monk
             expanded = subprocess.run(["bash", "-c", f"echo {uri}"], env=env, capture_output=True, text=True).stdout.strip()
             assert expanded == expected, f"{name}: mlflow ui --backend-store-uri {uri}"
     assert Path(expected.removeprefix("sqlite:///")) == tmp_path / "home" / ".cache" / "nanochat" / "mlflow.db"
+
+
+def database(uri: str) -> Path:
+    return Path(uri.removeprefix("sqlite:///"))
+
+
+@contextmanager
+def failing_disk(uri: str) -> Iterator[None]:
+    """The store's disk fails (a shared disk in trouble): sqlite cannot create its rollback journal, so
+    every read and write of the real store raises "disk I/O error" until the block ends."""
+    journal = database(uri).with_name(database(uri).name + "-journal")
+    journal.mkdir()
+    try:
+        yield
+    finally:
+        journal.rmdir()
+
+
+def store_warnings(text: str, what: str) -> list[str]:
+    """The tracker's warnings about `what` (a Ray worker's lines come with its name and colours in front)."""
+    return [line for line in text.splitlines() if "warning: MLflow: could not " + what in line]
+
+
+def test_a_failing_store_keeps_the_metrics_warns_once_and_gets_each_step_once_when_it_recovers(store, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(tracking, "RETRY_WAITS_S", (0.01, 0.02))
+    driver, worker = new_run(store)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("notes")
+    with failing_disk(store):
+        log_steps(worker, range(1, 5))  # nothing raises: the metrics stay queued
+        log_steps(worker, range(5, 9))
+        worker.log_artifact(notes)
+    err = capsys.readouterr().err
+    assert len(store_warnings(err, "write metrics")) == 1, err  # once for the outage, not once per flush
+    assert "disk I/O error" in err and "3 tries" in err and len(store_warnings(err, "store artifact")) == 1
+    assert {m.step for m in worker.pending} == set(range(1, 9))
+
+    # the store is back: a flush up to a checkpoint's step writes what is due, the rest waits for the next
+    for step in range(9, 11):
+        worker.log({"step": step, "loss": 1.0 / step})
+    worker.flush(through=8)
+    assert logged_steps(worker) == list(range(1, 9)) and "the store works again" in capsys.readouterr().err
+    worker.flush()
+    assert logged_steps(worker) == list(range(1, 11)) and not worker.pending
+
+    # ending the run while the disk fails warns and leaves it for the store, never raises
+    with failing_disk(store):
+        worker.log({"step": 11, "loss": 0.1})
+        with worker.ending():
+            pass
+    err = capsys.readouterr().err
+    assert "1 metrics of steps 11-11 never reached the store" in err and len(store_warnings(err, "read the run's status")) == 1
+    assert status(driver) == "RUNNING"
+
+
+def test_the_metrics_held_for_a_failing_store_are_bounded(store, monkeypatch, capsys):
+    monkeypatch.setattr(tracking, "MAX_PENDING", 4)
+    _, worker = new_run(store)
+    for step in range(1, 7):
+        worker.log({"step": step, "loss": 1.0 / step})
+    assert [m.step for m in worker.pending] == [3, 4, 5, 6]
+    assert capsys.readouterr().err.count("the oldest are dropped") == 1
+
+
+def test_ray_training_goes_on_through_a_store_outage_and_mlflow_gets_each_step_once(local_ray, data_dir, tokenizer_dir, tmp_path, capfd):
+    """A real run on Ray whose store fails from the moment its MLflow run exists until the step-8 checkpoint
+    is in storage: the first flush (after the step-4 checkpoint) fails on every try while rank 0 trains on,
+    the checkpoints are written, and the metrics kept reach MLflow at a later checkpoint, each step once."""
+    uri, name, steps = default_uri(tmp_path), "outage", 12
+    experiment = ensure_experiment(uri, "store-outage")
+    broken, recovered = threading.Event(), threading.Event()
+
+    def outage() -> None:
+        client = MlflowClient(uri)
+        while not client.search_runs([experiment], f"attributes.run_name = '{name}'"):
+            time.sleep(0.05)
+        with failing_disk(uri):
+            broken.set()
+            while not (tmp_path / name / "step_000008").exists():
+                time.sleep(0.05)
+        recovered.set()
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    summary = ray_train.main([
+        "--device", "cpu", "--data-dir", str(data_dir), "--tokenizer-dir", str(tokenizer_dir), "--depth", "2",
+        "--head-dim", "32", "--max-seq-len", "64", "--device-batch-size", "8", "--total-batch-size", "512",
+        "--num-iterations", str(steps), "--eval-every", "-1", "--sample-every", "-1", "--num-workers", "1",
+        "--save-every", "4", "--keep-last", "3", "--report-every", "2", "--storage-path", str(tmp_path), "--name", name,
+        "--mlflow-experiment", "store-outage",
+    ])
+    thread.join(timeout=60)
+    assert broken.is_set() and recovered.is_set()
+    assert summary["steps"] == steps and find_latest(tmp_path / name).name == f"step_{steps:06d}"
+    assert sorted(p.name for p in (tmp_path / name).glob("step_*")) == [f"step_{s:06d}" for s in (4, 8, 12)]
+    assert logged_steps(Tracker(uri, summary["mlflow_run_id"])) == list(range(1, steps + 1))
+    printed = capfd.readouterr()
+    assert len(store_warnings(printed.out + printed.err, "write metrics")) == 1
+    assert "MLflow: the store works again" in printed.out + printed.err

@@ -52,7 +52,8 @@ class StageConfig(CommonConfig):
     tokenizer_dir: str = option("", "trained tokenizer; empty = $NANOCHAT_BASE_DIR/tokenizer")
     max_bad_steps: int = option(20, "abort after this many skipped (non-finite) steps in a row")
     report_every: int = option(10, "every N steps: the step-time split (data, compute, exposed communication, optimizer) "
-                               "in the metrics, and on Ray the metrics sent to Ray Train and MLflow; -1 = never")
+                               "in the metrics, and on Ray the metrics sent to Ray Train (MLflow gets them once a checkpoint "
+                               "covers them); -1 = never")
 
 
 @dataclass
