@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -59,6 +60,21 @@ def pytest_collection_modifyitems(config, items):
 
 RAY_CPUS = 8  # logical CPUs: the most any module asks of it (a Tune trial and its data actors, Serve's replicas)
 SHARED_RAY_MODULES: set[str] = set()  # modules with a test that asks for the shared instance
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+METRICS_PORT = free_port()  # the shared instance's Prometheus endpoint: http://127.0.0.1:METRICS_PORT/metrics
+
+
+@pytest.fixture(scope="session")
+def ray_metrics_port() -> int:
+    """The port of local_ray's Prometheus endpoint (a fixture: tests that import this module get a copy of it)."""
+    return METRICS_PORT
 _shared_ray_running = False
 
 
@@ -75,7 +91,7 @@ def local_ray() -> None:
 
     if not ray.is_initialized():
         # address="local": an instance of our own, never a cluster that happens to run on this host
-        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False)
+        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, _metrics_export_port=METRICS_PORT)
         _shared_ray_running = True
 
 

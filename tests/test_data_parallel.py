@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import socket
 from collections.abc import Callable
 
 import pytest
@@ -18,6 +17,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.precision import resolve
 from nanochat.train.data_parallel import plan_layout
 from nanochat.train.step import TrainStep
+from tests.conftest import free_port
 
 ROWS, SEQ, VOCAB, ACCUM = 6, 32, 512, 2  # 6 rows split evenly over 1, 2 or 3 ranks
 # largest parameter difference, relative to the parameter's largest value, against one process: the
@@ -61,12 +61,6 @@ def train_steps(world: int, rank: int, steps: int, shard: bool = True, comm_dtyp
         losses.append(step(data).loss)
     return {"model": {k: v.clone() for k, v in model.state_dict().items()}, "optimizer": (parallel or optimizer).state_dict(),
             "losses": losses, "scale": step.scaler.get_scale() if scaler else None, "skipped": step.skipped_total}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out: str, jobs: dict) -> None:

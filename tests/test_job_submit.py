@@ -10,7 +10,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from ray_jobs.speedrun import FLOOR_S, STAGES
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
@@ -34,12 +34,6 @@ SPEEDRUN = {"NANOCHAT_DEPTH": "1", "NANOCHAT_SEQ_LEN": "64", "NANOCHAT_VOCAB": "
             "NANOCHAT_TOTAL_BATCH": "256", "NANOCHAT_EVAL_EXAMPLES": "2", "NANOCHAT_TIME_BUDGET": f"{SPEEDRUN_BUDGET_S}s",
             "NANOCHAT_MID_MIXTURE": "identity:40,arithmetic:80,spelling:40",
             "NANOCHAT_SFT_MIXTURE": "identity:40,arithmetic:80,spelling:40"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli_env() -> dict:

@@ -30,6 +30,7 @@ from nanochat.precision import resolve
 from nanochat.scripts import bench_serve
 from nanochat.tokenizer import Tokenizer
 from ray_jobs import serve as serve_app
+from tests.conftest import free_port
 from tests.test_chat_eval import tiny_run  # noqa: F401  (the shared tiny checkpoint fixture)
 
 KEY = "test-key-123"
@@ -37,12 +38,6 @@ CONTEXT = 64  # the tiny checkpoint's --max-seq-len
 HELLO = [{"role": "user", "content": "Hello"}]
 STEP_RAISES_SEED, DECODER_DIES_SEED = 4242, 4343  # tight's faults
 REQUEST_TIMEOUT_S = 12  # Serve's HTTP timeout in these tests (ray_jobs.serve sets it from --request-timeout-s)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -333,6 +328,24 @@ def test_the_metrics_route_counts_requests_and_tokens(server):
 
 
 # ----------------------------------------------------------------------------- a replica that stays up
+
+
+def test_the_serving_metrics_reach_prometheus(server, ray_metrics_port):
+    """Through Ray's metrics export (the Prometheus endpoint of the node): the counters and histograms
+    of ServingMetrics, tagged by application, after the requests above (Ray exports every few seconds)."""
+    assert chat(server.url, max_tokens=4).status_code == 200
+    wanted = ("ray_nanochat_completion_tokens_total{", "ray_nanochat_requests_total{",
+              "ray_nanochat_time_to_first_token_s_bucket{", "ray_nanochat_requests_in_flight{")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        exported = httpx.get(f"http://127.0.0.1:{ray_metrics_port}/metrics", timeout=10).text
+        lines = [line for line in exported.splitlines() if line.startswith(wanted)]
+        if all(any(line.startswith(w) for line in lines) for w in wanted):
+            break
+        time.sleep(1)
+    tokens = [line for line in lines if line.startswith(wanted[0]) and 'application="main"' in line]
+    assert tokens and float(tokens[0].rsplit(" ", 1)[1]) > 0, lines or exported[-2000:]
+    assert all(any(line.startswith(w) for line in lines) for w in wanted), lines
 
 
 def test_the_key_is_checked_before_the_body_is_read(server):

@@ -96,6 +96,8 @@ def _train_plain(stage: Stage, cfg: StageConfig, run: Run, run_dir: Path, latest
             raise SystemExit(128 + signal.SIGTERM) from None
         finally:
             writer.wait()
+            if hasattr(batches, "close"):  # the base stage's DataLoader: its prefetch thread ends with the run
+                batches.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print("summary:", json.dumps(summary))
     return summary
