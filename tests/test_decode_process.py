@@ -17,7 +17,7 @@ from functools import partial
 import pytest
 
 from nanochat.infer.batch import Request
-from nanochat.infer.decode_process import DecodeError, DecodeProcess, DecoderSpec, Reader
+from nanochat.infer.decode_process import END, DecodeError, DecodeProcess, DecoderSpec, Reader
 from nanochat.infer.engine import Engine
 from nanochat.infer.stream import AnswerStream
 from nanochat.tokenizer import Tokenizer
@@ -281,15 +281,31 @@ def test_a_process_that_cannot_start_says_why(tmp_path):
 
 def test_takes_after_the_first_are_an_interval_apart_and_group_the_tokens_between():
     async def scenario() -> tuple[list, list, float]:
-        queue: asyncio.Queue = asyncio.Queue()
-        reader = Reader(queue)
-        queue.put_nowait(1)
+        reader = Reader()
+        reader.put(1)
         first = await reader.take(interval=0.2)  # the first token goes out at once
-        queue.put_nowait(2)
-        asyncio.get_running_loop().call_later(0.05, queue.put_nowait, 3)
+        reader.put(2)
+        asyncio.get_running_loop().call_later(0.05, reader.put, 3)
         started = time.monotonic()
         second = await reader.take(interval=0.2)  # waits out the interval, then takes all that came
         return first, second, time.monotonic() - started
 
     first, second, waited = asyncio.run(scenario())
     assert first == [1] and second == [2, 3] and waited >= 0.15
+
+
+def test_the_last_tokens_go_out_as_soon_as_the_answer_ends():
+    async def scenario() -> tuple[list, list | None, float]:
+        reader = Reader()
+        reader.put(1)
+        await reader.take(interval=5.0)
+        reader.put(2)
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, reader.put, 3)
+        loop.call_later(0.1, reader.put, END)
+        started = time.monotonic()
+        last = await reader.take(interval=5.0)  # no 5 s wait: nothing can come after the end
+        return last, await reader.take(interval=5.0), time.monotonic() - started
+
+    last, after, waited = asyncio.run(scenario())
+    assert last == [2, 3] and after is None and waited < 1.0

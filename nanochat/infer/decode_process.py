@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import multiprocessing
 import secrets
@@ -58,22 +59,32 @@ class Reader:
     """One request's tokens, on the event loop. `take` hands over every token waiting at once, so a
     reader that lags catches up in one go rather than one token per wake-up."""
 
-    def __init__(self, queue: asyncio.Queue, key: int = -1):
+    def __init__(self, key: int = -1):
         self.key = key  # the request's key in the decoder (-1: never submitted)
-        self._queue, self._ended = queue, False
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._last_in = asyncio.Event()  # the answer's end (or error) is queued: nothing more to wait for
+        self._ended = False
         self._last: float | None = None  # when the previous take returned
+
+    def put(self, item: int | DecodeError | None) -> None:
+        """Queue a token, the answer's END or an error (on the event loop)."""
+        self._queue.put_nowait(item)
+        if not isinstance(item, int):
+            self._last_in.set()
 
     async def take(self, deadline: float | None = None, interval: float = 0.0) -> list[int] | None:
         """The tokens waiting (at least one; waits for one), or None once the answer has ended. Raises
         DecodeError when the decoder failed the request, TimeoutError past `deadline` (time.monotonic()).
         After the first take, takes are at least `interval` seconds apart: the tokens of that time go
-        out together (each hand-over costs the event loop and Serve's stream per item, not per token)."""
+        out together (each hand-over costs the event loop and Serve's stream per item, not per token),
+        unless the answer has ended meanwhile: its last tokens go out at once."""
         if self._ended:
             return None
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         items = [await asyncio.wait_for(self._queue.get(), timeout)]
         if self._last is not None and (wait := self._last + interval - time.monotonic()) > 0:
-            await asyncio.sleep(wait)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._last_in.wait(), wait)
         self._last = time.monotonic()
         while not self._queue.empty():
             items.append(self._queue.get_nowait())
@@ -242,7 +253,7 @@ class DecodeProcess:
         atexit.register(self.close)
         self.facts = self._wait_ready(start_timeout_s)
         self.failure: str | None = None  # why the process stopped; None while it decodes
-        self._readers: dict[int, asyncio.Queue] = {}
+        self._readers: dict[int, Reader] = {}
         self._next_key = 0
         self._lock = threading.Lock()  # _readers and failure: the event loop and the relay thread
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -278,15 +289,15 @@ class DecodeProcess:
 
     def submit(self, request: Request) -> Reader:
         self._loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
         with self._lock:  # the relay thread sets `failure` and takes the readers under the same lock
             if self.failure is not None:
-                queue.put_nowait(_stopped())
-                return Reader(queue)
+                reader = Reader()
+                reader.put(_stopped())
+                return reader
             key, self._next_key = self._next_key, self._next_key + 1
-            self._readers[key] = queue
+            reader = self._readers[key] = Reader(key)
         self._post(("add", key, request))
-        return Reader(queue, key)
+        return reader
 
     def cancel(self, reader: Reader) -> None:
         """Stop decoding the reader's request (a no-op once it has ended)."""
@@ -320,23 +331,23 @@ class DecodeProcess:
             readers, self._readers = self._readers, {}
         if not self._closing:
             log.critical("%s: its %d request(s) fail", reason, len(readers))
-        self._send([(queue, _stopped()) for queue in readers.values()])
+        self._send([(reader, _stopped()) for reader in readers.values()])
 
     def _deliver(self, items: list[tuple[int, Any]]) -> None:
         out = []
         with self._lock:
             for key, item in items:
-                queue = self._readers.get(key)
-                if queue is None:  # cancelled: its reader is gone
+                reader = self._readers.get(key)
+                if reader is None:  # cancelled: its reader is gone
                     continue
                 if isinstance(item, tuple):
                     item = DecodeError(*item)
                 if item is END or isinstance(item, DecodeError):
                     del self._readers[key]
-                out.append((queue, item))
+                out.append((reader, item))
         self._send(out)
 
-    def _send(self, items: list[tuple[asyncio.Queue, object]]) -> None:
+    def _send(self, items: list[tuple[Reader, Any]]) -> None:
         """Hand tokens, ends and errors to their readers: one call into the event loop per step."""
         if items and self._loop is not None and not self._loop.is_closed():  # closed: the server has stopped
             self._loop.call_soon_threadsafe(_put_all, items)
@@ -346,6 +357,6 @@ def _stopped() -> DecodeError:
     return DecodeError("this replica's decoder has stopped and the replica is being replaced; retry shortly", retry=True)
 
 
-def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
+def _put_all(items: list[tuple[Reader, Any]]) -> None:
+    for reader, item in items:
+        reader.put(item)
