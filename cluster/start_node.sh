@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Start a Ray node that advertises its precision group as node labels.
 #
-#   cluster/start_node.sh head   [extra ray start args]                  # e.g. on the A100 box
+#   cluster/start_node.sh head   [--mlflow-server] [extra ray start args] # e.g. on the A100 box
 #   cluster/start_node.sh worker HEAD_ADDRESS [extra ray start args]     # e.g. on the P100 box
 #   NANOCHAT_DRY_RUN=1 cluster/start_node.sh worker 10.0.0.1:6379        # print the command only
 #
-# The labels come from this machine's own precision probe (`python -m nanochat.precision --labels`),
+# The labels come from this machine's own precision probe over all its GPUs (`python -m nanochat.precision
+# --labels`; GPUs that need different dtypes get nanochat/precision=mixed, which no group takes),
 # e.g. nanochat/precision=fp16,nanochat/gpu=Tesla-P100-PCIE-16GB, so ray_jobs/scheduler.py can keep
 # the workers of one model inside one dtype. NANOCHAT_DTYPE and NANOCHAT_EMULATE are honoured like
 # everywhere else; PYTHON picks the interpreter (default python3). A node whose Ray or torch is not
 # the version the locks pin (requirements.lock, requirements-torch.txt) is refused: install from them
-# (docs/cluster.md, section 1), or set NANOCHAT_UNLOCKED=1 to start it anyway.
+# (docs/cluster.md, section 1), or set NANOCHAT_UNLOCKED=1 to start it anyway. `--mlflow-server` starts
+# the cluster's MLflow tracking server beside the head, in the background (cluster/mlflow_server.sh: the
+# head's private address, port 5000; its output in $NANOCHAT_MLFLOW_DIR/server.log, default ~/mlflow).
 set -euo pipefail
 
 usage() {
@@ -24,6 +27,10 @@ role="${1:-}"
 case "$role" in
     head)
         start=(ray start --head)
+        if [[ "${1:-}" == --mlflow-server ]]; then
+            mlflow_server=1
+            shift
+        fi
         ;;
     worker)
         if [[ $# -lt 1 || "$1" == -* ]]; then
@@ -71,6 +78,16 @@ echo "node labels : ${labels}"
 
 start+=(--labels "$labels" "$@")
 echo "+ ${start[*]}"
+if [[ -n "${mlflow_server:-}" ]]; then
+    # the server's command and address first (it refuses a machine without a private address), then the server
+    NANOCHAT_DRY_RUN=1 PYTHON="$python" "${repo}/cluster/mlflow_server.sh"
+    if [[ -z "${NANOCHAT_DRY_RUN:-}" ]]; then
+        mlflow_dir="${NANOCHAT_MLFLOW_DIR:-$HOME/mlflow}"
+        mkdir -p "$mlflow_dir"
+        PYTHON="$python" nohup "${repo}/cluster/mlflow_server.sh" >>"${mlflow_dir}/server.log" 2>&1 &
+        echo "MLflow tracking server starting in the background (log: ${mlflow_dir}/server.log)"
+    fi
+fi
 if [[ -n "${NANOCHAT_DRY_RUN:-}" ]]; then
     exit 0
 fi

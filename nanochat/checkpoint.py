@@ -10,6 +10,10 @@ A checkpoint is one directory, root/step_000123/, holding:
 Everything is written into a hidden temp dir in `root`, fsync'd, and renamed into place, so a
 reader sees either a complete checkpoint or none. The manifest is the second line of defence: a
 directory whose files do not match it (a truncated copy, a half-synced bucket) is never resumed from.
+Hashes are checked once, by the writer, against the bytes it serialized; readers check that the manifest
+is there and every file has its size (verify_checkpoint hashes everything, on request), so a restart of
+many workers does not re-read whole checkpoints to hash them. Readers take a pyarrow file system
+(object storage: a Ray Train checkpoint's `filesystem`) where the checkpoint is not on local disk.
 
     save_checkpoint(root, step, model=m, optimizer=opt, scaler=sc, loader_state=ls, meta=meta)
     writer.submit(root, snapshot(step, model=m, ...))   # the same, written on a thread (BackgroundWriter)
@@ -41,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 from torch import nn
 from torch.amp import GradScaler
@@ -86,23 +91,55 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_torch(obj: Any, path: Path) -> None:
+class _HashingFile:
+    """A binary file that keeps the size and sha256 of the bytes written to it: what the manifest records is
+    what was serialized, so the writer's check of the file on disk against it means something."""
+
+    def __init__(self, f: Any):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_file(path: Path, dump: Callable[[Any], None]) -> dict:
+    """Write `path` with `dump(file)` and fsync it; returns its manifest entry (size, sha256 as serialized)."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        hashing = _HashingFile(f)
+        dump(hashing)
         f.flush()
         os.fsync(f.fileno())
+    return {"size": hashing.size, "sha256": hashing.sha256.hexdigest()}
 
 
-def _write_json(obj: Any, path: Path) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
+def _write_torch(obj: Any, path: Path) -> dict:
+    return _write_file(path, lambda f: torch.save(obj, f))
 
 
-def _sha256(path: Path) -> str:
+def _write_json(obj: Any, path: Path) -> dict:
+    return _write_file(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+
+def _location(path: str | Path, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
+    """(file system, path in it) of a checkpoint file or dir: in `filesystem` (e.g. object storage), else on local disk."""
+    if filesystem is None:
+        return pafs.LocalFileSystem(), str(Path(path).absolute())
+    return filesystem, str(path).rstrip("/")
+
+
+def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def _sha256(fs: pafs.FileSystem, path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fs.open_input_stream(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -191,45 +228,50 @@ def _restore_rng(rng: dict) -> None:
 # manifest
 
 
-def _write_manifest(directory: Path, step: int) -> None:
-    files = {}
-    for p in sorted(directory.iterdir()):
-        if p.name != MANIFEST_FILE:
-            files[p.name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+def _write_manifest(directory: Path, step: int, files: dict[str, dict]) -> None:
+    """manifest.json listing `files` (name -> size and sha256 as serialized), written last."""
     _write_json({"format_version": FORMAT_VERSION, "step": step, "files": files}, directory / MANIFEST_FILE)
 
 
-def _manifest_problem(directory: Path) -> str | None:
-    """What is wrong with a checkpoint dir's files versus its manifest, or None when it is intact."""
-    manifest_path = directory / MANIFEST_FILE
-    if not manifest_path.is_file():
-        return f"{manifest_path} is missing (the save never finished)"
+def _manifest_problem(directory: str | Path, filesystem: pafs.FileSystem | None = None, hashes: bool = False) -> str | None:
+    """What is wrong with a checkpoint dir's files versus its manifest, or None when it is intact: the
+    manifest present and readable, every file it lists present with its size, and with `hashes` its sha256."""
+    fs, base = _location(directory, filesystem)
+    manifest_path = f"{base}/{MANIFEST_FILE}"
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
+        files = json.loads(_read_bytes(fs, manifest_path))["files"]
+    except FileNotFoundError:
+        return f"{manifest_path} is missing (the save never finished)"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{manifest_path} is unreadable ({e})"
+    # one listing for every size (one request on object storage, not one per file)
+    found = {info.base_name: info for info in fs.get_file_info(pafs.FileSelector(base))}
     for name, entry in files.items():
-        p = directory / name
-        if not p.is_file():
-            return f"{p} is listed in the manifest but missing"
-        size = p.stat().st_size
-        if size != entry.get("size"):
-            return f"{p} has {size} bytes, the manifest says {entry['size']} (truncated or overwritten)"
-        if _sha256(p) != entry.get("sha256"):
-            return f"{p} does not match its sha256 in the manifest (corrupted)"
+        path, info = f"{base}/{name}", found.get(name)
+        if info is None or info.type != pafs.FileType.File:
+            return f"{path} is listed in the manifest but missing"
+        if info.size != entry.get("size"):
+            return f"{path} has {info.size} bytes, the manifest says {entry['size']} (truncated or overwritten)"
+        if hashes and _sha256(fs, path) != entry.get("sha256"):
+            return f"{path} does not match its sha256 in the manifest (corrupted)"
     if MODEL_FILE not in files or META_FILE not in files:
         return f"{manifest_path} does not list {MODEL_FILE} and {META_FILE}"
     return None
 
 
-def _verify(directory: Path) -> None:
-    problem = _manifest_problem(directory)
+def _verify(directory: str | Path, filesystem: pafs.FileSystem | None = None, hashes: bool = False) -> None:
+    problem = _manifest_problem(directory, filesystem, hashes)
     if problem is not None:
         raise CheckpointError(
             f"checkpoint {directory} is damaged: {problem}. Delete this directory or load an earlier "
             f"checkpoint (find_latest() skips damaged ones)."
         )
+
+
+def verify_checkpoint(path: str | Path, filesystem: pafs.FileSystem | None = None) -> None:
+    """Hash every file of the checkpoint at `path` against its manifest (a full read); raises CheckpointError
+    naming the first that differs. Loading checks only sizes: the writer checked the hashes when it wrote it."""
+    _verify(path, filesystem, hashes=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -280,7 +322,7 @@ def restore_orphans(root: str | Path) -> list[Path]:
 
 
 def find_latest(root: str | Path) -> Path | None:
-    """The highest-step checkpoint under `root` whose files match its manifest, or None."""
+    """The highest-step checkpoint under `root` whose files match its manifest (present, with their sizes), or None."""
     for _, path in _step_dirs(Path(root)):
         problem = _manifest_problem(path)
         if problem is None:
@@ -391,12 +433,14 @@ def write_snapshot(root: str | Path, snap: Snapshot, keep_last: int | None = Non
     tmp = root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        _write_torch(snap.model, tmp / MODEL_FILE)
+        files = {MODEL_FILE: _write_torch(snap.model, tmp / MODEL_FILE)}
         if snap.optimizer is not None:
-            _write_torch(snap.optimizer, tmp / OPTIM_FILE)
-        _write_json(snap.record, tmp / META_FILE)
-        _write_manifest(tmp, snap.step)
+            files[OPTIM_FILE] = _write_torch(snap.optimizer, tmp / OPTIM_FILE)
+        files[META_FILE] = _write_json(snap.record, tmp / META_FILE)
+        _write_manifest(tmp, snap.step, files)
         _fsync_dir(tmp)
+        # the one full check of this checkpoint: what reached the disk is what was serialized
+        _verify(tmp, hashes=True)
         _publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -484,14 +528,23 @@ def _load_torch(path: Path, map_location: Any) -> Any:
         ) from e
 
 
-def _read_record(path: Path) -> dict:
-    record = json.loads((path / META_FILE).read_text())
+def _read_record(path: str | Path, filesystem: pafs.FileSystem | None = None) -> dict:
+    fs, base = _location(path, filesystem)
+    record = json.loads(_read_bytes(fs, f"{base}/{META_FILE}"))
     if record.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
-            f"{path / META_FILE} has format_version {record.get('format_version')!r}, this code reads "
+            f"{base}/{META_FILE} has format_version {record.get('format_version')!r}, this code reads "
             f"{FORMAT_VERSION}. Load it with the nanochat version that wrote it."
         )
     return record
+
+
+def read_state(path: str | Path, filesystem: pafs.FileSystem | None = None) -> dict:
+    """{"step", "loader_state", "meta", "path"} of the checkpoint at `path` (in `filesystem`, e.g. a Ray Train
+    checkpoint's object storage; else local disk), its manifest and sizes checked, no weights read."""
+    _verify(path, filesystem)
+    record = _read_record(path, filesystem)
+    return {"step": record["step"], "loader_state": record["loader_state"], "meta": record["meta"], "path": path}
 
 
 def _load_model_weights(model: nn.Module, state: dict, path: Path) -> None:
@@ -510,9 +563,11 @@ def load_checkpoint(
     map_location: Any = "cpu",
     expect: dict | None = None,
     restore_rng: bool = True,
+    check_hashes: bool = False,
 ) -> dict:
-    """Verify and load the checkpoint at `path` into the given objects (each optional).
+    """Check and load the checkpoint at `path` into the given objects (each optional).
 
+    The manifest and every file's size are checked; `check_hashes` hashes every file too (verify_checkpoint).
     `expect` maps meta keys to the values this run needs (model config, tokenizer fingerprint,
     precision plan...); any difference raises CheckpointError before anything is loaded.
     Returns {"step", "loader_state", "meta", "path"}.
@@ -520,7 +575,7 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist; use find_latest(root) to locate one")
-    _verify(path)
+    _verify(path, hashes=check_hashes)
     record = _read_record(path)
     if expect:
         _check_expect(path, record["meta"], expect)
@@ -580,13 +635,14 @@ def new_run_id() -> str:
     return uuid.uuid4().hex
 
 
-def run_owner(run_dir: str | Path) -> str | None:
-    """The run id `run_dir`'s run.json names, or None where there is none."""
-    path = Path(run_dir) / OWNER_FILE
-    if not path.is_file():
-        return None
+def run_owner(run_dir: str | Path, filesystem: pafs.FileSystem | None = None) -> str | None:
+    """The run id `run_dir`'s run.json names (in `filesystem`, else on local disk), or None where there is none."""
+    fs, base = _location(run_dir, filesystem)
+    path = f"{base}/{OWNER_FILE}"
     try:
-        return json.loads(path.read_text())["run_id"]
+        return json.loads(_read_bytes(fs, path))["run_id"]
+    except FileNotFoundError:
+        return None
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is unreadable ({e}); it names the run that owns {run_dir}: restore it, "
                               "or move the run's checkpoints to a new directory") from e
@@ -596,12 +652,12 @@ def _holds_checkpoints(root: Path) -> bool:
     return root.is_dir() and any(STEP_DIR_RE.match(p.name) or p.name.startswith(LEFTOVER_PREFIXES) for p in root.iterdir())
 
 
-def check_run_id(step_dir: Path, meta: dict, run_id: str, run_dir: Path) -> None:
+def check_run_id(step_dir: str | Path, meta: dict, run_id: str, run_dir: str | Path) -> None:
     """Refuse to resume a checkpoint another run wrote (a checkpoint from before run ids were recorded passes)."""
     theirs = meta.get("run_id")
     if theirs is not None and theirs != run_id:
         raise CheckpointError(
-            f"{step_dir} was written by run {theirs}, but {run_dir / OWNER_FILE} says {run_dir} belongs to run "
+            f"{step_dir} was written by run {theirs}, but {run_dir}/{OWNER_FILE} says {run_dir} belongs to run "
             f"{run_id}: two runs wrote checkpoints here. Move the other run's checkpoints out, or resume in its own directory."
         )
 
@@ -612,37 +668,53 @@ def open_run_dir(run_dir: str | Path, ckpt_root: str | Path, resume: bool, elsew
     (`elsewhere` names the flags that pick another one); with it, the run id is the directory's owner's
     (or the latest checkpoint's, where no run.json was written) and a checkpoint of another run is refused.
     Reads only: the writer then restores orphaned steps (restore_orphans) and claims it (claim_run_dir)."""
-    run_dir, ckpt_root = Path(run_dir), Path(ckpt_root)
-    owner = run_owner(run_dir)
-    if not resume:
-        if owner is None and not _holds_checkpoints(ckpt_root):
-            return new_run_id(), None
-        latest = find_latest(ckpt_root)
-        of_run = f" of run {owner}" if owner else ""
-        what = (f"checkpoints (latest: {latest.name}){of_run}" if latest else f"checkpoints{of_run}"
-                if _holds_checkpoints(ckpt_root) else f"run {owner} (stopped before its first checkpoint)")
-        raise CheckpointError(f"{run_dir} already holds {what}; pass --resume to continue that run, or {elsewhere} for a new one")
     latest = find_latest(ckpt_root)
-    meta = _read_record(latest)["meta"] if latest else {}
-    run_id = owner or meta.get("run_id") or new_run_id()
-    if latest is not None:
-        check_run_id(latest, meta, run_id, run_dir)
+    run_id, _ = resume_run(run_dir, latest, resume, elsewhere, holds_checkpoints=_holds_checkpoints(Path(ckpt_root)))
     return run_id, latest
 
 
-def claim_run_dir(run_dir: str | Path, run_id: str) -> None:
+def resume_run(run_dir: str | Path, latest: str | Path | None, resume: bool, elsewhere: str,
+               filesystem: pafs.FileSystem | None = None, holds_checkpoints: bool = False) -> tuple[str, dict | None]:
+    """(run id, read_state of `latest` or None) of a run starting in `run_dir`, whose latest checkpoint is
+    `latest` as the caller found it (find_latest on disk; for Ray Train, the checkpoint it restores), both
+    in `filesystem` (else on local disk). The rules of open_run_dir; `holds_checkpoints` says the directory
+    holds checkpoint dirs though none is complete."""
+    owner = run_owner(run_dir, filesystem)
+    if not resume:
+        if owner is None and latest is None and not holds_checkpoints:
+            return new_run_id(), None
+        of_run = f" of run {owner}" if owner else ""
+        what = (f"checkpoints (latest: {Path(latest).name}){of_run}" if latest else f"checkpoints{of_run}"
+                if holds_checkpoints else f"run {owner} (stopped before its first checkpoint)")
+        raise CheckpointError(f"{run_dir} already holds {what}; pass --resume to continue that run, or {elsewhere} for a new one")
+    state = read_state(latest, filesystem) if latest is not None else None
+    meta = state["meta"] if state else {}
+    run_id = owner or meta.get("run_id") or new_run_id()
+    if latest is not None:
+        check_run_id(latest, meta, run_id, run_dir)
+    return run_id, state
+
+
+def claim_run_dir(run_dir: str | Path, run_id: str, filesystem: pafs.FileSystem | None = None) -> None:
     """Write `run_dir`'s run.json naming `run_id` (call it holding the RunLock); refused when another run
-    claimed the directory since open_run_dir looked."""
-    run_dir = Path(run_dir)
-    owner = run_owner(run_dir)
+    claimed the directory since open_run_dir looked. In object storage (`filesystem`) there is no RunLock
+    (no flock there): the owner check is the only guard, and one object is written whole or not at all."""
+    owner = run_owner(run_dir, filesystem)
     if owner == run_id:
         return
     if owner is not None:
         raise CheckpointError(f"{run_dir} was claimed by run {owner} while this run ({run_id}) started; "
                               "pass --resume to continue that run, or choose another directory")
+    record = {"run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname()}
+    if filesystem is not None:
+        filesystem.create_dir(str(run_dir), recursive=True)
+        with filesystem.open_output_stream(f"{str(run_dir).rstrip('/')}/{OWNER_FILE}") as f:
+            f.write(json.dumps(record, indent=2, sort_keys=True).encode())
+        return
+    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / f".{OWNER_FILE}.{os.getpid()}"
-    _write_json({"run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname()}, tmp)
+    _write_json(record, tmp)
     os.replace(tmp, run_dir / OWNER_FILE)
     _fsync_dir(run_dir)
 

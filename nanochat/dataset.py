@@ -1,4 +1,4 @@
-"""Parquet shards of documents: build them from local corpora, list them, read them.
+"""Parquet shards of documents: build them from local corpora, download real ones, list them, read them.
 
 Layout: a directory of `shard_00000.parquet`, `shard_00001.parquet`, ... each with one string
 column `text` (one document per row) split into row groups of ~1000 documents. Row groups are
@@ -7,7 +7,9 @@ the unit of work for every loader. The LAST shard is the validation split; all o
     python -m nanochat.dataset build                                  # embedded corpus -> default dir
     python -m nanochat.dataset build --source notes.txt --out /data/nc
     python -m nanochat.dataset build --source hf:roneneldan/TinyStories::train --max-docs 200000
+    python -m nanochat.dataset download --shards 8 [--out DIR] [--workers 4]   # FineWeb-Edu, ~100 MB a shard
     python -m nanochat.dataset list [--data-dir DIR]
+    python -m nanochat.dataset tokenize [--data-dir DIR]   # token files every epoch reuses (nanochat/tokenized.py)
 
 Sources (`--source`):
   embedded          the World English Bible, one document per chapter (see nanochat/corpus.py)
@@ -15,32 +17,39 @@ Sources (`--source`):
   FILE.jsonl        one JSON object per line with a string field "text"
   FILE.parquet      a string column "text"
   DIR               every .txt/.jsonl/.parquet file under DIR, in sorted path order
-  hf:NAME[:CONFIG][:SPLIT]   `datasets.load_dataset(NAME, CONFIG, split=SPLIT or "train")`, needs a
-                    "text" column; offline by default (local HF cache or a local dataset dir):
-                    set HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 to allow downloads
+  hf:NAME[:CONFIG][:SPLIT]   `datasets.load_dataset(NAME, CONFIG, split=SPLIT or "train", streaming=True)`,
+                    needs a "text" column; offline by default (local HF cache or a local dataset dir):
+                    set HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 to stream it from the Hub
 Default output dir: `$NANOCHAT_DATA`, else `$NANOCHAT_BASE_DIR/data` (~/.cache/nanochat/data).
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import os
 import re
 import shutil
+import threading
+import urllib.error
+import urllib.request
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from nanochat.common import base_dir
 from nanochat.config import option, parse_command
 from nanochat.corpus import embedded_corpus
-from nanochat.errors import UsageError
+from nanochat.errors import UsageError, run_main
 
 SHARD_GLOB = "shard_[0-9][0-9][0-9][0-9][0-9].parquet"
 BUILD_COMMAND = "python -m nanochat.dataset build"
@@ -199,14 +208,50 @@ def split_shards(shards: list[Path], split: str) -> list[Path]:
 # writing shards
 
 
-def _write_shard(path: Path, docs: list[str], docs_per_row_group: int) -> None:
-    # Write under a temporary name, then rename: a killed build never leaves half a shard.
-    tmp = path.with_name(path.name + ".tmp")
-    with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
-        for start in range(0, len(docs), docs_per_row_group):
-            rows = docs[start : start + docs_per_row_group]
-            writer.write_table(pa.table({"text": rows}, schema=SCHEMA), row_group_size=len(rows))
-    os.replace(tmp, path)
+def shard_name(index: int) -> str:
+    """The file name of shard `index` (upstream nanochat names its shards the same way)."""
+    return f"shard_{index:05d}.parquet"
+
+
+class _ShardWriter:
+    """Writes documents into numbered shards of `staging`, one row group at a time: a build holds one row
+    group in memory, never a shard. Each shard is written under a temporary name and renamed once closed,
+    so a killed build never leaves half a shard."""
+
+    def __init__(self, staging: Path, docs_per_row_group: int, row_groups_per_shard: int | None):
+        self.staging, self.docs_per_row_group, self.row_groups_per_shard = staging, docs_per_row_group, row_groups_per_shard
+        self.written: list[Path] = []
+        self.docs = 0
+        self._group: list[str] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._groups_in_shard = 0
+
+    def add(self, doc: str) -> None:
+        self._group.append(doc)
+        self.docs += 1
+        if len(self._group) == self.docs_per_row_group:
+            self._flush_group()
+            if self.row_groups_per_shard and self._groups_in_shard == self.row_groups_per_shard:
+                self.close_shard()
+
+    def _flush_group(self) -> None:
+        if self._writer is None:
+            path = self.staging / shard_name(len(self.written))
+            self._writer = pq.ParquetWriter(path.with_name(path.name + ".tmp"), SCHEMA, compression="zstd")
+            self.written.append(path)
+        self._writer.write_table(pa.table({"text": self._group}, schema=SCHEMA), row_group_size=len(self._group))
+        self._group = []
+        self._groups_in_shard += 1
+
+    def close_shard(self) -> None:
+        """Write what is pending and close the open shard (a no-op when nothing is pending or open)."""
+        if self._group:
+            self._flush_group()
+        if self._writer is not None:
+            self._writer.close()
+            path = self.written[-1]
+            os.replace(path.with_name(path.name + ".tmp"), path)
+        self._writer, self._groups_in_shard = None, 0
 
 
 def _check_text(doc: object, number: int) -> str:
@@ -225,7 +270,8 @@ def build_shards(
 ) -> list[Path]:
     """Write `texts` as parquet shards in `out_dir`; the last `val_docs` documents become the last (val) shard.
 
-    `val_docs` defaults to one row group. Shards are first written into a hidden staging directory
+    `val_docs` defaults to one row group. `texts` is consumed as a stream: memory holds one row group
+    and the `val_docs` most recent documents. Shards are first written into a hidden staging directory
     and moved into `out_dir` only once all are complete, so an interrupted build cannot leave a
     train shard posing as the validation shard.
     """
@@ -242,38 +288,28 @@ def build_shards(
     staging = out_dir.parent / f".{out_dir.name}.building"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    docs_per_shard = docs_per_row_group * row_groups_per_shard
-    written: list[Path] = []
-    pending: list[str] = []
-    held_back: deque[str] = (
-        deque()
-    )  # the most recent val_docs documents: the val shard if the stream ends now
-
+    train = _ShardWriter(staging, docs_per_row_group, row_groups_per_shard)
+    held_back: deque[str] = deque()  # the most recent val_docs documents: the val shard if the stream ends now
     for number, doc in enumerate(texts):
         held_back.append(_check_text(doc, number))
         if len(held_back) > val_docs:
-            pending.append(held_back.popleft())
-        if len(pending) == docs_per_shard:
-            written.append(staging / f"shard_{len(written):05d}.parquet")
-            _write_shard(written[-1], pending, docs_per_row_group)
-            pending = []
-    if pending:
-        written.append(staging / f"shard_{len(written):05d}.parquet")
-        _write_shard(written[-1], pending, docs_per_row_group)
-    if not written or len(held_back) < val_docs:
+            train.add(held_back.popleft())
+    train.close_shard()
+    if not train.docs:
         shutil.rmtree(staging)
-        total = sum(pq.ParquetFile(p).metadata.num_rows for p in written) + len(held_back)
         raise ValueError(
-            f"got {total} documents, need more than val_docs={val_docs} (train + val): add text or lower val_docs."
+            f"got {len(held_back)} documents, need more than val_docs={val_docs} (train + val): add text or lower val_docs."
         )
-    written.append(staging / f"shard_{len(written):05d}.parquet")
-    _write_shard(written[-1], list(held_back), docs_per_row_group)
+    train.row_groups_per_shard = None  # the held-back documents make one val shard, however many row groups
+    for doc in held_back:
+        train.add(doc)
+    train.close_shard()
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in existing:
         old.unlink()
     final = []
-    for shard in written:
+    for shard in train.written:
         os.replace(shard, out_dir / shard.name)
         final.append(out_dir / shard.name)
     staging.rmdir()
@@ -327,17 +363,28 @@ def _read_hf(spec: str) -> Iterator[str]:
     try:
         import datasets
 
-        dataset = datasets.load_dataset(name, config or None, split=split or "train")
+        # streamed: rows arrive as the files are read, never a whole copy prepared first (FineWeb-sized sets
+        # included); a set already prepared in the local cache streams from its Arrow files
+        dataset = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
     except Exception as err:  # datasets raises many types (connection, missing config, cache miss)
         raise DataError(
             f"could not load hf:{spec} ({type(err).__name__}: {err}). It is read from the local HF cache "
             "(~/.cache/huggingface) or a local dataset directory: download it there first, or set "
-            "HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 to let this command download it."
+            "HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 to let this command stream it from the Hub."
         ) from err
-    if "text" not in dataset.column_names:
-        raise DataError(f"hf:{spec} has no 'text' column (columns: {dataset.column_names}).")
-    for row in dataset.select_columns(["text"]):
-        yield row["text"]
+    columns = dataset.column_names  # None when the files name no columns before they are read
+    if columns is not None and "text" not in columns:
+        raise DataError(f"hf:{spec} has no 'text' column (columns: {columns}).")
+    count = 0
+    try:
+        for row in dataset.select_columns(["text"]):
+            yield row["text"]
+            count += 1
+    except Exception as err:  # a damaged file or a dropped connection surfaces here, mid-stream
+        raise DataError(
+            f"hf:{spec}: reading failed after {count} documents ({type(err).__name__}: {_one_line(err)}); "
+            "fix or re-download the files, then build again."
+        ) from err
 
 
 def iter_source(source: str) -> Iterator[str]:
@@ -359,6 +406,226 @@ def iter_source(source: str) -> Iterator[str]:
     raise FileNotFoundError(
         f"source {source!r} is not 'embedded', 'hf:NAME[:CONFIG][:SPLIT]', or an existing file/directory."
     )
+
+
+# -----------------------------------------------------------------------------
+# downloading upstream nanochat's pretraining shards
+
+# Upstream nanochat pretrained on FineWeb-Edu (sample-100BT) repackaged into pre-shuffled parquet shards
+# until its commit 324e69c (2026-03-04) moved to ClimbMix. github.com/karpathy/nanochat, nanochat/dataset.py
+# at 324e69c^: BASE_URL =
+# ".../karpathy/fineweb-edu-100b-shuffle/resolve/main", MAX_SHARD = 1822 ("the last datashard is
+# shard_01822.parquet"), named `shard_{index:05d}.parquet`. Its dev/repackage_data_reference.py wrote each
+# with one `text` column, row groups of 1024 documents, ~250 M characters, ~100 MB after zstd. Upstream
+# keeps the last shard for validation and always downloads it: so do we, and as it sorts after every
+# training shard, our rule (last shard = validation) picks the same one.
+FINEWEB_EDU_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+FINEWEB_EDU_LAST_SHARD = 1822
+DOWNLOAD_COMMAND = "python -m nanochat.dataset download"
+# which shards a download wrote, and from where: a directory never mixes them with other shards
+DOWNLOAD_MANIFEST = "download.json"
+_CHUNK = 1 << 20
+# statuses that a later attempt may not get (rate limits, busy or failing servers)
+_RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+def shard_requests(count: int, base_url: str = FINEWEB_EDU_URL,
+                   last_shard: int = FINEWEB_EDU_LAST_SHARD) -> list[tuple[str, str]]:
+    """(file name, URL) of the first `count` training shards and then the validation shard, `last_shard`."""
+    if not 1 <= count <= last_shard:
+        raise DataError(f"--shards {count}: give 1 to {last_shard} training shards (the validation shard comes too).")
+    names = [shard_name(index) for index in [*range(count), last_shard]]
+    return [(name, f"{base_url.rstrip('/')}/{name}") for name in names]
+
+
+def _parquet_problem(path: Path) -> str | None:
+    """What makes a downloaded file unusable as a shard, or None: it must open as parquet and hold row
+    groups of documents in a string column `text`."""
+    try:
+        shard = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as err:
+        return f"not a readable parquet file ({_one_line(err)})"
+    schema = shard.schema_arrow
+    if "text" not in schema.names:
+        return f"no 'text' column (columns: {schema.names})"
+    kind = schema.field("text").type
+    if not pa.types.is_string(kind) and not pa.types.is_large_string(kind):
+        return f"column 'text' has type {kind}, expected string"
+    if not shard.metadata.num_rows:
+        return f"no documents ({shard.num_row_groups} row groups)"
+    return None
+
+
+class _Retry(Exception):
+    """A failed attempt that a later one may fix: a dropped connection, a short file, a busy server."""
+
+
+class _Downloader:
+    """Fetches shards into one directory from worker threads: resumes a `.tmp` with an HTTP Range request,
+    retries with exponential backoff, checks the size against the server's and the file as a shard,
+    fetches a bad file afresh once, then records it in the manifest under its final name."""
+
+    def __init__(self, out: Path, base_url: str, attempts: int, backoff_s: float, timeout_s: float):
+        self.out, self.base_url = out, base_url.rstrip("/")
+        self.attempts, self.backoff_s, self.timeout_s = attempts, backoff_s, timeout_s
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._manifest = self._read_manifest()
+        self._counted: dict[str, int] = {}  # bytes of each shard counted in the bar
+        self.bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="download")
+
+    # -- the manifest -------------------------------------------------------------
+    def _read_manifest(self) -> dict[str, int]:
+        path = self.out / DOWNLOAD_MANIFEST
+        manifest = json.loads(path.read_text()) if path.exists() else {"base_url": self.base_url, "shards": {}}
+        if manifest["shards"] and manifest["base_url"] != self.base_url:
+            raise DataError(
+                f"{self.out} holds shards downloaded from {manifest['base_url']}, not {self.base_url}: "
+                "download into another --out, or pass the same --base-url."
+            )
+        foreign = [p.name for p in sorted(self.out.glob(SHARD_GLOB)) if p.name not in manifest["shards"]]
+        if foreign:
+            raise DataError(
+                f"{self.out} already holds {len(foreign)} shards that no download wrote ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}): downloaded shards added to them would mix two corpora "
+                "and move the validation shard. Download into another --out, or remove them (shards upstream "
+                "nanochat downloaded need no download: train on them with --data-dir DIR)."
+            )
+        return manifest["shards"]
+
+    def _record(self, name: str, size: int) -> None:
+        with self._lock:
+            self._manifest[name] = size
+            tmp = self.out / f"{DOWNLOAD_MANIFEST}.tmp"
+            tmp.write_text(json.dumps({"base_url": self.base_url, "shards": dict(sorted(self._manifest.items()))},
+                                      indent=1))
+            os.replace(tmp, self.out / DOWNLOAD_MANIFEST)
+
+    def is_complete(self, name: str) -> bool:
+        """A shard this directory's downloads wrote, checked then, and unchanged since (same size)."""
+        path = self.out / name
+        return path.exists() and self._manifest.get(name) == path.stat().st_size
+
+    # -- the progress bar ---------------------------------------------------------
+    def _count(self, name: str, size: int | None, have: int) -> None:
+        """Shard `name` holds `have` bytes of `size` (None: the server did not say)."""
+        with self._lock:
+            if size is not None and name not in self._counted:
+                self.bar.total += size
+            self.bar.update(have - self._counted.get(name, 0))
+            self._counted[name] = have
+
+    # -- one shard ----------------------------------------------------------------
+    def fetch(self, name: str, url: str) -> Path:
+        path = self.out / name
+        if self.is_complete(name):
+            self._count(name, path.stat().st_size, path.stat().st_size)
+            return path
+        tmp = path.with_name(name + ".tmp")
+        for fresh in (False, True):  # a file that is not a shard is fetched once more, from its first byte
+            if fresh:
+                tmp.unlink()
+            self._fetch_with_retries(name, url, tmp)
+            problem = _parquet_problem(tmp)
+            if problem is None:
+                os.replace(tmp, path)
+                self._record(name, path.stat().st_size)
+                return path
+            log.warning("%s: %s; downloading it again", url, problem)
+        tmp.unlink()
+        raise DataError(
+            f"{url} is not a usable shard, twice: {problem}. The server sends a damaged or different file: "
+            "check --base-url, or try again later."
+        )
+
+    def _fetch_with_retries(self, name: str, url: str, tmp: Path) -> None:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return self._fetch_once(name, url, tmp)
+            except _Retry as err:
+                if attempt == self.attempts or self.stopping.is_set():
+                    kept = f" ({tmp.name} keeps what arrived)" if tmp.exists() else ""
+                    raise DataError(
+                        f"{url}: {err} (attempt {attempt} of {self.attempts}); run `{DOWNLOAD_COMMAND}` again "
+                        f"to resume{kept}."
+                    ) from err
+                wait = self.backoff_s * 2 ** (attempt - 1)
+                log.warning("%s: %s; retrying in %.1f s (attempt %d of %d)", name, err, wait, attempt + 1,
+                            self.attempts)
+                self.stopping.wait(wait)
+
+    def _fetch_once(self, name: str, url: str, tmp: Path) -> None:
+        """One request: appends to `tmp` from its end (a Range request) or writes it from the start."""
+        have = tmp.stat().st_size if tmp.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                start, size = self._span(response, have)
+                self._count(name, size, start)
+                with tmp.open("ab" if start else "wb") as f:
+                    while chunk := response.read(_CHUNK):
+                        if self.stopping.is_set():
+                            raise _Retry("interrupted")
+                        f.write(chunk)
+                        self._count(name, size, f.tell())
+        except urllib.error.HTTPError as err:
+            if err.code == 416:  # the .tmp is no prefix of the file: start again
+                tmp.unlink()
+                raise _Retry(f"the server refused to resume {tmp.name}; restarting it") from err
+            if err.code in _RETRY_STATUS:
+                raise _Retry(f"HTTP {err.code} {err.reason}") from err
+            raise DataError(
+                f"{url}: HTTP {err.code} {err.reason}: check --base-url (it must hold {name})."
+            ) from err
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+            raise _Retry(f"{type(err).__name__}: {_one_line(err)}") from err
+        got = tmp.stat().st_size
+        if size is not None and got != size:
+            raise _Retry(f"the connection closed at {got:,} of {size:,} bytes")
+
+    @staticmethod
+    def _span(response: http.client.HTTPResponse, have: int) -> tuple[int, int | None]:
+        """(the byte the response starts at, the whole file's size or None) from its headers; a server that
+        ignores the Range request sends the whole file (status 200), which restarts the .tmp."""
+        if response.status == 206:
+            match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
+            if match is None or int(match[1]) != have:
+                raise _Retry(f"unexpected Content-Range {response.headers.get('Content-Range')!r} for byte {have}")
+            return have, None if match[2] == "*" else int(match[2])
+        length = response.headers.get("Content-Length")
+        return 0, int(length) if length is not None else None
+
+
+def download_shards(count: int, out_dir: str | Path, base_url: str = FINEWEB_EDU_URL, workers: int = 4,
+                    attempts: int = 5, backoff_s: float = 1.0, timeout_s: float = 60.0) -> list[Path]:
+    """Download the first `count` training shards of upstream nanochat's FineWeb-Edu and its validation shard
+    into `out_dir`, `workers` at a time; shards already there are kept and partial ones resumed. Every shard
+    is checked (size, parquet, a `text` column); the first failure is raised once all others are done."""
+    if workers < 1 or attempts < 1:
+        raise DataError(f"--workers {workers} --attempts {attempts}: both must be at least 1.")
+    requests = shard_requests(count, base_url)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    downloader = _Downloader(out, base_url, attempts, backoff_s, timeout_s)
+    with downloader.bar, ThreadPoolExecutor(workers, thread_name_prefix="download") as pool:
+        futures = [pool.submit(downloader.fetch, name, url) for name, url in requests]
+        try:
+            fetched = 0
+            for future in as_completed(futures):
+                fetched += future.exception() is None
+                downloader.bar.set_postfix_str(f"{fetched}/{len(requests)} shards")
+        except BaseException:  # Ctrl-C: the threads stop at their next chunk, the .tmp files stay for a resume
+            downloader.stopping.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    failures = [future.exception() for future in futures if future.exception() is not None]
+    if failures:
+        lines = [str(err) if isinstance(err, DataError) else repr(err) for err in failures]
+        raise DataError(
+            f"{len(failures)} of {len(requests)} shards failed; run `{DOWNLOAD_COMMAND}` again to resume.",
+            "\n".join(lines),
+        ) from failures[0]
+    return [out / name for name, _ in requests]
 
 
 # -----------------------------------------------------------------------------
@@ -392,6 +659,26 @@ class ListOptions:
     data_dir: str = option("", "shards; empty = $NANOCHAT_DATA or $NANOCHAT_BASE_DIR/data")
 
 
+@dataclass
+class DownloadOptions:
+    """fetch upstream nanochat's pre-shuffled FineWeb-Edu shards (~100 MB each)"""
+
+    shards: int = option(8, f"training shards, from shard_00000 (1 to {FINEWEB_EDU_LAST_SHARD}); the validation "
+                            f"shard ({shard_name(FINEWEB_EDU_LAST_SHARD)}) always comes too")
+    out: str = option("", "output dir; empty = $NANOCHAT_DATA or $NANOCHAT_BASE_DIR/data")
+    workers: int = option(4, "shards fetched at once")
+    base_url: str = option(FINEWEB_EDU_URL, "where the shards live: upstream's, or a mirror holding the same names")
+    attempts: int = option(5, "tries per shard on network errors, waiting 1, 2, 4, ... s between them")
+
+
+def download(cfg: DownloadOptions) -> None:
+    out = Path(cfg.out or default_data_dir())
+    with logging_redirect_tqdm(loggers=[log]):  # retry notices print above the progress bar
+        shards = download_shards(cfg.shards, out, cfg.base_url, workers=cfg.workers, attempts=cfg.attempts)
+    print(f"{len(shards)} shards ({len(shards) - 1} train + 1 val) in {out}")
+    print_shards(out)
+
+
 def build(cfg: BuildOptions) -> None:
     layout = (
         dict(EMBEDDED_LAYOUT)
@@ -422,12 +709,19 @@ def print_shards(data_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    command, cfg = parse_command({"build": BuildOptions, "list": ListOptions}, argv, __doc__.split("\n")[0])
+    from nanochat.tokenized import TokenizeOptions, tokenize  # here: that module imports this one
+
+    command, cfg = parse_command({"build": BuildOptions, "download": DownloadOptions, "list": ListOptions,
+                                  "tokenize": TokenizeOptions}, argv, __doc__.split("\n")[0])
     if command == "build":
         build(cfg)
+    elif command == "download":
+        download(cfg)
+    elif command == "tokenize":
+        tokenize(cfg)
     else:
         print_shards(Path(cfg.data_dir or default_data_dir()))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

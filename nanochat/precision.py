@@ -408,9 +408,40 @@ def apply_process_settings(plan: PrecisionPlan, device: torch.device | str | Non
         torch.cuda.set_per_process_memory_fraction(min(1.0, plan.memory_cap / total), index)
 
 
+MIXED = "mixed"  # the precision label of a node whose GPUs disagree: no precision group takes it
+
+
 def node_labels(plan: PrecisionPlan) -> dict[str, str]:
-    """The Ray node labels that put this machine in its precision group (see ray_jobs/scheduler.py)."""
+    """The Ray node labels that put a machine of one kind of device in its precision group (ray_jobs/scheduler.py)."""
     return {"nanochat/precision": plan.short, "nanochat/gpu": _label_value(plan.name)}
+
+
+def detect_all() -> list[DeviceInfo]:
+    """Every device a Ray node offers its workers: each visible CUDA GPU, else the one device detect() finds."""
+    if torch.cuda.is_available():
+        return [detect(f"cuda:{index}") for index in range(torch.cuda.device_count())]
+    return [detect()]
+
+
+def machine_labels(devices: list[DeviceInfo], requested: str | None = "auto") -> dict[str, str]:
+    """The node labels of a machine with these devices: those of its plan when every device gets the same dtype,
+    else precision `mixed`, which no group takes: a worker on the odd GPU would train in another dtype than its
+    group (the all-gathered check would abort the run once it started)."""
+    plans = [resolve(requested, device) for device in devices]
+    if len({plan.short for plan in plans}) == 1:
+        return node_labels(plans[0])
+    kinds = "_".join(sorted({f"{plan.name}={plan.short}" for plan in plans}))
+    return {"nanochat/precision": MIXED, "nanochat/gpu": _label_value(kinds)}
+
+
+def mixed_note(labels: dict[str, str]) -> str | None:
+    """What to do about a machine labelled `mixed`; None for any other."""
+    if labels.get("nanochat/precision") != MIXED:
+        return None
+    return (f"this machine's GPUs need different dtypes ({labels['nanochat/gpu']}), so its node is labelled "
+            f"nanochat/precision={MIXED} and no precision group schedules on it: start one Ray node per kind of GPU "
+            "(CUDA_VISIBLE_DEVICES=<ids of one kind> cluster/start_node.sh ... --num-gpus <count>), or force one "
+            "dtype every GPU runs with NANOCHAT_DTYPE")
 
 
 def _label_value(text: str) -> str:
@@ -427,7 +458,8 @@ class PrecisionOptions:
     dtype: str = option("auto", "compute dtype: auto picks per device (bf16 on sm80+, fp16+GradScaler on P100/V100/T4, "
                         "fp32 on CPU and slow-fp16 GPUs); env NANOCHAT_DTYPE is used when this is auto",
                         choices=DTYPE_CHOICES)
-    simulate: str = option("", "plan for another device: cpu, mps or 'GPU NAME:MAJOR.MINOR'")
+    simulate: str = option("", "plan for another device: cpu, mps or 'GPU NAME:MAJOR.MINOR' (--labels: a comma-separated "
+                           "list, one per GPU of the machine)")
     json: bool = option(False, "print one JSON object")
     labels: bool = option(False, "print the Ray node labels for the plan, as `ray start --labels` takes them")
 
@@ -435,13 +467,17 @@ class PrecisionOptions:
 def main(argv: list[str] | None = None) -> int:
     args = parse_config(PrecisionOptions, argv, description=PrecisionOptions.__doc__)
     try:
-        device = parse_simulated(args.simulate) if args.simulate else None
-        plan = resolve(args.dtype, device)
+        devices = [parse_simulated(spec) for spec in args.simulate.split(",")] if args.simulate else detect_all()
+        plan = resolve(args.dtype, devices[0])
+        labels = machine_labels(devices, args.dtype)
     except PrecisionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.labels:
-        print(",".join(f"{key}={value}" for key, value in node_labels(plan).items()))
+        note = mixed_note(labels)
+        if note:
+            print(f"warning: {note}", file=sys.stderr)
+        print(",".join(f"{key}={value}" for key, value in labels.items()))
     else:
         print(json.dumps(plan.to_dict()) if args.json else plan.summary())
     return 0

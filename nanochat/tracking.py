@@ -1,7 +1,10 @@
-"""MLflow tracking: params, per-step metrics, artifacts. One sqlite store per `$NANOCHAT_BASE_DIR`
-(`<base>/mlflow.db`, artifacts beside it), so nothing needs a tracking server: the demo, Ray runs and
-Tune sweeps are experiments in it, and `mlflow ui --backend-store-uri
-"sqlite:///${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/mlflow.db"` shows them all.
+"""MLflow tracking: params, per-step metrics, artifacts. On one machine, one sqlite store per
+`$NANOCHAT_BASE_DIR` (`<base>/mlflow.db`, artifacts beside it), so nothing needs a tracking server: the
+demo, Ray runs and Tune sweeps are experiments in it, and `mlflow ui --backend-store-uri
+"sqlite:///${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/mlflow.db"` shows them all. On a cluster, a
+tracking server on the head node (`--mlflow-uri http://HEAD:5000`, cluster/mlflow_server.sh): every node
+writes through it, artifacts included, and none touches a sqlite file on a shared disk (whose locks
+network file systems do not honour).
 
 Metrics are buffered and written by `flush(through=step)` once the checkpoint of `step` is persisted
 (ray_jobs/train.py; a run its driver judges, before each report instead): a worker group restarted from
@@ -17,12 +20,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, suppress
 from functools import partial
@@ -30,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from nanochat.common import base_dir
+from nanochat.errors import UsageError
 from nanochat.runlog import plot_curves
 
 if TYPE_CHECKING:
@@ -45,21 +53,62 @@ RETRY_FOR_S = 10.0
 MAX_PENDING = 1_000_000  # metrics held for the next flush (~240 bytes each); past it the oldest are dropped
 # MLflow error codes that no retry mends: the run is gone or ended, or a value is invalid
 PERMANENT = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE", "BAD_REQUEST"})
+SERVER_CHECK_S = 5.0  # how long the driver waits for a tracking server's /health before saying none answers
+# a tracking server's HTTP requests, unless the environment says otherwise: MLflow's own default retries a
+# refused connection for about 4 minutes, which would stall the step that flushes; the tracker retries itself
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 T = TypeVar("T")
 
 
 def default_uri(directory: str | Path = "") -> str:
     """The sqlite store in `directory`; by default the one of $NANOCHAT_BASE_DIR, shared by every entry point.
-    (A Ray run given a --storage-path keeps its store there: on a cluster that is the file system every
-    node sees.)"""
+    (A Ray run given a --storage-path keeps its store there, unless that is object storage (s3://...), which
+    holds no sqlite file; a cluster's runs belong on a tracking server instead, see is_server.)"""
+    if "://" in str(directory):
+        directory = ""
     directory = Path(directory or base_dir()).resolve()
     directory.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{directory / 'mlflow.db'}"
 
 
+def is_server(uri: str) -> bool:
+    """Whether `uri` names a tracking server (http://HOST:PORT), which stores runs and artifacts for every node."""
+    return uri.startswith(("http://", "https://"))
+
+
 def ui_command(uri: str) -> str:
-    """The command that browses the store at `uri`."""
+    """The command that browses the store at `uri` (a tracking server serves its own UI)."""
+    if is_server(uri):
+        return f"the server's UI: {uri}"
     return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
+
+
+def check_server(uri: str, timeout: float = SERVER_CHECK_S) -> None:
+    """Fails at once, saying what to start, when no tracking server answers at `uri` (MLflow's client would
+    retry for minutes before it says so)."""
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # something answers (a proxy, a server that wants a login): its own errors say the rest
+    except (OSError, ValueError) as error:  # refused, unresolved, timed out, not a URL
+        reason = getattr(error, "reason", error)
+        raise UsageError(f"no MLflow tracking server answers at {uri} ({reason}): start it on the head node with "
+                         "cluster/mlflow_server.sh (or `cluster/start_node.sh head --mlflow-server`; docs/cluster.md, "
+                         "MLflow) and pass the address it prints, or leave --mlflow-uri empty for this machine's "
+                         "sqlite store") from None
+
+
+def connect(uri: str) -> MlflowClient:
+    """The client of the store at `uri`; a tracking server's requests are retried briefly (HTTP_DEFAULTS)."""
+    # mlflow imported here: seconds at import, which every entry point's fast checks
+    # (nanochat.errors) would pay before the first check runs
+    from mlflow.tracking import MlflowClient
+
+    if is_server(uri):
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+    return MlflowClient(tracking_uri=uri)
 
 
 def end_status(error: BaseException | None) -> str:
@@ -93,7 +142,8 @@ def sigterm_as_exit() -> Iterator[None]:
 
 def artifact_location(uri: str) -> str | None:
     """Artifacts of a sqlite store go next to its database file (MLflow's default is ./mlruns of
-    whatever directory the process runs in); other stores keep their server's own setting."""
+    whatever directory the process runs in); other stores keep their server's own setting, which for a
+    server started with --serve-artifacts is its mlflow-artifacts:/ root, uploaded through the server."""
     if not uri.startswith("sqlite:///"):
         return None
     return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
@@ -110,12 +160,19 @@ def _flatten(params: dict, prefix: str = "") -> dict[str, str]:
 
 
 def ensure_experiment(uri: str, experiment: str) -> str:
-    """The id of MLflow experiment `experiment` in the store at `uri`, created (store included) if missing."""
-    from mlflow.tracking import MlflowClient  # here: mlflow costs the fast checks seconds at import
-
-    client = MlflowClient(tracking_uri=uri)
+    """The id of MLflow experiment `experiment` in the store at `uri`, created (store included) if missing.
+    On a tracking server: one that answers, and whose artifacts do not land on each writer's own disk."""
+    if server := is_server(uri):
+        check_server(uri)
+    client = connect(uri)
     found = client.get_experiment_by_name(experiment)
-    return found.experiment_id if found else client.create_experiment(experiment, artifact_location(uri))
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_location(uri))
+    location = (found or client.get_experiment(experiment_id)).artifact_location if server else ""
+    if server and urllib.parse.urlparse(location).scheme in ("", "file"):
+        raise UsageError(f"the tracking server at {uri} puts experiment {experiment}'s artifacts at {location}, a "
+                         "path each node would write on its own disk: start it with --serve-artifacts "
+                         "(cluster/mlflow_server.sh does), or use another experiment (--mlflow-experiment)")
+    return experiment_id
 
 
 class StoreUnavailable(Exception):
@@ -166,11 +223,13 @@ class Tracker:
 
     @classmethod
     def create(cls, uri: str, experiment: str, run_name: str, params: dict) -> Tracker:
+        """A new run, by the driver: a tracking server that does not answer fails it at once, saying what to
+        start (ensure_experiment)."""
         from mlflow.entities import Param
-        from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=uri)
-        run = client.create_run(ensure_experiment(uri, experiment), run_name=run_name)
+        experiment_id = ensure_experiment(uri, experiment)
+        client = connect(uri)
+        run = client.create_run(experiment_id, run_name=run_name)
         tracker = cls(uri, run.info.run_id)
         tracker._client = client
         flat = _flatten(params)
@@ -182,11 +241,7 @@ class Tracker:
         """The store's client. Connecting reads the store, which may be failing when a worker (re)starts:
         hence on first use, inside the tries of `_call`."""
         if self._client is None:
-            # mlflow imported here: seconds at import, which every entry point's fast checks
-            # (nanochat.errors) would pay before the first check runs
-            from mlflow.tracking import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.uri)
+            self._client = connect(self.uri)
         return self._client
 
     def _warn(self, kind: tuple[str, str], message: str) -> None:

@@ -41,14 +41,24 @@ def planned_nodes(address: str, dtype: str, device: str, cpus_needed: float) -> 
     start, described without starting it."""
     import torch
 
-    from nanochat.precision import node_labels, resolve
-
     if joins_cluster(address) or ray.is_initialized():
         connect(address, dtype, device, cpus_needed)
         return ray.nodes()
     resources = {"CPU": float(local_cpus(cpus_needed)), "GPU": float(torch.cuda.device_count())}
     return [{"Alive": True, "NodeID": "local", "NodeManagerHostname": socket.gethostname(), "Resources": resources,
-             "Labels": node_labels(resolve(dtype, device or None))}]
+             "Labels": local_labels(dtype, device)}]
+
+
+def local_labels(dtype: str, device: str) -> dict[str, str]:
+    """The labels of the local node: from `device` when one is named, else from every GPU of the machine (a
+    machine whose GPUs disagree is labelled mixed, as cluster/start_node.sh labels it)."""
+    from nanochat.precision import detect, detect_all, machine_labels, mixed_note
+
+    labels = machine_labels([detect(device)] if device else detect_all(), dtype)
+    note = mixed_note(labels)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
+    return labels
 
 
 def connect(address: str, dtype: str, device: str, cpus_needed: float) -> None:
@@ -58,13 +68,11 @@ def connect(address: str, dtype: str, device: str, cpus_needed: float) -> None:
     and the rest (tokenizer actors, Serve's controller) would wait forever, so it asks for what the
     job needs (Ray's CPUs are logical: a small machine is simply oversubscribed). `dtype` and
     `device` (with NANOCHAT_EMULATE applied) name the precision group the local node joins."""
-    from nanochat.precision import node_labels, resolve
-
     quiet_driver()
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or None, runtime_env=job_env(), ignore_reinit_error=True)
         return
-    labels = node_labels(resolve(dtype, device or None))
+    labels = local_labels(dtype, device)
     ray.init(address="local", num_cpus=local_cpus(cpus_needed), labels=labels, runtime_env=job_env(),
              ignore_reinit_error=True)
 

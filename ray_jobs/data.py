@@ -1,7 +1,9 @@
-"""Ray Data pipeline for pretraining: parquet row groups -> tokenizer actor pool -> one packer -> Train workers.
+"""Ray Data pipeline for pretraining: parquet row groups -> tokenizer actor pool -> one packer -> Train workers
+(or, once tokenized, token files -> stateless row-cutting tasks -> Train workers).
 
-    E = epochs_per_pass(shards)
-    ds = build_dataset(split_shards(list_shards(data_dir), "train"), tokenizer_dir, seq_len=2048, epochs=E)
+    shards, token_files = training_data(data_dir, tokenizer_dir)    # token files: None until tokenized once
+    E = epochs_per_pass(shards, run_tokens, token_files)
+    ds = build_dataset(shards, tokenizer_dir, seq_len=2048, epochs=E, token_files=token_files)
     trainer = TorchTrainer(loop, datasets={"train": ds}, dataset_config=data_config(), ...)
     # inside the loop:
     for x, y, position in iter_train_batches(ray.train.get_dataset_shard("train"), B, device, epochs_per_pass=E): ...
@@ -32,6 +34,18 @@ actors, each a fresh interpreter), 5-20 s before the first row. On a corpus the 
 was most of the run: the one-worker Ray run streamed 0.14x the plain script's tokens/s.
 `epochs_per_pass` sizes a pass to a few hundred million tokens (or one epoch of a corpus larger
 than that), which makes the start-up a fraction of a percent.
+
+Tokenize once: after `python -m nanochat.dataset tokenize`, the token files (nanochat.tokenized:
+each row group's BOS-prefixed stream, keyed by the tokenizer's fingerprint) replace stages 2 and 3.
+The token counts in their manifest say, before anything runs, where every row starts (`row_items`),
+so stateless tasks cut each row group's rows (`token_file_dataset`): the same rows and positions as
+the actors', in blocks of the rows that start in one row group (at most G + T tokens, as the packer's
+blocks, so the bound below holds), with no tokenizer or packer to start,
+and task workers that stay warm from one pass, epoch or Tune trial to the next. Exact counts also
+let a run of known length stream in one pass (`epochs_per_pass`).
+
+Shards may live on disk, in object storage or behind a list of URLs (nanochat.shardfs): `data_dir`
+is a directory, `s3://`/`gs://`/`file://` URI, or a `.txt` list of shard URIs.
 
 Resuming after a failure: every batch comes with the position right after its last row (the first
 token of the next row). At each checkpoint the workers all-gather their positions and rank 0 stores
@@ -67,22 +81,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 import ray.data
 import torch
 from ray.data import ExecutionOptions
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from nanochat import shardfs
 from nanochat.dataloader import pack_rows
-from nanochat.dataset import (
-    DataError,
-    list_shards,
-    nonempty_row_groups,
-    num_row_groups,
-    read_row_group,
-    split_shards,
-)
+from nanochat.dataset import DataError, split_shards
+from nanochat.shardfs import Source
+from nanochat.tokenized import TOKENIZE_COMMAND, TokenFiles, find_token_files, packed_rows
 from nanochat.tokenizer import Tokenizer
 
 SOURCE_KEYS = ("epoch", "shard", "row_group")  # a row group's place in the stream; epoch: counted in the pass
@@ -98,7 +107,7 @@ PACK_NUM_CPUS = 0.5
 class TokenizeRowGroups:
     """Row-group work items -> one BOS-prefixed token stream per row group (actor pool UDF)."""
 
-    def __init__(self, shards: list[str], tokenizer_dir: str):
+    def __init__(self, shards: list[Source], tokenizer_dir: str):
         self.shards = shards
         self.tokenizer = Tokenizer.load(tokenizer_dir)
         self.bos = self.tokenizer.bos_token_id
@@ -107,7 +116,7 @@ class TokenizeRowGroups:
         streams = []
         for shard, row_group in zip(batch["shard"], batch["row_group"], strict=True):
             # DataError names the file; Ray re-raises it to whoever iterates the dataset.
-            docs = read_row_group(self.shards[int(shard)], int(row_group))
+            docs = shardfs.read_row_group(self.shards[int(shard)], int(row_group))
             ids = self.tokenizer.encode(docs, prepend=self.bos)
             parts = [np.asarray(doc, dtype=np.int32) for doc in ids]
             streams.append(np.concatenate(parts))  # work items name no empty row group
@@ -175,23 +184,31 @@ class PackRows:
 # building the dataset
 
 
-def check_shards(data_dir: str | Path) -> list[Path]:
-    """The train shards of `data_dir`, after reading the footer of every shard (val included): a missing,
-    lone or damaged shard fails here, on the driver, before Ray starts (in one line naming the file).
-    Damage inside a row group's pages shows only when it is read, in a tokenizer actor (DataError too)."""
-    shards = list_shards(data_dir)
+def check_shards(data_dir: Source) -> list[Source]:
+    """The train shards of `data_dir` (a directory, URI or URL list: nanochat.shardfs), after reading the
+    footer of every shard (val included): a missing, lone or damaged shard fails here, on the driver, before
+    Ray starts (in one line naming the file). Damage inside a row group's pages shows only when it is read,
+    in a tokenizer actor (DataError too)."""
+    shards = shardfs.list_shards(data_dir)
     for shard in shards:
-        num_row_groups(shard)
+        shardfs.open_shard(shard)
     return split_shards(shards, "train")
 
 
-def work_items(shards: list[Path], start: dict | None, epochs: int = 1) -> list[dict[str, int]]:
+def training_data(data_dir: Source, tokenizer_dir: str | Path) -> tuple[list[Source], TokenFiles | None]:
+    """The train shards of `data_dir`, and their token files for the tokenizer in `tokenizer_dir` where
+    `python -m nanochat.dataset tokenize` writes them by default (None if it has not; stale ones are refused)."""
+    shards = split_shards(shardfs.list_shards(data_dir), "train")
+    return shards, find_token_files(data_dir, Tokenizer.load(tokenizer_dir), shards)
+
+
+def work_items(shards: list[Source], start: dict | None, epochs: int = 1) -> list[dict[str, int]]:
     """One item per row group of `shards` and epoch (counted from 0), from the row group of `start`
     (a checkpoint's data position; its epoch is the caller's to count) on."""
     # Opening every shard here checks them all (readable parquet, a 'text' column) before any
     # worker starts; damage inside a row group surfaces later, from the tokenizer actors. Row groups
     # of zero rows are left out (and counted in the log), as the plain loader leaves them out.
-    row_groups = nonempty_row_groups(shards)
+    row_groups = shardfs.nonempty_row_groups(shards)
     first = 0
     if start is not None:
         where = (int(start["shard"]), int(start["row_group"]))
@@ -213,44 +230,50 @@ ROW_GROUPS_PER_PASS = 8192
 TEXT_BYTES_PER_TOKEN = 4.0  # BPE on English text; an estimate is enough to size a pass
 
 
-def _footers(shards: list[Path]) -> tuple[int, int]:
+def _footers(shards: list[Source]) -> tuple[int, int]:
     """(uncompressed bytes of the text column, row groups) of `shards`, from their parquet footers."""
     text_bytes, row_groups = 0, 0
     for path in shards:
-        meta = pq.ParquetFile(path).metadata
+        meta = shardfs.open_shard(path).metadata
         column = meta.schema.names.index("text")
         text_bytes += sum(meta.row_group(g).column(column).total_uncompressed_size for g in range(meta.num_row_groups))
         row_groups += meta.num_row_groups
     return text_bytes, row_groups
 
 
-def estimated_tokens(shards: list[Path]) -> float:
+def estimated_tokens(shards: list[Source]) -> float:
     """Tokens in one epoch of `shards`, estimated from the parquet footers (uncompressed text bytes)."""
     return _footers(shards)[0] / TEXT_BYTES_PER_TOKEN
 
 
-def epochs_per_pass(shards: list[Path], run_tokens: int | None = None) -> int:
+def epochs_per_pass(shards: list[Source], run_tokens: int | None = None, token_files: TokenFiles | None = None) -> int:
     """How many epochs one execution of the dataset streams: 1 for a corpus of TOKENS_PER_PASS tokens or
     more, enough epochs for about that many tokens for a smaller one, and no more than a run of
     `run_tokens` (when its length is known) reads, with a margin for the estimate: the pipeline runs
     ahead of training, and on a 2-core machine every epoch tokenized and split that the run never
-    reads is taken from training."""
+    reads is taken from training. With `token_files` the count is exact and the margin one epoch (for
+    the rows the split across workers leaves out at the end of a pass), so a run of known length
+    streams in one execution."""
     text_bytes, row_groups = _footers(shards)
-    tokens = max(1.0, text_bytes / TEXT_BYTES_PER_TOKEN)
+    if token_files is not None:
+        tokens, factor = max(1, sum(map(sum, token_files.counts_of(shards)))), 1
+    else:
+        tokens, factor = max(1.0, text_bytes / TEXT_BYTES_PER_TOKEN), 2
     wanted = math.ceil(TOKENS_PER_PASS / tokens)
     if run_tokens:
-        wanted = min(wanted, math.ceil(2 * run_tokens / tokens) + 1)
+        wanted = min(wanted, math.ceil(factor * run_tokens / tokens) + 1)
     return max(1, min(wanted, ROW_GROUPS_PER_PASS // max(1, row_groups)))
 
 
 def build_dataset(
-    shards: list[Path],
+    shards: list[Source],
     tokenizer_dir: str | Path,
     seq_len: int,
     start: dict | None = None,
     epochs: int = 1,
     tokenize_concurrency: int = 2,
     tokenize_num_cpus: float = 1.0,
+    token_files: TokenFiles | None = None,
 ) -> ray.data.Dataset:
     """`epochs` epochs of packed rows {"tokens": int64[seq_len + 1], "epoch", "shard", "row_group", "offset"}
     (epoch counted from 0 in this pass).
@@ -259,6 +282,9 @@ def build_dataset(
     begin at row group g of shards[s] and drop the first k tokens of the stream from there; k may
     run past that row group, into the following ones. Any "epoch" key is ignored here: the pass's
     first epoch is the start's (`iter_train_batches` counts them).
+
+    With `token_files` (nanochat.tokenized, made by the tokenizer in `tokenizer_dir`) the rows are cut
+    from those files by stateless tasks (`token_file_dataset`): the same rows and positions, no actors.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
@@ -266,11 +292,13 @@ def build_dataset(
         raise ValueError(f"tokenize_concurrency must be >= 1, got {tokenize_concurrency}")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    shards = [Path(s) for s in shards]
+    shards = [s if shardfs.is_uri(s) else Path(s) for s in shards]
     items = work_items(shards, start, epochs)
     skip = 0 if start is None else int(start["offset"])
     if skip < 0:
         raise ValueError(f"start offset must be >= 0, got {skip}")
+    if token_files is not None:
+        return _ordered(token_file_dataset(shards, token_files, items, skip, seq_len + 1, tokenize_concurrency))
     # One block per row group: a block is the unit the actors receive and the split hands out.
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
@@ -298,12 +326,67 @@ def build_dataset(
             # wrong rows: fail instead.
             max_restarts=0,
         )
+    return _ordered(ds)
+
+
+def _ordered(ds: ray.data.Dataset) -> ray.data.Dataset:
     # The dataset's own context governs ds.iterator()/streaming_split; Ray Train uses data_config().
     ds.context.execution_options.preserve_order = True
     # Hand the consumer the DataError itself (it names the file), not a UserCodeException wrapper
     # that keeps it only as traceback text.
     ds.context.raise_original_map_exception = True
     return ds
+
+
+def row_items(items: list[dict], lengths: list[int], skip: int, row_len: int) -> list[dict]:
+    """Where each packed row starts, per work item: `items` (from `work_items`) with the tokens of each
+    (`lengths`) -> those that hold the first token of some row, with "start" (the offset of their first
+    row's first token) and "rows" (how many rows start in them). The stream is the items' token streams
+    concatenated, the first `skip` tokens dropped, cut into rows of `row_len` with the rest dropped:
+    the rows `PackRows` cuts, computed from token counts alone."""
+    rows_in_pass = max(0, sum(lengths) - skip) // row_len
+    out, begin = [], 0
+    for item, length in zip(items, lengths, strict=True):
+        # rows j with begin <= skip + j * row_len < begin + length
+        first = max(0, -(-(begin - skip) // row_len))
+        end = min(rows_in_pass, max(0, -(-(begin + length - skip) // row_len)))
+        if end > first:
+            out.append({**item, "start": skip + first * row_len - begin, "rows": end - first})
+        begin += length
+    return out
+
+
+def _cut_rows(batch: dict[str, np.ndarray], shards: list[Source], files: TokenFiles,
+              order: list[tuple[int, int]], row_len: int) -> dict[str, np.ndarray]:
+    """One row item -> its packed rows and their positions (the output of `PackRows`)."""
+    item = {key: int(value[0]) for key, value in batch.items()}
+    rows = packed_rows(files, shards, order, item, row_len)
+    out = {"tokens": rows}
+    out.update({key: np.full(len(rows), item[key], dtype=np.int64) for key in SOURCE_KEYS})
+    out["offset"] = item["start"] + row_len * np.arange(len(rows), dtype=np.int64)
+    return out
+
+
+def token_file_dataset(shards: list[Source], files: TokenFiles, items: list[dict], skip: int, row_len: int,
+                       concurrency: int) -> ray.data.Dataset:
+    """The packed rows of `items` cut from token files: one block per row group holding a row's first
+    token, made by a stateless task (no tokenizer to load, no carried state: nothing to start but tasks),
+    at most `concurrency` at a time (each new worker process costs seconds of imports; reading is fast)."""
+    counts = files.counts_of(shards)
+    order = [(s, g) for s, per_shard in enumerate(counts) for g, tokens in enumerate(per_shard) if tokens]
+    index = {where: i for i, where in enumerate(order)}
+    where = [(item["shard"], item["row_group"]) for item in items]
+    if any(w not in index for w in where):  # a row group with documents and no tokens: not these shards' files
+        raise DataError(f"the token files in {files.directory} do not match the shards' row groups: write them "
+                        f"again with `{TOKENIZE_COMMAND} --overwrite`.")
+    lengths = [counts[s][g] for s, g in where]
+    placed = [{**item, "index": index[(item["shard"], item["row_group"])]}
+              for item in row_items(items, lengths, skip, row_len)]
+    # no rows at all when resuming at the very end of a pass: iter_train_batches goes on to the next pass
+    ds = ray.data.from_items(placed, override_num_blocks=max(1, len(placed)))
+    return ds.map_batches(_cut_rows, fn_kwargs={"shards": shards, "files": files, "order": order, "row_len": row_len},
+                          batch_size=None, batch_format="numpy", num_cpus=PACK_NUM_CPUS,
+                          compute=ray.data.TaskPoolStrategy(size=concurrency))
 
 
 def data_config() -> ray.train.DataConfig:

@@ -13,8 +13,11 @@ through the same precision policy. The driver then:
     group, scaling = plan_cluster(precision="auto", num_workers=4)   # refuses what one group can't hold
     TorchTrainer(..., scaling_config=scaling).fit()                   # workers land in that group only
 
-and every worker, after setup, all-gathers what it probed and calls `check_worker_precisions`, so a
-node with wrong labels aborts the run with a table instead of silently training in mixed precision.
+On a cluster with an autoscaler, a request the nodes alive now cannot hold is checked against what the
+autoscaler's node types may add (refused at once if even that is too little), asked for, and waited for
+a bounded time (--wait-for-nodes-s) before it is refused. Every worker, after setup, all-gathers what it
+probed and calls `check_worker_precisions`, so a node with wrong labels aborts the run with a table
+instead of silently training in mixed precision.
 
     python -m ray_jobs.scheduler                  # the groups of the running cluster (RAY_ADDRESS or auto)
 """
@@ -22,14 +25,25 @@ node with wrong labels aborts the run with a table instead of silently training 
 from __future__ import annotations
 
 import math
+import os
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import ray
 
 from nanochat.config import option, parse_config
 from nanochat.errors import UsageError, run_main
-from nanochat.precision import ACCELERATOR_TYPES, DTYPES, DeviceInfo, peak_flops, plan_for, precision_label
+from nanochat.precision import (
+    ACCELERATOR_TYPES,
+    DTYPES,
+    MIXED,
+    DeviceInfo,
+    peak_flops,
+    plan_for,
+    precision_label,
+)
 
 if TYPE_CHECKING:
     from ray.train import ScalingConfig
@@ -37,7 +51,6 @@ if TYPE_CHECKING:
 LABEL_PRECISION = "nanochat/precision"
 LABEL_GPU = "nanochat/gpu"
 LABEL_ACCELERATOR = "ray.io/accelerator-type"  # set by Ray on GPU nodes it recognises
-LABEL_NODE_ID = "ray.io/node-id"  # set by Ray on every node
 PRECISIONS = ("bf16", "fp16", "fp32")
 LONG_DTYPE = {precision_label(dtype): dtype for dtype in DTYPES}  # bf16 -> bfloat16, ...
 UNKNOWN = "unknown"  # a GPU node with neither our labels nor an accelerator type we know
@@ -204,6 +217,7 @@ def choose_group(
     cpus_per_worker: float = 1,
     gpus_per_worker: float = 1,
     role: str = "worker",
+    quiet: bool = False,
 ) -> Group:
     """The one group that runs `num_workers` workers, or PrecisionGroupError with the cluster's table.
 
@@ -248,6 +262,8 @@ def choose_group(
             table,
         )
     best = max(candidates, key=lambda g: (g.peak_flops, g.gpus, g.cpus))
+    if quiet:
+        return best
     others = ", ".join(f"{g.precision} {g.peak_flops / 1e12:.1f}" for g in candidates if g is not best)
     print(
         f"precision auto: using the {best.precision} group ({', '.join(sorted(best.gpu_names))}; "
@@ -287,17 +303,22 @@ def scaling_config(
     resources: dict[str, float] = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
-    kwargs: dict = {}
-    accelerators = {n.accelerator_type for n in group.nodes}
+    return ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                         label_selector=group_selector(group, use_gpu))
+
+
+def group_selector(group: Group, use_gpu: bool) -> dict[str, str]:
+    """The Ray label selector of the group's nodes. Labels, never node ids: a node that joins later (the
+    autoscaler's, a replaced spot node) matches as well as the nodes alive now."""
     if all(n.labelled for n in group.nodes):
-        # the label also matches nodes that join later (autoscaling), unlike a list of node ids
-        kwargs["label_selector"] = {LABEL_PRECISION: group.precision}
-    elif use_gpu and len(accelerators) == 1 and None not in accelerators:
-        kwargs["accelerator_type"] = accelerators.pop()
-    else:
-        # unlabelled nodes of several kinds: name them; the selector takes at most one value per key
-        kwargs["label_selector"] = {LABEL_NODE_ID: f"in({','.join(n.node_id for n in group.nodes)})"}
-    return ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources, **kwargs)
+        return {LABEL_PRECISION: group.precision}
+    # unlabelled nodes: by Ray's accelerator type, keeping out nodes that our label puts in another group
+    others = sorted({*PRECISIONS, MIXED} - {group.precision})
+    selector = {LABEL_PRECISION: f"!in({','.join(others)})"}
+    accelerators = sorted({n.accelerator_type for n in group.nodes if n.accelerator_type})
+    if use_gpu and accelerators:
+        selector[LABEL_ACCELERATOR] = f"in({','.join(accelerators)})"
+    return selector
 
 
 def plan_cluster(
@@ -306,15 +327,132 @@ def plan_cluster(
     use_gpu: bool | None = None,
     cpus_per_worker: float = 1,
     ray_nodes: list[dict] | None = None,
+    wait_for_nodes_s: float = 0,
 ) -> tuple[Group, ScalingConfig]:
     """(group, ScalingConfig) for the cluster of `ray_nodes` (in `ray.nodes()` form; default: the connected
-    cluster's); refuses what no single group can run."""
+    cluster's); refuses what no single group can run. A connected cluster with an autoscaler may grow: what
+    its node types could add is counted, a request none of them can serve is refused at once, and the rest
+    waits up to `wait_for_nodes_s` for the autoscaler's nodes before it is refused."""
     nodes = nodes_from_ray(ray.nodes() if ray_nodes is None else ray_nodes)
+    growth = Growth.of_cluster(wait_for_nodes_s)
     if use_gpu is None:
-        use_gpu = any(n.num_gpus for n in nodes)
-    found = groups(nodes)
-    group = choose_group(found, precision, num_workers, use_gpu, cpus_per_worker)
+        use_gpu = any(n.num_gpus for n in [*nodes, *(growth.addable if growth else [])])
+    shape = {"precision": precision, "num_workers": num_workers, "use_gpu": use_gpu, "cpus_per_worker": cpus_per_worker}
+    group = choose_or_grow(nodes, shape, growth, wait_for_nodes_s)
     return group, scaling_config(group, num_workers, use_gpu, cpus_per_worker)
+
+
+def choose_or_grow(nodes: list[NodeInfo], shape: dict, growth: Growth | None, wait_s: float) -> Group:
+    """choose_group(**shape) on the nodes alive now; where that refuses and the cluster can grow, the group
+    the autoscaler's nodes make within `wait_s` (Growth.wait_for_group)."""
+    try:
+        return choose_group(groups(nodes), **shape)
+    except PrecisionGroupError as refused:
+        if growth is None:
+            raise
+        return growth.wait_for_group(nodes, shape, refused, wait_s)
+
+
+# -----------------------------------------------------------------------------
+# A cluster that can grow
+AUTOSCALER_CONFIG_ENV = "NANOCHAT_AUTOSCALER_CONFIG"
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the autoscaler's config on the head
+POLL_S = 2.0
+
+
+def addable_nodes(config: dict, alive: list[dict]) -> list[NodeInfo]:
+    """The nodes the autoscaler of `config` (a cluster launcher YAML, as a dict) may still add: for each node type
+    with worker capacity, max_workers minus its nodes alive in `alive` (ray.nodes() form; a node is of a type when
+    it carries every label of the type), each with the type's resources and labels."""
+    nodes = []
+    head = config.get("head_node_type")
+    for name, spec in (config.get("available_node_types") or {}).items():
+        resources, labels = spec.get("resources") or {}, spec.get("labels") or {}
+        if name == head or not (resources.get("GPU") or resources.get("CPU")):
+            continue
+        of_type = sum(1 for raw in alive if raw.get("Alive") and labels
+                      and labels.items() <= (raw.get("Labels") or {}).items())
+        count = min(spec.get("max_workers", config.get("max_workers", 0)), config.get("max_workers", 10**6)) - of_type
+        nodes += nodes_from_ray([{"Alive": True, "NodeID": f"{name}#{i + 1}", "NodeManagerHostname": f"(new {name})",
+                                  "Resources": resources, "Labels": labels} for i in range(count)])
+    return nodes
+
+
+def read_autoscaler_config() -> dict | None:
+    """The autoscaler's cluster config: $NANOCHAT_AUTOSCALER_CONFIG, else the one `ray up` leaves on the head;
+    None where neither exists (a KubeRay cluster, a driver off the head): then the autoscaler alone knows."""
+    import yaml
+
+    path = Path(os.environ.get(AUTOSCALER_CONFIG_ENV) or BOOTSTRAP_CONFIG).expanduser()
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def runs_autoscaler_v2() -> bool:
+    """Whether the connected cluster runs the v2 autoscaler, as `ray up` and KubeRay start it since Ray 2.50. (A
+    local or hand-started head runs a read-only v1 monitor that adds nothing: it does not count.)"""
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+    return is_autoscaler_v2(fetch_from_server=True)
+
+
+@dataclass
+class Growth:
+    """What the autoscaler of a connected cluster may add: `addable` nodes of its known node types (empty when
+    the types are unknown: `known` False)."""
+
+    addable: list[NodeInfo]
+    known: bool
+
+    @classmethod
+    def of_cluster(cls, wait_s: float = 1.0) -> Growth | None:
+        """None for a cluster without an autoscaler (a local one, hand-started nodes): nothing will come; and
+        where there is nothing to wait for (no connected cluster, `wait_s` 0)."""
+        if not ray.is_initialized() or wait_s <= 0:
+            return None
+        config = read_autoscaler_config()
+        if config is None and not runs_autoscaler_v2():
+            return None
+        return cls(addable_nodes(config, ray.nodes()) if config else [], config is not None)
+
+    def tables(self, nodes: list[NodeInfo]) -> str:
+        known = ("the autoscaler can add:\n" + format_groups(groups(self.addable)) if self.known else
+                 f"the autoscaler's node types are unknown here (set {AUTOSCALER_CONFIG_ENV} to its cluster config)")
+        return f"the cluster has:\n{format_groups(groups(nodes))}\n{known}"
+
+    def wait_for_group(self, nodes: list[NodeInfo], shape: dict, refused: PrecisionGroupError, wait_s: float) -> Group:
+        """Ask the autoscaler for the workers' resources and wait up to `wait_s` for a group to hold them."""
+        target = None
+        if self.known:
+            try:  # what the cluster could grow to: a request that even that cannot hold is refused now
+                target = choose_group(groups([*nodes, *self.addable]), **shape, quiet=True)
+            except PrecisionGroupError as never:
+                raise PrecisionGroupError(f"{never.message} Not even the nodes the autoscaler can add would hold it.",
+                                          self.tables(nodes)) from None
+        precision = target.precision if target else shape["precision"]
+        # unknown types: the label our cluster files and start_node.sh give, or any node for auto
+        selector = (group_selector(target, shape["use_gpu"]) if target else
+                    {LABEL_PRECISION: precision} if precision in PRECISIONS else {})
+        bundle = {"CPU": shape["cpus_per_worker"], **({"GPU": shape.get("gpus_per_worker", 1)} if shape["use_gpu"] else {})}
+        print(f"{refused.message}\nwaiting up to {wait_s:g} s (--wait-for-nodes-s) for the autoscaler to add nodes"
+              + (f" of the {precision} group" if selector else ""), flush=True)
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[bundle] * shape["num_workers"], bundle_label_selectors=[selector] * shape["num_workers"])
+        deadline = time.monotonic() + wait_s
+        try:
+            while True:
+                nodes = nodes_from_ray(ray.nodes())
+                try:
+                    return choose_group(groups(nodes), **shape)
+                except PrecisionGroupError as still:
+                    if time.monotonic() >= deadline:
+                        raise PrecisionGroupError(f"{still.message} The autoscaler added no room for it within {wait_s:g} s "
+                                                  "(--wait-for-nodes-s).", self.tables(nodes)) from None
+                time.sleep(POLL_S)
+        finally:
+            # the trainer's own placement group holds the nodes from here; a standing request would keep
+            # them from ever scaling down
+            request_resources(bundles=[])
 
 
 # -----------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from nanochat.config import CommonConfig, option, parse_config
 from nanochat.errors import UsageError
 from nanochat.tokenizer import Tokenizer
 from ray_jobs.cluster import connect, joins_cluster, planned_nodes, run_driver
-from ray_jobs.scheduler import LABEL_PRECISION, check_room, choose_group, groups, nodes_from_ray
+from ray_jobs.scheduler import LABEL_PRECISION, Growth, check_room, choose_or_grow, groups, nodes_from_ray
 from ray_jobs.serve_faults import FAULT_ENV, parse_faults
 
 if TYPE_CHECKING:
@@ -77,6 +77,8 @@ class ServeConfig(CommonConfig):
                                    "reaches the port can use the model")
     precision: str = option("any", "pin replicas to nodes of this precision group (node label nanochat/precision)",
                             choices=("any", "bf16", "fp16", "fp32"))
+    wait_for_nodes_s: float = option(600.0, "on a cluster with an autoscaler, how long to wait for the nodes the "
+                                     "replicas need before refusing (0 = refuse at once); a cluster without one never waits")
     num_gpus: float = option(-1.0, "GPUs per replica; -1 = 1 when this machine has CUDA, --device is cuda or "
                                    "--precision is bf16/fp16, else 0")
     num_cpus: float = option(0.5, "CPUs reserved per replica")
@@ -205,13 +207,16 @@ def check_port(host: str, port: int) -> None:
 def check_capacity(cfg: ServeConfig, nodes: list[dict]) -> None:
     """The cluster has room for every replica (in the --precision group if one is named): Serve would
     otherwise wait without end for a node that never comes."""
-    found = groups(nodes_from_ray(nodes))
+    alive = nodes_from_ray(nodes)
     gpus = _gpus_per_replica(cfg)
     shape = {"use_gpu": gpus > 0, "cpus_per_worker": cfg.num_cpus, "gpus_per_worker": gpus or 1, "role": "replica"}
+    growth = Growth.of_cluster(cfg.wait_for_nodes_s)
     if cfg.precision == "any":  # replicas answer on their own: they may spread over groups
-        check_room(found, cfg.replicas, **shape)
+        # counting what an autoscaler can add: Serve's pending replicas make it add those nodes
+        check_room(groups([*alive, *(growth.addable if growth else [])]), cfg.replicas, **shape)
     else:
-        choose_group(found, cfg.precision, cfg.replicas, **shape)
+        choose_or_grow(alive, {"precision": cfg.precision, "num_workers": cfg.replicas, **shape}, growth,
+                       cfg.wait_for_nodes_s)
 
 
 def preflight(cfg: ServeConfig, cpus: float) -> None:

@@ -19,6 +19,7 @@ state: nanochat/train/data_parallel.py), Ray Data, Ray Train checkpoints and MLf
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -34,6 +35,7 @@ from pathlib import Path
 # Ray Train (seconds to import) is imported where it runs, so that a mistake fails before it loads: by
 # the driver once its checks have passed (main), and in a worker by train_loop_per_worker, under which
 # all the worker-side code below runs.
+import pyarrow.fs as pafs
 import ray
 import torch
 import torch.distributed as dist
@@ -44,6 +46,7 @@ from nanochat.common import base_dir
 from nanochat.config import option, parse_config
 from nanochat.dataset import default_data_dir, list_shards, split_shards
 from nanochat.errors import UsageError
+from nanochat.shardfs import filesystem, is_uri
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
 from nanochat.tracking import Tracker, default_uri, ui_command
 from nanochat.train.harness import with_step_split
@@ -57,6 +60,7 @@ from ray_jobs.data import (
     epochs_per_pass,
     iter_train_batches,
     resume_position,
+    training_data,
     work_items,
 )
 from ray_jobs.scheduler import check_worker_precisions, format_groups, groups, nodes_from_ray, plan_cluster
@@ -75,8 +79,11 @@ class RayOptions:
     num_workers: int = option(1, "data-parallel workers (one GPU each, or CPU workers without GPUs)")
     precision: str = option("auto", "precision group: auto picks the strongest", choices=("auto", "bf16", "fp16", "fp32"))
     cpus_per_worker: float = option(1.0, "CPUs reserved per training worker")
+    wait_for_nodes_s: float = option(600.0, "on a cluster with an autoscaler, how long to wait for the nodes a request "
+                                     "needs before refusing it (0 = refuse at once); a cluster without one never waits")
     tokenize_workers: int = option(2, "Ray Data tokenizer actors")
-    storage_path: str = option("", "where Ray Train keeps checkpoints; empty = $NANOCHAT_BASE_DIR/ray_results")
+    storage_path: str = option("", "where Ray Train keeps runs and checkpoints: a folder every node sees, or s3://, gs://, "
+                               "any URI pyarrow or fsspec opens; empty = $NANOCHAT_BASE_DIR/ray_results")
     name: str = option("", "run name (a folder in --storage-path); empty = <stage>_d<depth>")
     max_failures: int = option(-1, "worker-group restarts from the latest checkpoint before giving up; -1 = "
                                f"{CLUSTER_MAX_FAILURES} on a cluster of several nodes (spot preemption, a lost node), 0 on one machine")
@@ -86,7 +93,8 @@ class RayOptions:
                              choices=("", "bfloat16", "float16"))
     address: str = option("", "Ray cluster address; empty = $RAY_ADDRESS or a new local cluster")
     mlflow_uri: str = option("", "MLflow tracking URI; empty = sqlite:///$NANOCHAT_BASE_DIR/mlflow.db, the store every "
-                             "entry point shares (<--storage-path>/mlflow.db when that is given)")
+                             "entry point shares on one machine (<--storage-path>/mlflow.db when that is given); on a "
+                             "cluster the head's tracking server, http://HEAD:5000 (docs/cluster.md, MLflow)")
     mlflow_experiment: str = option("nanochat", "MLflow experiment")
 
 
@@ -179,7 +187,8 @@ def pass_epochs(cfg) -> int:
     """Epochs per execution of the training dataset, from settings the driver (ray_datasets) and every
     worker (train_loop_per_worker, before its setup resolves any) read alike."""
     run_tokens = cfg.num_iterations * cfg.total_batch_size if cfg.num_iterations > 0 and cfg.total_batch_size > 0 else None
-    return epochs_per_pass(split_shards(list_shards(cfg.data_dir), "train"), run_tokens)
+    shards, token_files = training_data(cfg.data_dir, cfg.tokenizer_dir)
+    return epochs_per_pass(shards, run_tokens, token_files)
 
 
 def stage_batches(stage: Stage, run: Run, rank: int, world: int, position: dict | None, epochs: int) -> Iterator:
@@ -302,7 +311,77 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:  # the driver prints it
         tracker.flush()  # one more try for metrics a failing store kept back (the last checkpoint covers them all)
         tracker.log_json("summary.json", summary)
-        Path(config["summary_path"]).write_text(json.dumps(summary, indent=2))
+        fs, path = config["summary_file"]  # in the run's storage, which the driver may not share a disk with
+        write_text(fs, path, json.dumps(summary, indent=2))
+
+
+# -----------------------------------------------------------------------------
+# where a run lives
+
+
+def write_text(fs: pafs.FileSystem, path: str, text: str) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def read_text(fs: pafs.FileSystem, path: str) -> str:
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+@dataclass(frozen=True)
+class RunStorage:
+    """Where Ray Train keeps a run (its checkpoints, its own state, summary.json): <storage>/<name> on a
+    disk, or in object storage (--storage-path s3://bucket/runs, gs://..., any URI pyarrow or fsspec opens;
+    pyarrow's options go in the query, e.g. s3://bucket/runs?endpoint_override=http://HOST:9000). The
+    driver and the data factory read the run through `fs` only, never through their own disk."""
+
+    uri: str  # --storage-path, a local one made absolute
+    fs: pafs.FileSystem
+    root: str  # the storage folder: a path in `fs`
+    name: str
+
+    @classmethod
+    def of(cls, storage_path: str, name: str) -> RunStorage:
+        uri = storage_path if is_uri(storage_path) else str(Path(storage_path or base_dir() / "ray_results").resolve())
+        fs, root = filesystem(uri)
+        return cls(uri, fs, root.rstrip("/"), name)
+
+    @property
+    def local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    @property
+    def path(self) -> str:
+        return f"{self.root}/{self.name}"
+
+    def file(self, name: str) -> tuple[pafs.FileSystem, str]:
+        """(file system, path) of a file of the run: what a worker needs to write it."""
+        return self.fs, f"{self.path}/{name}"
+
+    def show(self, path: str) -> str:
+        """A path in `fs` as the user names it: the local path, or the URI (without its query)."""
+        return path if self.local else f"{self.uri.split('://', 1)[0]}://{path}"
+
+    def run_config(self) -> dict:
+        """RunConfig's storage arguments: Ray Train writes there, and hands the same file system (with the
+        driver's options and credentials) to every worker."""
+        return {"name": self.name, "storage_path": self.root, "storage_filesystem": None if self.local else self.fs}
+
+    def latest_checkpoint(self) -> ray.train.Checkpoint | None:
+        """The checkpoint Ray Train restores this run from: the latest its checkpoint manager registered, as
+        the manager's snapshot in the run folder records it. Ray writes that snapshot as it registers each
+        checkpoint (before it can restart a worker group from it), hands the registered one to restarted
+        workers (ray.train.get_checkpoint()), and reads the snapshot back when a new fit() resumes the run,
+        so the driver and the data factory see the checkpoint the workers restore. None before the first."""
+        if self.fs.get_file_info(self.path).type == pafs.FileType.NotFound:
+            return None  # a new run: answered without loading Ray Train
+        from ray.train import Result  # Ray's own reader of that snapshot
+        from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+        if self.fs.get_file_info(f"{self.path}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}").type == pafs.FileType.NotFound:
+            return None
+        return Result.from_path(self.path, storage_filesystem=self.fs).checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -310,17 +389,19 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 class DatasetFromLatest:
-    """Builds the training dataset starting where the run's latest checkpoint left off (`build(start)`).
+    """Builds the training dataset starting where the checkpoint Ray Train restores left off (`build(start)`).
 
-    Ray Train calls it each time it starts a worker group, so a restart after a failure streams
-    from the restored position instead of from the beginning."""
+    Ray Train calls it each time it starts a worker group (on its controller, before it hands the workers
+    their checkpoint), so a restart after a failure streams from the restored position instead of from the
+    beginning. The position is read from that checkpoint's meta.json in storage (RunStorage.latest_checkpoint:
+    the record Ray Train restores the workers from), never guessed from a disk."""
 
-    def __init__(self, run_dir: Path, build: Callable[[dict | None], ray.data.Dataset]):
-        self.run_dir, self.build = run_dir, build
+    def __init__(self, storage: RunStorage, build: Callable[[dict | None], ray.data.Dataset]):
+        self.storage, self.build = storage, build
 
     def __call__(self) -> ray.data.Dataset:
-        latest = checkpoint.find_latest(self.run_dir) if self.run_dir.exists() else None
-        return self.build(checkpoint.load_checkpoint(latest, restore_rng=False)["loader_state"] if latest else None)
+        latest = self.storage.latest_checkpoint()
+        return self.build(checkpoint.read_state(latest.path, latest.filesystem)["loader_state"] if latest else None)
 
 
 def quiet(ds: ray.data.Dataset) -> ray.data.Dataset:
@@ -334,23 +415,31 @@ def resolve_paths(cfg, stage: Stage) -> None:
     if stage.shards:
         cfg.data_dir = str(Path(cfg.data_dir or default_data_dir()).resolve())
     if stage.previous:
-        # by default the previous stage's run in this storage, else the plain scripts' one
-        in_storage = checkpoint.stage_run_dir(stage.previous, cfg.depth, cfg.storage_path or base_dir() / "ray_results")
-        found = not cfg.init_from and checkpoint.find_latest(in_storage)
-        cfg.init_from = str((found or cfg.init_checkpoint()).resolve())
+        # by default the previous stage's run in this storage (the checkpoint Ray Train registered last),
+        # else the plain scripts' one
+        previous = RunStorage.of(cfg.storage_path, checkpoint.stage_run_dir(stage.previous, cfg.depth).name)
+        found = None if cfg.init_from else previous.latest_checkpoint()
+        if found is not None and not previous.local:
+            raise UsageError(f"the {stage.previous} run this stage starts from is in object storage "
+                             f"({previous.show(found.path)}), and the workers load --init-from from their disk: copy "
+                             "that checkpoint to a folder every node sees and pass --init-from FOLDER")
+        cfg.init_from = str((Path(found.path) if found else cfg.init_checkpoint()).resolve())
     cfg.tokenizer_dir = str(Path(cfg.tokenizer_dir or default_tokenizer_dir()).resolve())
 
 
-def ray_datasets(cfg, run_dir: Path) -> dict:
-    """TorchTrainer arguments that stream the training shards through Ray Data."""
-    shards = split_shards(list_shards(cfg.data_dir), "train")
+def ray_datasets(cfg, storage: RunStorage) -> dict:
+    """TorchTrainer arguments that stream the training shards through Ray Data (the run in `storage`)."""
+    shards, token_files = training_data(cfg.data_dir, cfg.tokenizer_dir)
     epochs = pass_epochs(cfg)  # the workers derive the same number (train_loop_per_worker)
+    print(f"Ray Data: {epochs} epochs per pass, " + (f"rows cut from the token files in {token_files.directory}"
+          if token_files else f"tokenized by {cfg.tokenize_workers} actors in every pass (`python -m nanochat.dataset "
+          "tokenize` once makes token files every pass, epoch and trial reuses)"), flush=True)
 
     def build(start: dict | None = None) -> ray.data.Dataset:
         return quiet(build_dataset(shards, cfg.tokenizer_dir, cfg.max_seq_len, start=start, epochs=epochs,
-                                   tokenize_concurrency=cfg.tokenize_workers))
+                                   tokenize_concurrency=cfg.tokenize_workers, token_files=token_files))
 
-    datasets = {"train": DatasetFromLatest(run_dir, build), "train_passes": build}
+    datasets = {"train": DatasetFromLatest(storage, build), "train_passes": build}
     return {"datasets": datasets, "dataset_config": data_config()}
 
 
@@ -367,17 +456,25 @@ def load_tokenizer(directory: str) -> Tokenizer:
     return Tokenizer.load(directory)
 
 
-def check_resume(run_dir: Path, cfg, shards: list[Path] | None) -> str:
-    """The run id of the run about to start in `run_dir` (checkpoint.open_run_dir: a folder that holds a
+def check_resume(storage: RunStorage, cfg, shards: list[Path] | None) -> str:
+    """The run id of the run about to start in `storage` (checkpoint.resume_run: a folder that holds a
     run needs --resume, and resumes only its own checkpoints). Ray Train resumes a run from its storage
     folder by itself (same --name and --storage-path): this makes that an explicit choice rather than a
-    surprise, and checks that the shards are those the checkpoint was trained on and still hold its data
-    position. The driver has always refused with SystemExit, which ends it in one line."""
+    surprise, and checks that the checkpoint Ray Train will restore was trained on these shards and that
+    they still hold its data position. The driver has always refused with SystemExit, which ends it in one line."""
+    latest = storage.latest_checkpoint()
+    listed = storage.fs.get_file_info(pafs.FileSelector(storage.path, allow_not_found=True))
+    holds = any(checkpoint.STEP_DIR_RE.match(info.base_name) for info in listed)
+    if cfg.resume and holds and latest is None:
+        raise SystemExit(f"{storage.show(storage.path)} holds checkpoint folders that Ray Train has no record of (it "
+                         "registers each one it writes): it would train this run from step 0 over them. Move them "
+                         "out, or choose another --name / --storage-path")
     try:
-        run_id, latest = checkpoint.open_run_dir(run_dir, run_dir, cfg.resume, "--name / --storage-path")
-        if latest is not None and shards is not None:
-            state = checkpoint.load_checkpoint(latest, restore_rng=False)
-            checkpoint.check_shard_set(latest, state["meta"].get("shards"), checkpoint.shard_set(shards), cfg.allow_new_shards)
+        run_id, state = checkpoint.resume_run(
+            storage.path, latest and latest.path, cfg.resume, "--name / --storage-path", filesystem=storage.fs,
+            holds_checkpoints=holds)
+        if state is not None and shards is not None:
+            checkpoint.check_shard_set(latest.path, state["meta"].get("shards"), checkpoint.shard_set(shards), cfg.allow_new_shards)
             if state["loader_state"] is not None:
                 work_items(split_shards(shards, "train"), state["loader_state"])
     except checkpoint.CheckpointError as refused:
@@ -385,13 +482,13 @@ def check_resume(run_dir: Path, cfg, shards: list[Path] | None) -> str:
     return run_id
 
 
-def preflight(cfg, stage: Stage, run_dir: Path) -> str:
+def preflight(cfg, stage: Stage, storage: RunStorage) -> str:
     """Everything the driver can check before it starts Ray, an MLflow run or a GPU, so that a mistake
     fails in one line and at once: the shards (every footer read), the tokenizer, the checkpoint to
     resume. (The checkpoint a later stage starts from is checked by resolve_paths.) Returns the run id."""
     train_shards = check_shards(cfg.data_dir) if stage.shards else None
     load_tokenizer(cfg.tokenizer_dir)
-    return check_resume(run_dir, cfg, list_shards(cfg.data_dir) if train_shards is not None else None)
+    return check_resume(storage, cfg, list_shards(cfg.data_dir) if train_shards is not None else None)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -401,12 +498,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise UsageError(f"unknown --stage {stage!r}; choose one of {', '.join(STAGES)}")
     cfg = parse_config(config_class(stage), argv, description=__doc__.splitlines()[0])
     resolve_paths(cfg, STAGES[stage])
-    storage = Path(cfg.storage_path or base_dir() / "ray_results").resolve()
-    name = cfg.name or checkpoint.stage_run_dir(stage, cfg.depth).name
-    run_id = preflight(cfg, STAGES[stage], storage / name)
+    storage = RunStorage.of(cfg.storage_path, cfg.name or checkpoint.stage_run_dir(stage, cfg.depth).name)
+    run_id = preflight(cfg, STAGES[stage], storage)
     cpus = cfg.num_workers * cfg.cpus_per_worker + cfg.tokenize_workers + 1  # + the packing actor
     nodes = planned_nodes(cfg.address, cfg.dtype, cfg.device, cpus)
-    group, scaling = plan_cluster(cfg.precision, cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, ray_nodes=nodes)
+    group, scaling = plan_cluster(cfg.precision, cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, ray_nodes=nodes,
+                                  wait_for_nodes_s=cfg.wait_for_nodes_s)
+    nodes = ray.nodes() if ray.is_initialized() else nodes  # with the nodes an autoscaler added meanwhile
     cfg.max_failures = failures_allowed(cfg.max_failures, sum(n["Alive"] for n in nodes))
     print(f"cluster precision groups:\n{format_groups(groups(nodes_from_ray(nodes)))}\n"
           f"training on the {group.precision} group: {cfg.num_workers} worker(s) on {', '.join(sorted(group.gpu_names))}")
@@ -416,32 +514,36 @@ def main(argv: list[str] | None = None) -> dict:
 
     stage_fields = {f.name for f in dataclasses.fields(STAGES[stage].config)}
     stage_config = {k: v for k, v in dataclasses.asdict(cfg).items() if k in stage_fields}
-    uri = cfg.mlflow_uri or default_uri(cfg.storage_path)
-    params = {**dataclasses.asdict(cfg), "precision_group": group.precision}
+    uri = cfg.mlflow_uri or default_uri(cfg.storage_path if storage.local else "")  # sqlite needs a disk
+    # the storage as shown: a URI's query and any key pair in it stay out of MLflow
+    params = {**dataclasses.asdict(cfg), "storage_path": storage.show(storage.root), "precision_group": group.precision}
     # the run ends with the block: FAILED on an error, KILLED on Ctrl-C or SIGTERM (`ray job stop`)
-    # the driver holds the run folder's lock while Ray Train writes checkpoints there: one writer per run
-    with checkpoint.RunLock(storage / name), Tracker.create(uri, cfg.mlflow_experiment, name, params).ending() as tracker:
-        checkpoint.claim_run_dir(storage / name, run_id)
+    # the driver holds the run folder's lock while Ray Train writes checkpoints there: one writer per run (a
+    # lock on a disk only: object storage has no flock, and there run.json's owner check is the only guard)
+    lock = checkpoint.RunLock(storage.path) if storage.local else contextlib.nullcontext()
+    with lock, Tracker.create(uri, cfg.mlflow_experiment, storage.name, params).ending() as tracker:
+        checkpoint.claim_run_dir(storage.path, run_id, None if storage.local else storage.fs)
         print(f"MLflow run {tracker.run_id} in {uri}  ({ui_command(uri)})")
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
                 "stage": stage, "stage_config": stage_config, "precision": group.precision,
                 "shard_optimizer": cfg.shard_optimizer, "grad_dtype": cfg.grad_dtype, "fault": os.environ.get(FAULT_ENV, ""),
-                "run_id": run_id, "mlflow_uri": uri, "mlflow_run_id": tracker.run_id, "summary_path": str(storage / name / "summary.json"),
+                "run_id": run_id, "mlflow_uri": uri, "mlflow_run_id": tracker.run_id, "summary_file": storage.file("summary.json"),
             },
             scaling_config=scaling,
             run_config=RunConfig(
-                name=name, storage_path=str(storage),
+                **storage.run_config(),
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last),
             ),
-            **(ray_datasets(cfg, storage / name) if STAGES[stage].shards else {}),
+            **(ray_datasets(cfg, storage) if STAGES[stage].shards else {}),
         )
         result = trainer.fit()
         tracker.log_loss_plot()
-    summary = json.loads((storage / name / "summary.json").read_text())
-    summary.update(checkpoint=result.checkpoint.path if result.checkpoint else None, mlflow_run_id=tracker.run_id, mlflow_uri=uri)
+    summary = json.loads(read_text(*storage.file("summary.json")))
+    summary.update(checkpoint=storage.show(result.checkpoint.path) if result.checkpoint else None, mlflow_run_id=tracker.run_id,
+                   mlflow_uri=uri)
     print("summary:", json.dumps(summary))
     return summary
 

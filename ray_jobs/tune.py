@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow.fs as pafs
+import ray
 from ray import tune
 from ray.train import CheckpointConfig, FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
@@ -244,19 +246,19 @@ def run_trial(config: dict, fixed: dict) -> None:
     """Tune's trainable: one TorchTrainer fit. Tune kills it (and with it the trainer) when ASHA stops it."""
     trial_id = tune.get_context().get_trial_id()
     settings = trial_settings(fixed, config)
-    run_dir = Path(fixed["train_root"]) / trial_id
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = dataclasses.replace(fixed["train_runs"], name=trial_id)  # the trial's TorchTrainer run, in the sweep's storage
+    run.fs.create_dir(run.path, recursive=True)
     # a resumed trial keeps its MLflow run: one run per trial, whatever the interruptions
-    id_file = run_dir / RUN_ID_FILE
-    if id_file.exists():
-        tracker = Tracker(fixed["mlflow_uri"], id_file.read_text().strip())
+    run_id = trial_run_id(run)
+    if run_id is not None:
+        tracker = Tracker(fixed["mlflow_uri"], run_id)
         tracker.client.update_run(tracker.run_id, status="RUNNING")  # it ended KILLED with the interrupted sweep
     else:
         params = {**settings, "trial_id": trial_id, "sweep": fixed["sweep"], "precision_group": fixed["precision"]}
         tracker = Tracker.create(fixed["mlflow_uri"], fixed["mlflow_experiment"], f"{fixed['sweep']}/{trial_id}", params)
         tracker.client.set_tag(tracker.run_id, "sweep", fixed["sweep"])
         tracker.client.set_tag(tracker.run_id, "trial_id", trial_id)
-        id_file.write_text(tracker.run_id)
+        train.write_text(*run.file(RUN_ID_FILE), tracker.run_id)
 
     data = SimpleNamespace(data_dir=fixed["stage_config"]["data_dir"], tokenizer_dir=fixed["stage_config"]["tokenizer_dir"],
                            max_seq_len=settings["max_seq_len"], tokenize_workers=fixed["tokenize_workers"],
@@ -266,17 +268,17 @@ def run_trial(config: dict, fixed: dict) -> None:
         train_loop_config={
             "stage": "base", "stage_config": settings, "precision": fixed["precision"], **fixed["worker"],
             "mlflow_uri": fixed["mlflow_uri"], "mlflow_run_id": tracker.run_id, "mlflow_judged": judged_at(settings),
-            "summary_path": str(run_dir / "summary.json"),
+            "summary_file": run.file("summary.json"),
         },
         scaling_config=fixed["scaling"],
         run_config=RunConfig(
             # the same name on a resumed trial: Ray Train restarts it from its latest checkpoint
-            name=trial_id, storage_path=fixed["train_root"],
+            **run.run_config(),
             failure_config=FailureConfig(max_failures=fixed["max_failures"]),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=[ReportToTune(settings["total_batch_size"])],
         ),
-        **train.ray_datasets(data, run_dir),
+        **train.ray_datasets(data, run),
     )
     # ASHA's stops (at a rung or at max_t) end the trial from outside: MlflowTrialStatus on the driver
     # ends the run then, and that verdict stands; this ends a trial that returns or fails first
@@ -290,12 +292,12 @@ class MlflowTrialStatus(tune.Callback):
     stopped one has its run ended (KILLED, or FINISHED at the full budget) before its process is killed,
     which it cannot be relied on to do itself; a trial's error ends its run FAILED."""
 
-    def __init__(self, mlflow_uri: str, train_root: str, token_budget: int):
-        self.mlflow_uri, self.train_root, self.token_budget = mlflow_uri, train_root, token_budget
+    def __init__(self, mlflow_uri: str, train_runs: train.RunStorage, token_budget: int):
+        self.mlflow_uri, self.train_runs, self.token_budget = mlflow_uri, train_runs, token_budget
 
     def _tracker(self, trial) -> Tracker | None:
-        id_file = Path(self.train_root) / trial.trial_id / RUN_ID_FILE
-        return Tracker(self.mlflow_uri, id_file.read_text().strip()) if id_file.exists() else None
+        run_id = trial_run_id(dataclasses.replace(self.train_runs, name=trial.trial_id))
+        return Tracker(self.mlflow_uri, run_id) if run_id is not None else None
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         tracker = self._tracker(trial)
@@ -366,6 +368,12 @@ def best_config(rows: list[dict], shape: dict) -> tuple[dict, dict] | None:
     return {**{k: best[k] for k in TUNED}, **{k: shape[k] for k in BEST_KEYS if k not in TUNED}}, best
 
 
+def trial_run_id(run: train.RunStorage) -> str | None:
+    """The MLflow run id a trial's first start wrote into its run folder, or None before that."""
+    fs, path = run.file(RUN_ID_FILE)
+    return train.read_text(fs, path).strip() if fs.get_file_info(path).type == pafs.FileType.File else None
+
+
 def write_table(rows: list[dict], exp_dir: Path) -> None:
     (exp_dir / "trials.json").write_text(json.dumps(rows, indent=2))
     with open(exp_dir / "trials.csv", "w", newline="") as f:
@@ -414,14 +422,14 @@ def concurrency(cfg, group: Group) -> int:
     return 2
 
 
-def preflight(cfg, exp_dir: Path) -> Tokenizer:
+def preflight(cfg, storage: train.RunStorage) -> Tokenizer:
     """What the driver checks before it starts Ray, MLflow or a GPU (so a mistake fails in one line and at
-    once): the shards (every footer read), the tokenizer (returned), no earlier sweep in `exp_dir` unless
+    once): the shards (every footer read), the tokenizer (returned), no earlier sweep in `storage` unless
     --resume."""
     check_shards(cfg.data_dir)
     tokenizer = train.load_tokenizer(cfg.tokenizer_dir)
-    if tune.Tuner.can_restore(exp_dir) and not cfg.resume:
-        raise SystemExit(f"{exp_dir} already holds a sweep; pass --resume to continue it (or rewrite its outputs "
+    if tune.Tuner.can_restore(storage.path, storage_filesystem=storage.fs) and not cfg.resume:
+        raise SystemExit(f"{storage.show(storage.path)} already holds a sweep; pass --resume to continue it (or rewrite its outputs "
                          "when it finished), or --name / --storage-path for a new one")
     return tokenizer
 
@@ -434,14 +442,18 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 < cfg.grace_evals < cfg.evals_per_trial:
         raise SystemExit(f"--grace-evals must be between 1 and --evals-per-trial - 1 (= {cfg.evals_per_trial - 1})")
     train.resolve_paths(cfg, STAGES["base"])
-    storage = Path(cfg.storage_path or base_dir() / "ray_results").resolve()
     name = cfg.name or f"tune_d{cfg.depth}"
-    exp_dir = storage / name
-    vocab_size = preflight(cfg, exp_dir).vocab_size
+    storage = train.RunStorage.of(cfg.storage_path, name)  # the sweep's experiment folder, on a disk or a URI
+    # the sweep's outputs (best_config.json and the tables) on this machine, where the next command reads
+    # them; with object storage, a copy goes to the experiment folder there too
+    exp_dir = Path(storage.path) if storage.local else base_dir() / "ray_results" / name
+    vocab_size = preflight(cfg, storage).vocab_size
     per_trial = 1 + cfg.num_workers * cfg.cpus_per_worker + cfg.tokenize_workers + 1  # trial driver + workers + data
     cpus = (cfg.max_concurrent or 2) * per_trial
     nodes = planned_nodes(cfg.address, cfg.dtype, cfg.device, cpus)
-    group, scaling = plan_cluster(cfg.precision, cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, ray_nodes=nodes)
+    group, scaling = plan_cluster(cfg.precision, cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker, ray_nodes=nodes,
+                                  wait_for_nodes_s=cfg.wait_for_nodes_s)
+    nodes = ray.nodes() if ray.is_initialized() else nodes  # with the nodes an autoscaler added meanwhile
     concurrent = concurrency(cfg, group)
     print(f"cluster precision groups:\n{format_groups(groups(nodes_from_ray(nodes)))}\n"
           f"tuning on the {group.precision} group ({', '.join(sorted(group.gpu_names))}): {cfg.num_workers} worker(s) "
@@ -477,13 +489,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     # --- where everything goes
     connect(cfg.address, cfg.dtype, cfg.device, cpus)
-    uri = cfg.mlflow_uri or default_uri(cfg.storage_path)
+    uri = cfg.mlflow_uri or default_uri(cfg.storage_path if storage.local else "")  # sqlite needs a disk
     experiment = cfg.mlflow_experiment or name
     stage_fields = {f.name for f in dataclasses.fields(BaseTrainConfig)}
     fixed = {
         "stage_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k in stage_fields},
         "token_budget": cfg.token_budget, "evals_per_trial": cfg.evals_per_trial, "precision": group.precision,
-        "scaling": scaling, "train_root": str(exp_dir / "train_runs"), "tokenize_workers": cfg.tokenize_workers,
+        "scaling": scaling, "train_runs": dataclasses.replace(storage, root=f"{storage.path}/train_runs", name=""), "tokenize_workers": cfg.tokenize_workers,
         "max_failures": train.failures_allowed(cfg.max_failures, sum(n["Alive"] for n in nodes)),
         "mlflow_uri": uri, "mlflow_experiment": experiment, "sweep": name,
         # the rest of what ray_jobs.train hands its workers (no fault injection in a sweep)
@@ -501,9 +513,10 @@ def main(argv: list[str] | None = None) -> dict:
     # race on its schema migration
     experiment_id = ensure_experiment(uri, experiment)
     print(f"MLflow: experiment {experiment} in {uri}  ({ui_command(uri)})")
-    if tune.Tuner.can_restore(exp_dir):  # with --resume: preflight refused it otherwise
-        print(f"resuming the sweep in {exp_dir}")
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, param_space=space, resume_unfinished=True)
+    if tune.Tuner.can_restore(storage.path, storage_filesystem=storage.fs):  # with --resume: preflight refused it otherwise
+        print(f"resuming the sweep in {storage.show(storage.path)}")
+        tuner = tune.Tuner.restore(storage.path, trainable=trainable, param_space=space, resume_unfinished=True,
+                                   storage_filesystem=storage.fs)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -515,8 +528,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                  max_concurrent=concurrent),
             ),
             run_config=tune.RunConfig(
-                name=name, storage_path=str(storage),
-                callbacks=[MlflowTrialStatus(uri, fixed["train_root"], cfg.token_budget)],
+                **storage.run_config(),
+                callbacks=[MlflowTrialStatus(uri, fixed["train_runs"], cfg.token_budget)],
             ),
         )
     with runs_end_with_the_sweep(uri, experiment_id, name):
@@ -524,6 +537,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # --- outputs
     rows = trial_rows(results, cfg.token_budget)
+    exp_dir.mkdir(parents=True, exist_ok=True)
     write_table(rows, exp_dir)
     plot = plot_bpb_vs_params(rows, exp_dir / "bpb_vs_params.png")
     found = best_config(rows, dataclasses.asdict(cfg))
@@ -532,6 +546,10 @@ def main(argv: list[str] | None = None) -> dict:
                          "raise --num-samples or lower --reduction-factor")
     best, best_row = found
     (exp_dir / "best_config.json").write_text(json.dumps(best, indent=2) + "\n")
+    if not storage.local:
+        for output in ("best_config.json", "trials.csv", "trials.json", *([plot.name] if plot else [])):
+            pafs.copy_files(str(exp_dir / output), f"{storage.path}/{output}", source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=storage.fs)
     stopped = sum(r["status"] == "stopped early" for r in rows)
     print(f"{len(rows)} trials ({stopped} stopped early by ASHA); best {METRIC} {best_row[METRIC]:.4f}: {json.dumps(best)}\n"
           f"wrote {exp_dir / 'best_config.json'}, trials.csv, trials.json" + (f", {plot.name}" if plot else "") + "\n"

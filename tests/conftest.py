@@ -7,16 +7,23 @@ Fixtures (session-scoped, built once from a slice of the embedded corpus):
   tokenizer_dir  Path: a tokenizer (vocab 512) trained on the train shards and saved there
   tokenizer      that tokenizer, loaded
   local_ray      a local Ray instance shared by the modules that ask for it (see below)
+  tracking_server  (URI, folder): an MLflow tracking server on 127.0.0.1, as cluster/mlflow_server.sh starts it
 
 Markers: `@pytest.mark.slow` runs only with --runslow; `@pytest.mark.gpu` is skipped without CUDA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import signal
 import socket
+import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -168,3 +175,34 @@ def browser():
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
     yield driver
     driver.quit()
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """A real MLflow tracking server on 127.0.0.1 at a free port, started as the cluster files start it
+    (cluster/mlflow_server.sh) with its store and artifacts in a folder of its own: (its URI, that folder),
+    once /health answers; one for the session. Stopped with its workers (its own process group) at the end."""
+    folder, port = tmp_path_factory.mktemp("mlflow_server"), free_port()
+    log, uri = folder / "server.log", f"http://127.0.0.1:{port}"
+    with open(log, "w") as out:
+        server = subprocess.Popen([REPO / "cluster" / "mlflow_server.sh", "--host", "127.0.0.1", "--port", str(port),
+                                   "--workers", "1"], env={**os.environ, "NANOCHAT_MLFLOW_DIR": str(folder), "PYTHON": sys.executable},
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180  # imports and the store's schema: ~15 s on an idle 2-core machine
+        while True:
+            with contextlib.suppress(OSError):  # not listening yet, or listening but not answering yet
+                urllib.request.urlopen(f"{uri}/health", timeout=5).close()
+                break
+            tail = "\n".join(log.read_text().splitlines()[-30:])
+            assert server.poll() is None, f"mlflow server exited with {server.returncode}:\n{tail}"
+            assert time.monotonic() < deadline, f"mlflow server not healthy after 180 s:\n{tail}"
+            time.sleep(0.5)
+        yield uri, folder
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import os
 import random
@@ -25,6 +27,7 @@ from nanochat.checkpoint import (
     load_model_state,
     restore_orphans,
     save_checkpoint,
+    verify_checkpoint,
 )
 
 META = {"model_config": {"n_layer": 2, "n_embd": 8}, "tokenizer": "fp-abc", "precision": {"dtype": "float32"}}
@@ -131,7 +134,7 @@ def truncate_model(path: Path) -> str:
 
 
 def corrupt_optim(path: Path) -> str:
-    # Same size, one byte flipped: only the hash can tell.
+    # Same size, one byte flipped: only the full check (verify_checkpoint) can tell.
     f = path / "optim.pt"
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -149,7 +152,7 @@ def remove_meta(path: Path) -> str:
     return "meta.json"
 
 
-@pytest.mark.parametrize("damage", [truncate_model, corrupt_optim, remove_manifest, remove_meta])
+@pytest.mark.parametrize("damage", [truncate_model, remove_manifest, remove_meta])
 def test_damaged_newest_is_skipped_and_refused(tmp_path, caplog, damage):
     model, opt, scaler = make_state(0)
     good = save(tmp_path, 1, model, opt, scaler, {"pos": 1})
@@ -164,6 +167,31 @@ def test_damaged_newest_is_skipped_and_refused(tmp_path, caplog, damage):
         load_checkpoint(bad, model=model, optimizer=opt)
     assert "earlier" in str(err.value)
     assert load_checkpoint(good, model=model, optimizer=opt)["loader_state"] == {"pos": 1}
+
+
+def test_readers_check_sizes_and_the_full_check_finds_a_flipped_byte(tmp_path):
+    # the writer checked the hashes when it wrote the checkpoint: readers (every worker of a restart) do
+    # not read whole checkpoints again to hash them, unless asked to
+    model, opt, scaler = make_state(0)
+    flipped = save(tmp_path, 1, model, opt, scaler, {"pos": 1})
+    corrupt_optim(flipped)
+    assert find_latest(tmp_path) == flipped
+    with pytest.raises(CheckpointError, match=r"optim\.pt does not match its sha256"):
+        verify_checkpoint(flipped)
+    with pytest.raises(CheckpointError, match="optim.pt"):
+        load_checkpoint(flipped, model=model, optimizer=opt, check_hashes=True)
+
+
+def test_the_manifest_holds_the_hashes_of_the_serialized_bytes(tmp_path):
+    # two routes to one hash: the bytes torch.save makes of the state, and the file the writer left
+    model, opt, scaler = make_state(0)
+    path = save(tmp_path, 1, model, opt, scaler, {"pos": 1})
+    serialized = io.BytesIO()
+    torch.save(dict(model.state_dict()), serialized)  # the weights alone, as a checkpoint holds them
+    entry = json.loads((path / "manifest.json").read_text())["files"]["model.pt"]
+    assert entry == {"size": len(serialized.getvalue()), "sha256": hashlib.sha256(serialized.getvalue()).hexdigest()}
+    assert entry["sha256"] == hashlib.sha256((path / "model.pt").read_bytes()).hexdigest()
+    verify_checkpoint(path)
 
 
 def test_leftover_temp_dir_is_ignored_with_warning(tmp_path, caplog):
@@ -194,8 +222,7 @@ def write_half_then_die(obj, f, *args, **kwargs):
     data = buf.getvalue()
     with open(f, "wb") if isinstance(f, (str, os.PathLike)) else nullcontext(f) as out:
         out.write(data[: len(data) // 2])
-        out.flush()
-        os.fsync(out.fileno())
+        out.flush()  # into the kernel: the SIGKILL below leaves these bytes in the file
     die()
 
 

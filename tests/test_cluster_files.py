@@ -60,9 +60,18 @@ def test_launcher_yaml_passes_rays_validation():
     config = yaml.safe_load((CLUSTER / "gcp-p100-a100.yaml").read_text())
     validate_config(prepare_config(copy.deepcopy(config)))
     types = config["available_node_types"]
-    for node_type, precision in (("p100", "fp16"), ("a100", "bf16")):
+    for node_type, precision in (("p100", "fp16"), ("p100-spot", "fp16"), ("a100", "bf16")):
         labels = types[node_type]["labels"]
-        assert labels == probe_labels(labels["nanochat/gpu"]) and labels["nanochat/precision"] == precision
+        probed = probe_labels(labels["nanochat/gpu"])
+        assert labels.items() >= probed.items() and labels["nanochat/precision"] == precision
+    # the spot type differs from the on-demand one by its scheduling and a label (the autoscaler-aware check
+    # tells the types' nodes apart by their labels), nothing else
+    spot, on_demand = types["p100-spot"], types["p100"]
+    assert {"preemptible": True} in spot["node_config"]["scheduling"]
+    assert (spot["labels"]["nanochat/capacity"], on_demand["labels"]["nanochat/capacity"]) == ("spot", "on-demand")
+    assert {**spot["node_config"], "scheduling": None} == {**on_demand["node_config"], "scheduling": None}
+    # the dashboard serves the Jobs API, which runs any command: loopback only, reached by port-forward
+    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
     broken = copy.deepcopy(config)
     broken["available_node_types"]["p100"]["labels"] = {"nanochat/precision": 16}  # not a string
     with pytest.raises(Exception, match="16"):
@@ -74,6 +83,7 @@ def test_kuberay_manifest_has_one_labelled_group_per_gpu_generation():
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster" and doc["metadata"]["name"]
     head = doc["spec"]["headGroupSpec"]
     assert isinstance(head["rayStartParams"], dict) and head["template"]["spec"]["containers"]
+    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
     groups = {g["groupName"]: g for g in doc["spec"]["workerGroupSpecs"]}
     assert set(groups) == {"p100", "a100"}
     for group in groups.values():

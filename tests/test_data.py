@@ -224,6 +224,20 @@ def test_hf_source_reads_a_local_dataset_offline(tmp_path):
         list(iter_source("hf:surely-not/a-cached-dataset"))
 
 
+def test_hf_source_streams_rows_before_the_whole_set_is_read(tmp_path):
+    if importlib.util.find_spec("datasets") is None:
+        pytest.skip("datasets is not installed")
+    docs = ["one", "two 👍", "three"]
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (tmp_path / "ds" / "b.jsonl").write_text('{"text": "four"}\nnot json\n')
+    # a load that prepared the whole set before the first row would fail here, on b.jsonl
+    stream = iter_source(f"hf:{tmp_path / 'ds'}")
+    assert [next(stream) for _ in docs] == docs
+    with pytest.raises(DataError, match=r"hf:.*ds: reading failed after 3 documents \(.*JSON"):
+        next(stream)
+
+
 def test_cli_build_and_list(tmp_path, capsys):
     src = tmp_path / "corpus.txt"
     src.write_text("\n\n".join(f"paragraph {i} " * 5 for i in range(25)), encoding="utf-8")

@@ -1,6 +1,7 @@
 """A new user's first hour: the demo's outputs (built once, tiny, by the demo's own pieces) through the
 commands it prints at the end (chat, serve and its client snippet, tune for real; the speedrun in
-tests/test_speedrun.py), with no flags beyond those printed but the server's port. Checkpoints name their
+tests/test_speedrun.py), with no flags beyond those printed but the server's port and, for the sweep, a
+tracking server as a cluster has. Checkpoints name their
 tokenizer and shards, so nothing else is needed; a tokenizer that moved fails in one line that says where
 it looked."""
 
@@ -14,7 +15,6 @@ import math
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,10 +28,9 @@ from nanochat.dataset import list_shards
 from nanochat.errors import UsageError
 from nanochat.scripts import base_loss, base_train, chat_cli, chat_sft, demo
 from nanochat.tokenizer import Tokenizer
-from nanochat.tracking import default_uri
 from nanochat.train.base import BaseTrainConfig
 from nanochat.train.loop import grad_accum_steps
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 TINY = demo.DemoConfig(steps=4, depth=1, vocab_size=512)
 TINY_ACCUMULATION = demo.TOTAL_BATCH // (demo.DEVICE_BATCH * demo.SEQ_LEN)  # the speedrun at the demo's batch
@@ -135,12 +134,6 @@ def test_a_wrong_tokenizer_flag_is_refused_and_the_right_one_named(outputs, toke
     assert f"pass --tokenizer-dir {files.tokenizer}" in message
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def port_is_free(host: str, port: int) -> bool:
     from ray_jobs.serve import check_port
 
@@ -216,18 +209,21 @@ def test_printed_serve_command_answers_the_printed_client_snippet(outputs, local
 
 
 @pytest.mark.timeout(900)  # a trainer start per trial: one to two minutes of CPU, most of it Ray starting processes
-def test_printed_tune_command_stops_early_logs_everything_and_its_best_config_trains(outputs, base_dir, local_ray, tmp_path):
-    """The printed sweep, run as printed: two trials one after the other, so ASHA's verdict is deterministic (the
-    default search seed samples the same second trial, CPU training is deterministic): the first (nanochat's
-    defaults) runs to the end, the second is judged at the first rung against it and stopped there. Its trials are
-    MLflow runs of the base dir's one store that end with ASHA's verdict and log nothing after it; its
+def test_printed_tune_command_stops_early_logs_everything_and_its_best_config_trains(outputs, base_dir, local_ray,
+                                                                                      tracking_server, tmp_path):
+    """The printed sweep, run as printed but logging to a tracking server, as on a cluster: two trials one after
+    the other, so ASHA's verdict is deterministic (the default search seed samples the same second trial, CPU
+    training is deterministic): the first (nanochat's defaults) runs to the end, the second is judged at the first
+    rung against it and stopped there. Its trials are MLflow runs on the server that end with ASHA's verdict, hold
+    each step once and nothing after the verdict, and whose artifacts went through the server into its store; its
     best_config.json trains; the same sweep again needs --resume, which trains nothing."""
     from mlflow.tracking import MlflowClient
 
     from ray_jobs import tune
 
     files, _, printed = outputs
-    argv = printed_commands(printed)["ray_jobs.tune"]
+    uri, server_dir = tracking_server
+    argv = [*printed_commands(printed)["ray_jobs.tune"], "--mlflow-uri", uri]
     cfg = parse_config(tune.config_class(), argv)
     out = tune.main(argv)
     trials = out["trials"]
@@ -240,11 +236,13 @@ def test_printed_tune_command_stops_early_logs_everything_and_its_best_config_tr
     experiment = Path(out["experiment_dir"])
     assert experiment.parent == base_dir / "ray_results"  # where docs/tuning.md says a sweep goes
 
-    # every trial is one MLflow run in the base dir's store, experiment = the sweep, with its parameters and
-    # its bpb, ended with ASHA's verdict; the last evaluation in MLflow is the one Tune saw last
-    assert out["mlflow_uri"] == default_uri() == f"sqlite:///{base_dir / 'mlflow.db'}"
-    client = MlflowClient(out["mlflow_uri"])
-    runs = client.search_runs([client.get_experiment_by_name(experiment.name).experiment_id])
+    # every trial is one MLflow run on the server, experiment = the sweep, with its parameters and its bpb,
+    # ended with ASHA's verdict; the last evaluation in MLflow is the one Tune saw last
+    assert out["mlflow_uri"] == uri
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment.name)
+    assert found.artifact_location.startswith("mlflow-artifacts:")  # uploaded through the server, not to a path
+    runs = client.search_runs([found.experiment_id])
     assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(t["trial_id"] for t in trials)
     for run in runs:
         row = next(t for t in trials if t["trial_id"] == run.data.tags["trial_id"])
@@ -252,8 +250,15 @@ def test_printed_tune_command_stops_early_logs_everything_and_its_best_config_tr
         assert int(run.data.params["device_batch_size"]) == row["device_batch_size"]
         history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_bpb"))
         assert history[-1] == (row["steps"], pytest.approx(row["val_bpb"]))
-        assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == row["steps"]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        assert sorted(steps) == list(range(1, row["steps"] + 1)), "each step once, none past the verdict"
         assert run.info.status == ("FINISHED" if row["status"] == "completed" else "KILLED")
+    # the finished trial's summary, uploaded by its worker: in the server's artifact store, read back through it
+    finished = next(r for r in runs if r.info.status == "FINISHED")
+    assert "summary.json" in [a.path for a in client.list_artifacts(finished.info.run_id)]
+    stored = list((server_dir / "artifacts").rglob(f"{finished.info.run_id}/artifacts/summary.json"))
+    assert len(stored) == 1 and json.loads(stored[0].read_text())["steps"] == next(
+        t["steps"] for t in trials if t["trial_id"] == finished.data.tags["trial_id"])
 
     # best_config.json: the winner's base_train settings at the demo's shape, and base_train trains with them
     best_file = experiment / "best_config.json"

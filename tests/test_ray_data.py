@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import re
 import shutil
 import threading
@@ -19,8 +20,17 @@ import torch
 
 from nanochat.dataloader import DataLoader, pack_rows
 from nanochat.dataset import DataError, list_shards, split_shards
-from ray_jobs.data import POSITION_KEYS, build_dataset, epochs_per_pass, iter_train_batches, resume_position
+from nanochat.tokenized import tokenize_shards
+from ray_jobs.data import (
+    POSITION_KEYS,
+    build_dataset,
+    check_shards,
+    epochs_per_pass,
+    iter_train_batches,
+    resume_position,
+)
 from tests.test_data import write_row_groups
+from tests.test_tokenized import http_server  # noqa: F401 (a fixture)
 
 SEQ_LEN, BATCH = 64, 4
 ROW_LEN = SEQ_LEN + 1
@@ -124,6 +134,61 @@ def test_resume_continues_exactly(epoch, train_shards, tokenizer_dir, row_group_
         assert torch.equal(x, ex) and torch.equal(y, ey), f"resumed batch {i} differs"
         assert {**position, "epoch": 0} == expected_position
     assert [p["epoch"] for _, _, p in got] == [5] * (len(epoch) - a - 1) + [6] * (len(epoch) - b - 1)
+
+
+def assert_same_batches(got: list, expected: list) -> None:
+    assert len(got) == len(expected) > 0
+    for i, ((x, y, position), (ex, ey, expected_position)) in enumerate(zip(got, expected, strict=True)):
+        assert torch.equal(x, ex) and torch.equal(y, ey), f"batch {i} differs"
+        assert position == expected_position, f"batch {i}: position {position} != {expected_position}"
+
+
+@pytest.fixture(scope="module")
+def token_files(train_shards, tokenizer, tmp_path_factory):
+    return tokenize_shards(train_shards, tokenizer, tmp_path_factory.mktemp("tokens"))
+
+
+def test_token_files_stream_the_batches_and_positions_of_the_tokenizing_pipeline(two_epochs, train_shards, tokenizer_dir,
+                                                                                  token_files):
+    ds = build_dataset(train_shards, tokenizer_dir, SEQ_LEN, epochs=2, token_files=token_files)
+    assert_same_batches(take(iter_train_batches(ds.iterator(), BATCH, "cpu", epochs_per_pass=2), len(two_epochs)),
+                        two_epochs)
+
+
+def test_token_files_resume_from_a_position_as_the_tokenizing_pipeline_does(epoch, train_shards, tokenizer_dir,
+                                                                           token_files, row_group_streams):
+    # a position whose offset runs past its row group (the end of shard 0), then passes from the start
+    last_of_shard0 = max(g for s, g in row_group_streams if s == 0)
+    a = next(i for i, (_, _, p) in enumerate(epoch) if (p["shard"], p["row_group"]) == (0, last_of_shard0)
+             and p["offset"] > len(row_group_streams[(0, last_of_shard0)]))
+    resumed = build_dataset(train_shards, tokenizer_dir, SEQ_LEN, start=epoch[a][2], token_files=token_files)
+    full = build_dataset(train_shards, tokenizer_dir, SEQ_LEN, token_files=token_files)
+    batches = iter_train_batches(resumed.iterator(), BATCH, "cpu", epoch=3, next_passes=full.iterator())
+    expected = [(x, y, {**p, "epoch": 3}) for x, y, p in epoch[a + 1:]] + [(x, y, {**p, "epoch": 4}) for x, y, p in epoch]
+    assert_same_batches(take(batches, len(expected)), expected)
+
+
+def test_token_files_resumed_with_less_than_a_row_left_go_on_to_the_next_pass(epoch, train_shards, tokenizer_dir,
+                                                                             token_files, row_group_streams):
+    shard, row_group = max(row_group_streams)
+    end = {"shard": shard, "row_group": row_group, "offset": len(row_group_streams[(shard, row_group)]) - 1}
+    resumed = build_dataset(train_shards, tokenizer_dir, SEQ_LEN, start=end, token_files=token_files)
+    full = build_dataset(train_shards, tokenizer_dir, SEQ_LEN, token_files=token_files)
+    batches = iter_train_batches(resumed.iterator(), BATCH, "cpu", epoch=2, next_passes=full.iterator())
+    assert_same_batches(take(batches, 3), [(x, y, {**p, "epoch": 3}) for x, y, p in epoch[:3]])
+
+
+def test_a_pass_over_token_files_holds_the_run_when_its_length_is_known(train_shards, token_files, row_group_streams):
+    actual = sum(len(tokens) for tokens in row_group_streams.values())
+    for epochs_read in (0.5, 3, 7.5):
+        assert epochs_per_pass(train_shards, int(epochs_read * actual), token_files) == math.ceil(epochs_read) + 1
+
+
+def test_shards_listed_as_urls_stream_the_same_batches(local_ray, http_server, epoch, tokenizer_dir):  # noqa: F811
+    shards = check_shards(f"{http_server}/shards.txt")
+    assert all(str(s).startswith("http://") for s in shards)
+    ds = build_dataset(shards, tokenizer_dir, SEQ_LEN, tokenize_concurrency=1, tokenize_num_cpus=TOKENIZER_CPUS)
+    assert_same_batches(take(iter_train_batches(ds.iterator(), BATCH, "cpu"), len(epoch)), epoch)
 
 
 def test_a_pass_holds_many_epochs_of_a_small_corpus_and_one_of_a_large(train_shards, row_group_streams, monkeypatch):

@@ -1,20 +1,26 @@
 """ray_jobs.train on a real local Ray cluster (CPU, gloo): equivalence with the plain script,
-checkpoints, MLflow, and recovery from a killed worker."""
+checkpoints, MLflow, and recovery from a killed worker with its checkpoints in object storage."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import statistics
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
+from nanochat import checkpoint
 from nanochat.checkpoint import find_latest
+from nanochat.dataset import build_shards, list_shards
 from nanochat.runlog import read_metrics
 from nanochat.scripts import base_train
 from nanochat.tracking import Tracker
+from nanochat.train.stages import STAGES
 from ray_jobs import train as ray_train
+from tests.test_storage import s3  # noqa: F401  (moto's S3 server, started once per session)
 
 STEPS = 16
 
@@ -83,15 +89,27 @@ def test_ray_training_matches_the_single_process_script(one_worker, data_dir, to
     assert {p.path for p in tracker.client.list_artifacts(tracker.run_id)} >= {"loss_curves.png", "summary.json"}
 
 
-def test_killed_worker_resumes_from_its_checkpoint(local_ray, data_dir, tokenizer_dir, tmp_path, monkeypatch):
-    # a real SIGKILL of rank 1 right after step 6; the last checkpoint before it is step 4
+def test_killed_worker_resumes_from_its_checkpoint(local_ray, data_dir, tokenizer_dir, s3, tracking_server,  # noqa: F811
+                                                   monkeypatch):
+    # a real SIGKILL of rank 1 right after step 6; the last checkpoint before it is step 4, in an S3 bucket:
+    # the restarted workers restore it from there, and the data factory starts the stream at its position;
+    # MLflow on a tracking server, as on a cluster
     monkeypatch.setenv(ray_train.FAULT_ENV, "1:6")
-    summary = ray_train.main(tiny(data_dir, tokenizer_dir, "--device-batch-size", "4", "--num-workers", "2",
-                                  "--storage-path", str(tmp_path), "--name", "faulty", "--save-every", "4", "--report-every", "2",
-                                  "--eval-every", "-1", "--max-failures", "1", "--keep-last", "10"))
-    assert summary["steps"] == STEPS
+    args = tiny(data_dir, tokenizer_dir, "--device-batch-size", "4", "--num-workers", "2", "--storage-path", s3.uri("runs"),
+                "--name", "faulty", "--save-every", "4", "--report-every", "2", "--eval-every", "-1", "--max-failures", "1",
+                "--keep-last", "10", "--mlflow-uri", tracking_server[0])
+    summary = ray_train.main(args)
+    assert summary["steps"] == STEPS and summary["mlflow_uri"] == tracking_server[0]
     mlflow_losses(summary)  # steps 5-6 were trained again after the kill, and logged once
-    assert sorted(p.name for p in (tmp_path / "faulty").glob("step_*")) == [f"step_{s:06d}" for s in (4, 8, 12, 16)]
+    storage = ray_train.RunStorage.of(args[args.index("--storage-path") + 1], "faulty")
+    saved = storage.fs.get_file_info(pafs.FileSelector(storage.path))
+    assert sorted(i.base_name for i in saved if i.base_name.startswith("step_")) == [f"step_{s:06d}" for s in (4, 8, 12, 16)]
+    assert summary["checkpoint"] == storage.show(f"{storage.path}/step_{STEPS:06d}")
+    assert checkpoint.read_state(f"{storage.path}/step_{STEPS:06d}", storage.fs)["meta"]["run_id"] == \
+        checkpoint.run_owner(storage.path, storage.fs), "the run's own checkpoints, and run.json in the bucket"
+    # the driver reads the checkpoint Ray Train would restore from the bucket: a second start needs --resume
+    with pytest.raises(SystemExit, match=f"holds checkpoints \\(latest: step_{STEPS:06d}\\) of run"):
+        ray_train.main(args)
 
     # a step goes to MLflow once the checkpoint that covers it is persisted: steps 5-6 of the run that was
     # killed never reached it, those in MLflow are the restarted run's, and the restart is marked at step 4
@@ -112,6 +130,26 @@ def test_a_second_run_in_the_same_place_needs_resume(one_worker):
     # with --resume it restores the finished checkpoint and has nothing left to train
     resumed = ray_train.main([*args, "--resume"])
     assert resumed["steps"] == STEPS and resumed["final_loss"] is None, "restored at the end: no step trained again"
+
+
+def test_the_driver_checks_the_shard_set_of_the_checkpoint_ray_train_restores(one_worker, data_dir, tmp_path):
+    # the driver reads the checkpoint Ray Train registered last in the run folder of a real run (step 16),
+    # before Ray starts: a shard added since is refused, and accepted with --allow-new-shards
+    args, _ = one_worker
+    more = Path(shutil.copytree(data_dir, tmp_path / "data"))
+    build_shards(["an extra document. " * 50] * 8, tmp_path / "extra", docs_per_row_group=4, row_groups_per_shard=1, val_docs=4)
+    shutil.copy(list_shards(tmp_path / "extra")[0], more / f"shard_{len(list_shards(data_dir)):05d}.parquet")
+
+    def preflight(*extra: str) -> str:
+        cfg = ray_train.parse_config(ray_train.config_class("base"), [*args, "--data-dir", str(more), "--resume", *extra])
+        storage = ray_train.RunStorage.of(cfg.storage_path, cfg.name)
+        return ray_train.preflight(cfg, STAGES["base"], storage)
+
+    with pytest.raises(SystemExit, match=r"added shard_\d+\.parquet.*pass --allow-new-shards"):
+        preflight()
+    storage = ray_train.RunStorage.of(args[args.index("--storage-path") + 1], "one")
+    assert preflight("--allow-new-shards") == checkpoint.run_owner(storage.path)
+    assert storage.latest_checkpoint().path == f"{storage.path}/step_{STEPS:06d}"
 
 
 def test_restarts_default_to_some_on_a_cluster_and_none_on_one_machine():

@@ -23,8 +23,6 @@ from nanochat.checkpoint import OWNER_FILE, CheckpointError, RunLock, find_lates
 from nanochat.dataset import build_shards, list_shards
 from nanochat.runlog import read_metrics
 from nanochat.scripts import base_train
-from nanochat.train.stages import STAGES
-from ray_jobs import train as ray_train
 
 
 def tiny(data_dir: Path, tokenizer_dir: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -129,19 +127,3 @@ def test_resume_on_a_changed_shard_set_needs_allow_new_shards(finished, more_sha
     summary = base_train.main(tiny(more_shards, tokenizer_dir, run, "--resume", "--num-iterations", "3", "--allow-new-shards"))
     assert summary["steps"] == 3
     assert read_meta(run)["shards"]["names"][-1] == "shard_00004.parquet", "later checkpoints record the new set"
-
-
-def test_the_ray_driver_checks_the_shard_set_before_it_starts(finished, more_shards, tokenizer_dir, tmp_path):
-    # a Ray Train run folder: the step dirs at its top, run.json beside them
-    run = tmp_path / "storage" / "base_d2"
-    shutil.copytree(find_latest(finished / "checkpoints"), run / "step_000002")
-    shutil.copy(finished / OWNER_FILE, run / OWNER_FILE)
-
-    def preflight(*extra: str) -> str:
-        argv = ["--data-dir", str(more_shards), "--tokenizer-dir", str(tokenizer_dir), "--resume", *extra]
-        cfg = ray_train.parse_config(ray_train.config_class("base"), argv)
-        return ray_train.preflight(cfg, STAGES["base"], run)
-
-    with pytest.raises(SystemExit, match="added shard_00004.parquet.*pass --allow-new-shards"):
-        preflight()
-    assert preflight("--allow-new-shards") == owner(finished)

@@ -17,21 +17,24 @@ import pytest
 import ray
 import ray.train
 import torch.distributed as dist
+import yaml
 from ray._private.label_utils import parse_node_labels_string, validate_node_label_syntax
 from ray.cluster_utils import Cluster
 from ray.train import FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
-from nanochat.precision import DeviceInfo, node_labels, plan_for
+from nanochat.precision import MIXED, DeviceInfo, machine_labels, node_labels, plan_for
 from nanochat.precision import main as precision_main
 from ray_jobs.scheduler import (
+    LABEL_ACCELERATOR,
     LABEL_GPU,
-    LABEL_NODE_ID,
     LABEL_PRECISION,
     PrecisionGroupError,
+    addable_nodes,
     check_worker_precisions,
     choose_group,
     format_groups,
+    group_selector,
     groups,
     nodes_from_ray,
     plan_cluster,
@@ -40,6 +43,7 @@ from ray_jobs.scheduler import (
 from ray_jobs.scheduler import main as scheduler_main
 
 REPO = Path(__file__).resolve().parents[1]
+LABEL_NODE_ID = "ray.io/node-id"  # Ray labels every node with its id
 P100 = {LABEL_PRECISION: "fp16", LABEL_GPU: "Tesla-P100-PCIE-16GB"}
 A100 = {LABEL_PRECISION: "bf16", LABEL_GPU: "NVIDIA-A100-SXM4-80GB"}
 
@@ -201,13 +205,52 @@ def test_scaling_config_selects_the_group():
     assert config.label_selector == {LABEL_PRECISION: "fp16"}
     assert config.resources_per_worker == {"CPU": 2, "GPU": 1} and config.num_workers == 4
 
+    # unlabelled nodes are selected by Ray's accelerator type, never by a list of node ids: a replaced spot
+    # node (a new id) matches too, and a node our label puts in another group never does
     bare = cluster_of(raw_node("a1", gpus=8, accelerator="A100"), raw_node("a2", gpus=8, accelerator="A100"))
     config = scaling_config(bare["bf16"], 16, use_gpu=True)
-    assert config.accelerator_type == "A100" and config.label_selector is None
+    assert config.label_selector == {LABEL_PRECISION: "!in(fp16,fp32,mixed)", LABEL_ACCELERATOR: "in(A100)"}
 
-    mixed = cluster_of(raw_node("v", gpus=8, accelerator="V100"), raw_node("t", gpus=4, accelerator="T4"))
+    mixed = cluster_of(raw_node("v", gpus=8, accelerator="V100"), raw_node("t", gpus=4, labels=P100, accelerator="T4"))
     config = scaling_config(mixed["fp16"], 12, use_gpu=True)
-    assert config.label_selector == {LABEL_NODE_ID: "in(v,t)"} and config.accelerator_type is None
+    assert config.label_selector == {LABEL_PRECISION: "!in(bf16,fp32,mixed)", LABEL_ACCELERATOR: "in(T4,V100)"}
+
+
+def test_the_gcp_cluster_file_can_grow_into_either_group_but_not_past_its_max_workers():
+    config = yaml.safe_load((REPO / "cluster" / "gcp-p100-a100.yaml").read_text())
+    head = raw_node("head", cpus=0, labels={LABEL_PRECISION: "fp32", LABEL_GPU: "CPU"})
+    a100 = raw_node("a", cpus=12, gpus=1, labels=config["available_node_types"]["a100"]["labels"])  # as launched
+    assert groups(nodes_from_ray([head])) == {}  # a fresh cluster: nothing alive can run a worker
+    could = groups(addable_nodes(config, [head]))
+    # fp16: 8 on-demand P100s and 4 spot ones
+    assert {p: (len(g.nodes), g.gpus) for p, g in could.items()} == {"bf16": (4, 4), "fp16": (12, 12)}
+    assert choose_group(could, "auto", 4).precision == "bf16" and choose_group(could, "auto", 12).precision == "fp16"
+    with pytest.raises(PrecisionGroupError):
+        choose_group(could, "fp16", 13)
+    with pytest.raises(PrecisionGroupError):
+        choose_group(could, "bf16", 5)
+    # an A100 alive already counts against its type's max_workers
+    assert groups(addable_nodes(config, [head, a100]))["bf16"].gpus == 3
+
+
+def test_a_machine_whose_gpus_disagree_is_labelled_so_no_group_takes_it(capsys):
+    p100, a100 = DeviceInfo("cuda", "Tesla P100-PCIE-16GB", (6, 0)), DeviceInfo("cuda", "NVIDIA A100-SXM4-80GB", (8, 0))
+    assert machine_labels([p100, p100]) == node_labels(plan_for(p100))
+    labels = machine_labels([a100, p100, a100])
+    assert labels[LABEL_PRECISION] == MIXED and "fp16" in labels[LABEL_GPU] and "bf16" in labels[LABEL_GPU]
+    assert validate_node_label_syntax(labels) is None
+    # one dtype that every GPU runs puts the machine back in a group
+    assert machine_labels([a100, p100], "float16")[LABEL_PRECISION] == "fp16"
+
+    found = cluster_of(raw_node("odd", gpus=2, labels=labels), raw_node("p", gpus=1, labels=P100))
+    assert choose_group(found, "auto", 1).precision == "fp16"
+    with pytest.raises(PrecisionGroupError) as refused:
+        choose_group(found, "auto", 2)
+    assert "mixed" in refused.value.details
+
+    assert precision_main(["--labels", "--simulate", "Tesla P100-PCIE-16GB:6.0,NVIDIA A100-SXM4-80GB:8.0"]) == 0
+    out, err = capsys.readouterr()
+    assert "nanochat/precision=mixed" in out and "start one Ray node per kind of GPU" in err
 
 
 def test_check_worker_precisions():
@@ -364,6 +407,19 @@ def test_too_big_a_request_is_refused_before_any_worker_starts(cluster):
     message = str(err.value)
     assert "fp16" in message and "bf16" in message and "Tesla-P100-PCIE-16GB" in message
     assert "NVIDIA-A100-SXM4-80GB" in message
+
+
+def test_the_selector_of_unlabelled_nodes_matches_nodes_without_our_label_and_no_other_group(cluster):
+    """A group of unlabelled nodes is selected by `!in(<other groups>)` on our label: Ray must read that as
+    matching a node that lacks the label (here the head, the one node without it) and no labelled node."""
+    selector = group_selector(groups(nodes_from_ray([raw_node("bare", cpus=1)]))["fp32"], use_gpu=False)
+
+    @ray.remote(num_cpus=0)
+    def where() -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    head = next(n["NodeID"] for n in ray.nodes() if LABEL_PRECISION not in n["Labels"])
+    assert {ray.get(where.options(label_selector=selector).remote(), timeout=60) for _ in range(4)} == {head}
 
 
 @pytest.mark.parametrize("precision, num_workers", [("fp16", 2), ("bf16", 1)])

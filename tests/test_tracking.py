@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,9 +22,10 @@ from mlflow.tracking import MlflowClient
 
 from nanochat import tracking
 from nanochat.checkpoint import find_latest
+from nanochat.errors import UsageError
 from nanochat.tracking import TERMINATED, Tracker, default_uri, ensure_experiment
 from ray_jobs import train as ray_train
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 VERDICT_DELAY_S = 0.5  # how long the "driver" below takes to judge a report
 
@@ -250,3 +252,27 @@ def test_ray_training_goes_on_through_a_store_outage_and_mlflow_gets_each_step_o
     printed = capfd.readouterr()
     assert len(store_warnings(printed.out + printed.err, "write metrics")) == 1
     assert "MLflow: the store works again" in printed.out + printed.err
+
+
+@contextmanager
+def silent_port() -> Iterator[int]:
+    """A port that takes connections and never answers (a hung server, a firewall that drops)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield listener.getsockname()[1]
+
+
+@pytest.mark.parametrize("server", ["refused", "silent"])
+def test_an_unreachable_tracking_server_fails_the_driver_at_once_saying_what_to_start(server):
+    """The driver's first MLflow call on a server that is not there is one line naming the URI and what to
+    start, within seconds: MLflow's client alone would retry for about 4 minutes."""
+    with silent_port() if server == "silent" else nullcontext(free_port()) as port:
+        uri = f"http://127.0.0.1:{port}"
+        start = time.monotonic()
+        with pytest.raises(UsageError) as failed:
+            Tracker.create(uri, "test", "run", {"depth": 2})
+        assert time.monotonic() - start < 15
+    message = str(failed.value)
+    assert "\n" not in message and f"no MLflow tracking server answers at {uri}" in message
+    assert "cluster/mlflow_server.sh" in message and "--mlflow-uri" in message

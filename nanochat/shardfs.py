@@ -1,0 +1,130 @@
+"""Shards wherever they live: a local directory, object storage or a list of URLs.
+
+A data source is one of
+  DIR                           a local directory of shard_*.parquet (nanochat.dataset's layout)
+  s3://bucket/prefix, gs://..., file:///dir, any URI pyarrow.fs or fsspec knows: the same layout there
+  LIST.txt or https://.../LIST.txt   one shard URI per line, in stream order (the last one is validation)
+
+Local paths stay `Path`s and go through `nanochat.dataset` (its errors, its checks); URIs are opened
+with pyarrow's own file systems (s3, gs, hdfs, file) or, for schemes it lacks (http, https, ...),
+fsspec's behind `pyarrow.fs.PyFileSystem`. Nothing is copied to local disk first.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from nanochat import dataset
+from nanochat.dataset import DataError, NoShardsError
+
+Source = str | Path  # a local path, or a URI string
+
+
+def is_uri(source: Source) -> bool:
+    return isinstance(source, str) and "://" in source
+
+
+def filesystem(source: Source) -> tuple[pafs.FileSystem, str]:
+    """(file system, path in it) of a local path or a URI."""
+    if not is_uri(source):
+        return pafs.LocalFileSystem(), str(Path(source).resolve())
+    try:
+        return pafs.FileSystem.from_uri(source)
+    except pa.ArrowInvalid:  # a scheme pyarrow has no file system for: fsspec's (needs its package, e.g. aiohttp)
+        fs, path = fsspec.core.url_to_fs(source)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def join(base: Source, name: str) -> Source:
+    """`name` inside the directory `base` (a Path for a local one, a URI for a URI)."""
+    return f"{base.rstrip('/')}/{name}" if is_uri(base) else Path(base) / name
+
+
+def read_bytes(source: Source) -> bytes:
+    fs, path = filesystem(source)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def exists(source: Source) -> bool:
+    fs, path = filesystem(source)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def size(source: Source) -> int:
+    fs, path = filesystem(source)
+    return fs.get_file_info(path).size
+
+
+def list_shards(source: Source) -> list[Source]:
+    """The shards of a data source (module docstring), in stream order: the last one is validation."""
+    text = str(source)
+    if text.endswith(".txt"):
+        lines = (line.strip() for line in read_bytes(source).decode("utf-8").splitlines())
+        shards = [line for line in lines if line and not line.startswith("#")]
+        if not shards:
+            raise NoShardsError(f"the shard list {source} names no shards: put one shard URI per line in it.")
+        return [s if is_uri(s) else Path(s) for s in shards]
+    if not is_uri(source):
+        return list(dataset.list_shards(source))
+    fs, path = filesystem(source)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted(i.base_name for i in infos if fnmatch.fnmatch(i.base_name, dataset.SHARD_GLOB))
+    if not names:
+        raise NoShardsError(f"no shard_*.parquet files under {source}: upload the shards that "
+                            f"`{dataset.BUILD_COMMAND}` writes there, or pass --data-dir where they are.")
+    return [join(source, name) for name in names]
+
+
+def open_shard(source: Source) -> pq.ParquetFile:
+    """A shard's parquet file, its footer read; a missing or unreadable one raises DataError naming it."""
+    if not is_uri(source):
+        return dataset._open_shard(Path(source))
+    fs, path = filesystem(source)
+    try:
+        shard = pq.ParquetFile(fs.open_input_file(path))
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"{source} is not a readable parquet file ({' '.join(str(err).split())}): check the "
+                        "URI and the credentials of its file system, or upload the shard again.") from err
+    if "text" not in shard.schema_arrow.names:
+        raise DataError(f"{source} has no 'text' column (columns: {shard.schema_arrow.names}): shards need one "
+                        f"string column 'text', as `{dataset.BUILD_COMMAND}` writes them.")
+    return shard
+
+
+def read_row_group(source: Source, index: int) -> list[str]:
+    """The documents of one row group; a bad one raises DataError naming the shard and row group."""
+    if not is_uri(source):
+        return dataset.read_row_group(source, index)
+    column = open_shard(source).read_row_group(index, columns=["text"]).column("text")
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)) or column.null_count:
+        raise DataError(f"{source}: row group {index} has {column.null_count} null texts or a column 'text' of "
+                        f"type {column.type}: rebuild the shard with `{dataset.BUILD_COMMAND}`.")
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{source}: row group {index} holds text that is not valid UTF-8 ({err.reason}): fix the "
+                        "source's encoding and rebuild the shards.") from None
+
+
+def nonempty_row_groups(shards: list[Source]) -> list[tuple[int, int]]:
+    """(shard index, row group) of every row group that holds documents, in stream order (the work of
+    every loader); local shards go through `nanochat.dataset.nonempty_row_groups`, which logs the empty ones."""
+    if not any(is_uri(s) for s in shards):
+        return dataset.nonempty_row_groups(shards)
+    return [(s, g) for s, sizes in enumerate(row_group_sizes(shards)) for g, rows in enumerate(sizes) if rows]
+
+
+def row_group_sizes(shards: list[Source]) -> list[list[int]]:
+    """Documents in each row group of each shard, from the footers (a bad shard raises DataError naming it)."""
+    sizes = []
+    for shard in shards:
+        meta = open_shard(shard).metadata
+        sizes.append([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+    return sizes
