@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +69,18 @@ def init_process(cfg, device: torch.device | None = None) -> tuple[torch.device,
     apply_process_settings(plan, device)
     seed_everything(cfg.seed)
     return device, plan
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 60) -> None:
+    """SIGTERM to the process group of `proc` (started with start_new_session=True, so its children go
+    too), then SIGKILL if it has not ended within `grace_s`."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -29,7 +29,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanochat.common import stop_process_group
 from nanochat.config import option, parse_config
 from nanochat.errors import run_main
 from nanochat.tokenizer import Tokenizer
@@ -114,18 +114,6 @@ class Runner:
 
 def py(module: str, *args) -> list:
     return [sys.executable, "-m", module, *args]
-
-
-def stop(proc: subprocess.Popen | None) -> None:
-    """SIGTERM to a background process group, SIGKILL if it lingers."""
-    if proc is None or proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 # -----------------------------------------------------------------------------
@@ -249,7 +237,8 @@ def train_beside_serve(r: Runner, data: Path, tokenizer: Path, work: Path) -> di
         train_rc = train.wait() if train else 0
         return {"serve_up": up, "bench_serve_rc": rc, "bench_serve": text[-2000:], "train_rc": train_rc}
     finally:
-        stop(serve)
+        if serve:
+            stop_process_group(serve)
 
 
 def submit_speedrun(r: Runner, work: Path) -> dict:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanochat.common import stop_process_group
 from nanochat.corpus import embedded_corpus
 from nanochat.dataset import build_shards, list_shards, num_row_groups, read_row_group, split_shards
 from nanochat.tokenizer import Tokenizer
@@ -200,9 +200,4 @@ def tracking_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
             time.sleep(0.5)
         yield uri, folder
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process_group(server, grace_s=30)

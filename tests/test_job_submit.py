@@ -4,12 +4,10 @@ that the module costs the longer of the two; the GPU speedrun refusing at once o
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from nanochat.common import stop_process_group
 from ray_jobs.speedrun import FLOOR_S, STAGES
 from tests.conftest import free_port
 
@@ -118,12 +117,6 @@ def came_up(proc: subprocess.Popen, address: str, seconds: float = 120) -> bool:
     return True
 
 
-def stop(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):  # a head that gave up may be gone already
-        os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=60)
-
-
 @pytest.fixture(scope="module")
 def head():
     """The dashboard address of a head node of our own, started again if its raylet gave up on its agent."""
@@ -131,11 +124,11 @@ def head():
         proc, address = start_head()
         if came_up(proc, address):
             break
-        stop(proc)  # a second start finds the agent's modules in the page cache
+        stop_process_group(proc)  # a second start finds the agent's modules in the page cache
     else:
         pytest.fail("the Ray head did not come up in 3 tries")
     yield address
-    stop(proc)
+    stop_process_group(proc)
 
 
 @pytest.fixture(scope="module")
