@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
 from nanochat import checkpoint
@@ -30,7 +31,9 @@ from nanochat.scripts import base_loss, base_train, chat_cli, chat_sft, demo
 from nanochat.tokenizer import Tokenizer
 from nanochat.train.base import BaseTrainConfig
 from nanochat.train.loop import grad_accum_steps
+from ray_jobs.train import RunStorage
 from tests.conftest import REPO, free_port
+from tests.test_storage import s3  # noqa: F401  (moto's S3 server, started once per session)
 
 TINY = demo.DemoConfig(steps=4, depth=1, vocab_size=512)
 TINY_ACCUMULATION = demo.TOTAL_BATCH // (demo.DEVICE_BATCH * demo.SEQ_LEN)  # the speedrun at the demo's batch
@@ -210,8 +213,9 @@ def test_printed_serve_command_answers_the_printed_client_snippet(outputs, local
 
 @pytest.mark.timeout(900)  # a trainer start per trial: one to two minutes of CPU, most of it Ray starting processes
 def test_printed_tune_command_stops_early_logs_everything_and_its_best_config_trains(outputs, base_dir, local_ray,
-                                                                                      tracking_server, tmp_path):
-    """The printed sweep, run as printed but logging to a tracking server, as on a cluster: two trials one after
+                                                                                      tracking_server, s3, tmp_path):  # noqa: F811
+    """The printed sweep, run as printed but as on a cluster: logging to a tracking server, its experiment
+    in object storage (an S3 bucket; the outputs users read are also written locally). Two trials one after
     the other, so ASHA's verdict is deterministic (the default search seed samples the same second trial, CPU
     training is deterministic): the first (nanochat's defaults) runs to the end, the second is judged at the first
     rung against it and stopped there. Its trials are MLflow runs on the server that end with ASHA's verdict, hold
@@ -223,7 +227,8 @@ def test_printed_tune_command_stops_early_logs_everything_and_its_best_config_tr
 
     files, _, printed = outputs
     uri, server_dir = tracking_server
-    argv = [*printed_commands(printed)["ray_jobs.tune"], "--mlflow-uri", uri]
+    sweeps = s3.uri("sweeps")
+    argv = [*printed_commands(printed)["ray_jobs.tune"], "--mlflow-uri", uri, "--storage-path", sweeps]
     cfg = parse_config(tune.config_class(), argv)
     out = tune.main(argv)
     trials = out["trials"]
@@ -234,7 +239,14 @@ def test_printed_tune_command_stops_early_logs_everything_and_its_best_config_tr
     defaults = BaseTrainConfig()  # the first trial: the baseline the sweep reports against
     assert any(t["matrix_lr"] == defaults.matrix_lr and t["embedding_lr"] == defaults.embedding_lr for t in trials)
     experiment = Path(out["experiment_dir"])
-    assert experiment.parent == base_dir / "ray_results"  # where docs/tuning.md says a sweep goes
+    assert experiment.parent == base_dir / "ray_results"  # where docs/tuning.md says a sweep's outputs go
+    # the experiment Tune restores from, its trials' checkpoints, and a copy of the outputs: in the bucket
+    from ray import tune as ray_tune
+
+    storage = RunStorage.of(sweeps, experiment.name)
+    assert ray_tune.Tuner.can_restore(storage.path, storage_filesystem=storage.fs)
+    stored = {i.base_name for i in storage.fs.get_file_info(pafs.FileSelector(storage.path))}
+    assert {"best_config.json", "trials.csv", "train_runs"} <= stored
 
     # every trial is one MLflow run on the server, experiment = the sweep, with its parameters and its bpb,
     # ended with ASHA's verdict; the last evaluation in MLflow is the one Tune saw last
@@ -256,8 +268,8 @@ def test_printed_tune_command_stops_early_logs_everything_and_its_best_config_tr
     # the finished trial's summary, uploaded by its worker: in the server's artifact store, read back through it
     finished = next(r for r in runs if r.info.status == "FINISHED")
     assert "summary.json" in [a.path for a in client.list_artifacts(finished.info.run_id)]
-    stored = list((server_dir / "artifacts").rglob(f"{finished.info.run_id}/artifacts/summary.json"))
-    assert len(stored) == 1 and json.loads(stored[0].read_text())["steps"] == next(
+    uploaded = list((server_dir / "artifacts").rglob(f"{finished.info.run_id}/artifacts/summary.json"))
+    assert len(uploaded) == 1 and json.loads(uploaded[0].read_text())["steps"] == next(
         t["steps"] for t in trials if t["trial_id"] == finished.data.tags["trial_id"])
 
     # best_config.json: the winner's base_train settings at the demo's shape, and base_train trains with them
