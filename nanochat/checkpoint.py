@@ -758,12 +758,12 @@ class RunLock:
 # the shards a run trains on
 
 
-def shard_set(paths: list[Path]) -> dict:
-    """What a checkpoint records of the shards it was trained on: names in order and a fingerprint of
-    names and sizes (nanochat.dataset.shard_fingerprint)."""
-    from nanochat.dataset import shard_fingerprint
+def shard_set(shards: list[Path | str]) -> dict:
+    """What a checkpoint records of the shards it was trained on (local paths or URIs): names in order and
+    a fingerprint of names and sizes (nanochat.shardfs.fingerprint)."""
+    from nanochat import shardfs
 
-    return {"fingerprint": shard_fingerprint(paths), "names": [p.name for p in paths]}
+    return {"fingerprint": shardfs.fingerprint(shards), "names": [shardfs.name(s) for s in shards]}
 
 
 def check_shard_set(step_dir: Path, saved: dict | None, current: dict, allow: bool) -> None:

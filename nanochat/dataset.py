@@ -25,7 +25,6 @@ Default output dir: `$NANOCHAT_DATA`, else `$NANOCHAT_BASE_DIR/data` (~/.cache/n
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import logging
@@ -181,15 +180,6 @@ def list_shards(data_dir: str | Path) -> list[Path]:
             "or pass --data-dir DIR where they are."
         )
     return shards
-
-
-def shard_fingerprint(paths: list[Path]) -> str:
-    """A hash of the shards' names and sizes, in order: it changes when a shard is added, removed,
-    renamed or rewritten, which moves the validation split and the saved data positions."""
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(f"{Path(path).name}\0{Path(path).stat().st_size}\n".encode())
-    return h.hexdigest()[:16]
 
 
 def split_shards(shards: list[Path], split: str) -> list[Path]:

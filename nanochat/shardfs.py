@@ -13,6 +13,7 @@ fsspec's behind `pyarrow.fs.PyFileSystem`. Nothing is copied to local disk first
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 from pathlib import Path
 
 import fsspec
@@ -41,9 +42,17 @@ def filesystem(source: Source) -> tuple[pafs.FileSystem, str]:
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
+def absolute(source: Source) -> str:
+    """A source as every node names it: a URI unchanged, a local path made absolute."""
+    return source if is_uri(source) else str(Path(source).resolve())
+
+
 def join(base: Source, name: str) -> Source:
-    """`name` inside the directory `base` (a Path for a local one, a URI for a URI)."""
-    return f"{base.rstrip('/')}/{name}" if is_uri(base) else Path(base) / name
+    """`name` inside the directory `base` (a Path for a local one, a URI for a URI, its query kept at the end)."""
+    if not is_uri(base):
+        return Path(base) / name
+    head, mark, query = base.partition("?")
+    return f"{head.rstrip('/')}/{name}{mark}{query}"
 
 
 def read_bytes(source: Source) -> bytes:
@@ -62,10 +71,23 @@ def size(source: Source) -> int:
     return fs.get_file_info(path).size
 
 
+def name(source: Source) -> str:
+    """The file name of a shard, local or a URI (a query, e.g. s3://...?endpoint_override=..., left out)."""
+    return str(source).partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def fingerprint(shards: list[Source]) -> str:
+    """A hash of the shards' names and sizes, in order: it changes when a shard is added, removed,
+    renamed or rewritten, which moves the validation split and the saved data positions."""
+    h = hashlib.sha256()
+    for shard in shards:
+        h.update(f"{name(shard)}\0{size(shard)}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def list_shards(source: Source) -> list[Source]:
     """The shards of a data source (module docstring), in stream order: the last one is validation."""
-    text = str(source)
-    if text.endswith(".txt"):
+    if str(source).partition("?")[0].endswith(".txt"):
         lines = (line.strip() for line in read_bytes(source).decode("utf-8").splitlines())
         shards = [line for line in lines if line and not line.startswith("#")]
         if not shards:
@@ -96,6 +118,10 @@ def open_shard(source: Source) -> pq.ParquetFile:
         raise DataError(f"{source} has no 'text' column (columns: {shard.schema_arrow.names}): shards need one "
                         f"string column 'text', as `{dataset.BUILD_COMMAND}` writes them.")
     return shard
+
+
+def num_row_groups(source: Source) -> int:
+    return open_shard(source).num_row_groups
 
 
 def read_row_group(source: Source, index: int) -> list[str]:

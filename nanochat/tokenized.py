@@ -36,10 +36,6 @@ class TokenFilesError(DataError):
     """Token files that do not belong to these shards and this tokenizer; the message says what to run."""
 
 
-def shard_name(shard: Source) -> str:
-    return str(shard).rstrip("/").rsplit("/", 1)[-1]
-
-
 def default_dir(data_dir: Source, tokenizer: Tokenizer) -> Source:
     """Where `tokenize` writes by default and the Ray Data pipeline looks: keyed by the tokenizer."""
     return shardfs.join(shardfs.join(data_dir, "tokens"), tokenizer.fingerprint())
@@ -55,11 +51,11 @@ class TokenFiles:
 
     def counts_of(self, shards: list[Source]) -> list[list[int]]:
         """Tokens per row group of each of `shards`, in their order."""
-        return [self.counts[shard_name(s)] for s in shards]
+        return [self.counts[shardfs.name(s)] for s in shards]
 
     def read(self, shard: Source, row_group: int) -> np.ndarray:
         """The token stream (int32) of one row group of `shard`."""
-        source = shardfs.join(self.directory, shard_name(shard))
+        source = shardfs.join(self.directory, shardfs.name(shard))
         fs, path = shardfs.filesystem(source)
         try:
             column = pq.ParquetFile(fs.open_input_file(path)).read_row_group(row_group).column("tokens")
@@ -70,7 +66,7 @@ class TokenFiles:
 
 
 def _identity(shard: Source) -> dict:
-    return {"name": shard_name(shard), "bytes": shardfs.size(shard)}
+    return {"name": shardfs.name(shard), "bytes": shardfs.size(shard)}
 
 
 def open_token_files(directory: Source, tokenizer: Tokenizer, shards: list[Source]) -> TokenFiles:
@@ -87,7 +83,7 @@ def open_token_files(directory: Source, tokenizer: Tokenizer, shards: list[Sourc
                               f"not by this one ({tokenizer.fingerprint()}): {redo}")
     recorded = {entry["name"]: entry for entry in manifest["shards"]}
     for shard in shards:
-        entry = recorded.get(shard_name(shard))
+        entry = recorded.get(shardfs.name(shard))
         if entry is None or entry["bytes"] != shardfs.size(shard):
             state = "has no entry for" if entry is None else "was made from another version of"
             raise TokenFilesError(f"{manifest_path} {state} shard {shard}: {redo}")
@@ -106,7 +102,7 @@ def find_token_files(data_dir: Source, tokenizer: Tokenizer, shards: list[Source
 def _write_shard(shard: Source, tokenizer: Tokenizer, out: Source) -> list[int]:
     """Tokenize one shard into `out`/<its name>; returns the tokens of each row group."""
     counts = []
-    fs, path = shardfs.filesystem(shardfs.join(out, shard_name(shard)))
+    fs, path = shardfs.filesystem(shardfs.join(out, shardfs.name(shard)))
     with fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, SCHEMA, compression="zstd") as writer:
         for g in range(shardfs.open_shard(shard).num_row_groups):
             ids = tokenizer.encode(shardfs.read_row_group(shard, g), prepend=tokenizer.bos_token_id)
@@ -120,7 +116,7 @@ def _write_shard(shard: Source, tokenizer: Tokenizer, out: Source) -> list[int]:
 def tokenize_shards(shards: list[Source], tokenizer: Tokenizer, out: Source, overwrite: bool = False) -> TokenFiles:
     """Write the token files of `shards` into `out` (module docstring). Token files already there for these
     shards and this tokenizer are kept; others are replaced only with `overwrite`."""
-    names = [shard_name(s) for s in shards]
+    names = [shardfs.name(s) for s in shards]
     if len(set(names)) != len(names):
         raise DataError(f"shards with the same file name cannot share a token directory: {names}")
     manifest_path = shardfs.join(out, MANIFEST)

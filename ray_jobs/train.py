@@ -40,11 +40,11 @@ import ray
 import torch
 import torch.distributed as dist
 
-from nanochat import checkpoint
+from nanochat import checkpoint, shardfs
 from nanochat.checkpoint import write_snapshot
 from nanochat.common import base_dir
 from nanochat.config import option, parse_config
-from nanochat.dataset import default_data_dir, list_shards, split_shards
+from nanochat.dataset import default_data_dir, split_shards
 from nanochat.errors import UsageError
 from nanochat.shardfs import filesystem, is_uri
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
@@ -413,7 +413,7 @@ def quiet(ds: ray.data.Dataset) -> ray.data.Dataset:
 def resolve_paths(cfg, stage: Stage) -> None:
     """Absolute paths, so workers on any node (and `ray job submit` working dirs) find the same files."""
     if stage.shards:
-        cfg.data_dir = str(Path(cfg.data_dir or default_data_dir()).resolve())
+        cfg.data_dir = shardfs.absolute(cfg.data_dir or default_data_dir())
     if stage.previous:
         # by default the previous stage's run in this storage (the checkpoint Ray Train registered last),
         # else the plain scripts' one
@@ -488,7 +488,7 @@ def preflight(cfg, stage: Stage, storage: RunStorage) -> str:
     resume. (The checkpoint a later stage starts from is checked by resolve_paths.) Returns the run id."""
     train_shards = check_shards(cfg.data_dir) if stage.shards else None
     load_tokenizer(cfg.tokenizer_dir)
-    return check_resume(storage, cfg, list_shards(cfg.data_dir) if train_shards is not None else None)
+    return check_resume(storage, cfg, shardfs.list_shards(cfg.data_dir) if train_shards is not None else None)
 
 
 def main(argv: list[str] | None = None) -> dict:

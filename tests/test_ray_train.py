@@ -20,12 +20,12 @@ from nanochat.scripts import base_train
 from nanochat.tracking import Tracker
 from nanochat.train.stages import STAGES
 from ray_jobs import train as ray_train
-from tests.test_storage import s3  # noqa: F401  (moto's S3 server, started once per session)
+from tests.test_storage import s3, upload_shards  # noqa: F401  (s3: moto's S3 server, started once per session)
 
 STEPS = 16
 
 
-def tiny(data_dir: Path, tokenizer_dir: Path, *extra: str) -> list[str]:
+def tiny(data_dir: Path | str, tokenizer_dir: Path, *extra: str) -> list[str]:
     return [
         "--device", "cpu", "--data-dir", str(data_dir), "--tokenizer-dir", str(tokenizer_dir),
         "--depth", "2", "--head-dim", "32", "--max-seq-len", "64", "--total-batch-size", "512",
@@ -93,9 +93,10 @@ def test_killed_worker_resumes_from_its_checkpoint(local_ray, data_dir, tokenize
                                                    monkeypatch):
     # a real SIGKILL of rank 1 right after step 6; the last checkpoint before it is step 4, in an S3 bucket:
     # the restarted workers restore it from there, and the data factory starts the stream at its position;
-    # MLflow on a tracking server, as on a cluster
+    # the shards in a bucket too (Ray Data and the workers' validation read them there), and MLflow on a
+    # tracking server, as on a cluster without a shared disk
     monkeypatch.setenv(ray_train.FAULT_ENV, "1:6")
-    args = tiny(data_dir, tokenizer_dir, "--device-batch-size", "4", "--num-workers", "2", "--storage-path", s3.uri("runs"),
+    args = tiny(upload_shards(data_dir, s3), tokenizer_dir, "--device-batch-size", "4", "--num-workers", "2", "--storage-path", s3.uri("runs"),
                 "--name", "faulty", "--save-every", "4", "--report-every", "2", "--eval-every", "-1", "--max-failures", "1",
                 "--keep-last", "10", "--mlflow-uri", tracking_server[0])
     summary = ray_train.main(args)

@@ -1,5 +1,5 @@
 """Runs and checkpoints in object storage: a real S3-compatible server (moto's, started here on 127.0.0.1)
-read through the same functions as a local disk. The Ray Train run that keeps its checkpoints there, is
+read through the same functions as a local disk; shards read from a bucket as from a folder. The Ray Train run that keeps its checkpoints there, is
 killed and resumes is in tests/test_ray_train.py (test_killed_worker_resumes_from_its_checkpoint).
 
     python -m pytest tests/test_storage.py -q
@@ -7,6 +7,7 @@ killed and resumes is in tests/test_ray_train.py (test_killed_worker_resumes_fro
 
 from __future__ import annotations
 
+import functools
 import shutil
 import socket
 import subprocess
@@ -22,8 +23,11 @@ import pytest
 import torch
 from torch import nn
 
-from nanochat import checkpoint
+from nanochat import checkpoint, shardfs
 from nanochat.checkpoint import CheckpointError
+from nanochat.dataloader import DataLoader
+from nanochat.dataset import list_shards, split_shards
+from nanochat.scripts import tok_eval, tok_train
 from ray_jobs.train import RunStorage
 from tests.conftest import free_port
 
@@ -137,3 +141,28 @@ def test_the_run_owner_is_kept_in_object_storage(s3, tmp_path):
     foreign = upload(other / "step_000005", storage)
     with pytest.raises(CheckpointError, match="written by run r9"):
         checkpoint.resume_run(storage.path, foreign, True, "--name", storage.fs)
+
+
+def upload_shards(data_dir: Path, s3: S3Server) -> str:
+    """The shards of `data_dir` in a fresh bucket; returns the --data-dir URI of their folder there."""
+    uri = s3.uri("data")
+    fs, path = shardfs.filesystem(uri)
+    pafs.copy_files(str(data_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return uri
+
+
+def test_shards_in_object_storage_stream_as_they_do_from_disk(s3, data_dir, tokenizer):
+    uri = upload_shards(data_dir, s3)
+    local, remote = list_shards(data_dir), shardfs.list_shards(uri)
+    assert [shardfs.name(s) for s in remote] == [s.name for s in local] and all(shardfs.is_uri(s) for s in remote)
+    assert checkpoint.shard_set(remote) == checkpoint.shard_set(local), "the same set, wherever it is read from"
+    assert tok_eval.validation_texts(uri, None) == tok_eval.validation_texts(data_dir, None)
+    texts = functools.partial(tok_train.training_texts, max_chars=10**6, doc_cap=10**4)
+    assert list(texts(split_shards(remote, "train"))) == list(texts(split_shards(local, "train")))
+
+    def batches(shards: list) -> list:
+        with DataLoader(split_shards(shards, "train"), tokenizer, 4, 64, "cpu") as loader:
+            return [(*next(loader), loader.state_dict()) for _ in range(12)]
+
+    for (x, y, state), (rx, ry, remote_state) in zip(batches(local), batches(remote), strict=True):
+        assert torch.equal(x, rx) and torch.equal(y, ry) and state == remote_state

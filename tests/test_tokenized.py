@@ -24,7 +24,6 @@ from nanochat.tokenized import (
     find_token_files,
     open_token_files,
     packed_rows,
-    shard_name,
     tokenize_shards,
 )
 from nanochat.tokenizer import Tokenizer
@@ -127,7 +126,7 @@ def test_shards_read_through_file_and_http_uris_equal_the_local_ones(data_dir, h
     local = list_shards(data_dir)
     for source in (f"file://{data_dir}", f"{http_server}/shards.txt"):
         remote = shardfs.list_shards(source)
-        assert [shard_name(r) for r in remote] == [s.name for s in local]
+        assert [shardfs.name(r) for r in remote] == [s.name for s in local]
         assert shardfs.row_group_sizes(remote) == shardfs.row_group_sizes(local)
         assert shardfs.read_row_group(remote[1], 2) == shardfs.read_row_group(local[1], 2)
         assert shardfs.size(remote[0]) == local[0].stat().st_size

@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from nanochat.dataset import num_row_groups, read_row_group
 from nanochat.distributed import all_reduce_sum
 from nanochat.errors import UsageError
 from nanochat.precision import PrecisionPlan
 from nanochat.runlog import progress_bar
+from nanochat.shardfs import Source, num_row_groups, read_row_group
 from nanochat.tokenizer import Tokenizer
 
 
-def split_tokens(shards: Sequence[Path], tokenizer: Tokenizer, limit: int) -> int:
+def split_tokens(shards: Sequence[Source], tokenizer: Tokenizer, limit: int) -> int:
     """Tokens in the stream the DataLoader packs from `shards` (each document BOS-prefixed), counted
     row group by row group until `limit` is reached: past it the count is a lower bound, not the split's."""
     count = 0
@@ -36,7 +35,7 @@ def split_tokens(shards: Sequence[Path], tokenizer: Tokenizer, limit: int) -> in
     return count
 
 
-def eval_steps(eval_tokens: int, batch_size: int, seq_len: int, shards: Sequence[Path], tokenizer: Tokenizer,
+def eval_steps(eval_tokens: int, batch_size: int, seq_len: int, shards: Sequence[Source], tokenizer: Tokenizer,
                split: str = "validation", verbose: bool = True) -> tuple[int, int]:
     """(steps, rows): batches of rows x seq_len that an evaluation of `eval_tokens` reads: as many as asked
     (at least one), but no more than one pass over the split holds (the loader would start it over and

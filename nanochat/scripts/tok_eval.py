@@ -14,18 +14,18 @@ skipped with a note (ours is always evaluated).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import tiktoken
 
 from nanochat.config import option, parse_config
-from nanochat.dataset import default_data_dir, list_shards, num_row_groups, read_row_group, split_shards
+from nanochat.dataset import default_data_dir, split_shards
+from nanochat.shardfs import Source, list_shards, num_row_groups, read_row_group
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
 
 REFERENCE_ENCODINGS = ["gpt2", "cl100k_base"]
 
 
-def validation_texts(data_dir: Path, max_docs: int | None) -> list[str]:
+def validation_texts(data_dir: Source, max_docs: int | None) -> list[str]:
     (val_shard,) = split_shards(list_shards(data_dir), "val")
     docs = [doc for g in range(num_row_groups(val_shard)) for doc in read_row_group(val_shard, g)]
     return docs[:max_docs]
@@ -47,7 +47,7 @@ class TokEvalConfig:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_config(TokEvalConfig, argv, description="Compression ratio of our tokenizer vs GPT-2 and GPT-4 (cl100k_base).")
-    texts = validation_texts(Path(args.data_dir or default_data_dir()), args.max_docs)
+    texts = validation_texts(args.data_dir or default_data_dir(), args.max_docs)
     ours = Tokenizer.load(args.tokenizer_dir or default_tokenizer_dir())
     print(f"{len(texts)} val documents, {sum(len(t.encode('utf-8')) for t in texts):,} bytes")
     print(f"{'tokenizer':<14}{'vocab':>9}{'tokens':>12}{'bytes/token':>13}")

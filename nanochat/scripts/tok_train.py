@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat.config import option, parse_config
-from nanochat.dataset import default_data_dir, list_shards, num_row_groups, read_row_group, split_shards
+from nanochat.dataset import default_data_dir, split_shards
+from nanochat.shardfs import Source, list_shards, num_row_groups, read_row_group
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
 
 
-def training_texts(shards: list[Path], max_chars: int, doc_cap: int) -> Iterator[str]:
+def training_texts(shards: list[Source], max_chars: int, doc_cap: int) -> Iterator[str]:
     """Documents of `shards` in order, each cut to `doc_cap` chars, until `max_chars` in total."""
     seen = 0
     for shard in shards:
@@ -48,7 +49,7 @@ class TokTrainConfig:
 def main(argv: list[str] | None = None) -> None:
     # --- arguments -----------------------------------------------------------
     args = parse_config(TokTrainConfig, argv, description="Train the BPE tokenizer on the training shards.")
-    data_dir = Path(args.data_dir or default_data_dir())
+    data_dir = args.data_dir or default_data_dir()  # a folder, a URI or a URL list (nanochat.shardfs)
     out = Path(args.out or default_tokenizer_dir())
 
     # --- train ---------------------------------------------------------------

@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import torch
 
+from nanochat import shardfs
 from nanochat.checkpoint import shard_set
 from nanochat.common import seed_everything
 from nanochat.config import ModelShapeConfig, option
 from nanochat.dataloader import DataLoader
-from nanochat.dataset import default_data_dir, list_shards, split_shards
+from nanochat.dataset import default_data_dir, split_shards
 from nanochat.distributed import world
 from nanochat.eval.bpb import eval_steps, evaluate_bpb
 from nanochat.infer.engine import sample_text
 from nanochat.precision import PrecisionPlan
+from nanochat.shardfs import Source
 from nanochat.train.loop import LoopConfig, Run, build_run, grad_accum_steps, new_model, start_process
 from nanochat.train.memory import ProbeConfig, auto_device_batch_size, fits
 
@@ -39,8 +40,13 @@ class BaseTrainConfig(ModelShapeConfig, LoopConfig):
         "predicts to fit, checked by a probe step, with accumulation reaching --total-batch-size (CPU/MPS: 8)")
 
 
-def val_shards(cfg: BaseTrainConfig) -> list[Path]:
-    return split_shards(list_shards(cfg.data_dir or default_data_dir()), "val")
+def all_shards(cfg: BaseTrainConfig) -> list[Source]:
+    """The run's shards: a local directory, object storage or a URL list (nanochat.shardfs)."""
+    return shardfs.list_shards(cfg.data_dir or default_data_dir())
+
+
+def val_shards(cfg: BaseTrainConfig) -> list[Source]:
+    return split_shards(all_shards(cfg), "val")
 
 
 @dataclass(kw_only=True)
@@ -113,7 +119,7 @@ def setup(cfg: BaseTrainConfig, device: torch.device, world_size: int = 1, rank:
     steps, rows = eval_steps(cfg.eval_tokens, cfg.device_batch_size, cfg.max_seq_len, val_shards(cfg), tokenizer,
                              verbose=rank == 0)
     # the shard set (its last shard is validation, data positions count the others): a resume checks it
-    shards = shard_set(list_shards(cfg.data_dir or default_data_dir()))
+    shards = shard_set(all_shards(cfg))
     return build_run(BaseRun, cfg, device, plan, tokenizer, model, grad_accum, compile=cfg.compile,
                      weight_decay=cfg.weight_decay, tokens_per_step=tokens_per_step,
                      num_iterations=num_iterations, world_size=world_size, rank=rank, eval_steps=steps,
@@ -122,5 +128,5 @@ def setup(cfg: BaseTrainConfig, device: torch.device, world_size: int = 1, rank:
 
 def shard_batches(run: BaseRun, rank: int = 0, world: int = 1, position: dict | None = None) -> DataLoader:
     """The plain loader over the training shards from `position` (one process; Ray uses Ray Data)."""
-    shards = split_shards(list_shards(run.cfg.data_dir or default_data_dir()), "train")
+    shards = split_shards(all_shards(run.cfg), "train")
     return DataLoader(shards, run.tokenizer, run.cfg.device_batch_size, run.cfg.max_seq_len, run.device, state=position)

@@ -15,7 +15,7 @@ from typing import ClassVar, TypeVar
 import torch
 from tqdm import tqdm
 
-from nanochat import checkpoint
+from nanochat import checkpoint, shardfs
 from nanochat.common import init_process
 from nanochat.config import CommonConfig, ModelShapeConfig, option
 from nanochat.dataset import default_data_dir
@@ -194,7 +194,7 @@ def build_run(run_class: type[R], cfg: StageConfig, device: torch.device, plan: 
     # where the tokenizer and the shards are, so later entry points need no flags for them (checkpoint.tokenizer_dir_for)
     sources = {"tokenizer_dir": str(tokenizer.directory) if tokenizer.directory else None}
     if hasattr(cfg, "data_dir"):  # a stage that reads shards
-        sources["data_dir"] = str(Path(cfg.data_dir or default_data_dir()).resolve())
+        sources["data_dir"] = shardfs.absolute(cfg.data_dir or default_data_dir())
     meta = {"stage": cfg.STAGE, "run_id": checkpoint.new_run_id(), "model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer.fingerprint(),
             **sources, "plan": plan.to_dict(), "train_config": dataclasses.asdict(cfg), **(meta or {})}
     return run_class(cfg=cfg, device=device, plan=plan, tokenizer=tokenizer, model=model, step_fn=step_fn, grad_accum=step_fn.grad_accum, tokens_per_step=tokens_per_step,
