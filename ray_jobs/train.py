@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -285,7 +286,15 @@ def train_loop_per_worker(config: dict) -> None:
     epochs = pass_epochs(cfg) if stage.shards else 1  # before setup: what the driver's datasets hold
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    run = stage.setup(cfg, ray.train.torch.get_device(), world, rank)
+    if config.get("start") is not None:  # the previous stage's checkpoint, in object storage
+        cfg, copy = start_from_storage(cfg, config["start"], rank)
+        try:
+            run = stage.setup(cfg, ray.train.torch.get_device(), world, rank)
+        finally:
+            shutil.rmtree(copy, ignore_errors=True)
+        run.meta["init_from"] = config["stage_config"]["init_from"]  # where it is, not the deleted copy
+    else:
+        run = stage.setup(cfg, ray.train.torch.get_device(), world, rank)
     if config.get("run_id"):  # the driver's run (a Tune trial's run keeps the id setup gave it)
         run.meta["run_id"] = config["run_id"]
     if world > 1:
@@ -410,8 +419,11 @@ def quiet(ds: ray.data.Dataset) -> ray.data.Dataset:
     return ds
 
 
-def resolve_paths(cfg, stage: Stage) -> None:
-    """Absolute paths, so workers on any node (and `ray job submit` working dirs) find the same files."""
+def resolve_paths(cfg, stage: Stage) -> ray.train.Checkpoint | None:
+    """Absolute paths, so workers on any node (and `ray job submit` working dirs) find the same files.
+    Returns the previous stage's checkpoint when it is in object storage: each worker downloads it
+    (start_from_storage) instead of reading --init-from from its disk."""
+    start = None
     if stage.shards:
         cfg.data_dir = shardfs.absolute(cfg.data_dir or default_data_dir())
     if stage.previous:
@@ -420,11 +432,21 @@ def resolve_paths(cfg, stage: Stage) -> None:
         previous = RunStorage.of(cfg.storage_path, checkpoint.stage_run_dir(stage.previous, cfg.depth).name)
         found = None if cfg.init_from else previous.latest_checkpoint()
         if found is not None and not previous.local:
-            raise UsageError(f"the {stage.previous} run this stage starts from is in object storage "
-                             f"({previous.show(found.path)}), and the workers load --init-from from their disk: copy "
-                             "that checkpoint to a folder every node sees and pass --init-from FOLDER")
-        cfg.init_from = str((Path(found.path) if found else cfg.init_checkpoint()).resolve())
+            start, cfg.init_from = found, previous.show(found.path)  # shown; each worker downloads `start`
+        else:
+            cfg.init_from = str((Path(found.path) if found else cfg.init_checkpoint()).resolve())
     cfg.tokenizer_dir = str(Path(cfg.tokenizer_dir or default_tokenizer_dir()).resolve())
+    return start
+
+
+def start_from_storage(cfg, start: ray.train.Checkpoint, rank: int) -> tuple[object, Path]:
+    """`cfg` starting from a local copy of the previous stage's checkpoint `start` (in object storage), and
+    that copy's folder (the caller removes it once the model is loaded). The copy is checked against its
+    manifest when it loads, as any checkpoint is."""
+    folder = Path(tempfile.mkdtemp(prefix=f"nanochat-start-rank{rank}-"))
+    local = folder / Path(start.path).name
+    start.to_directory(str(local))
+    return dataclasses.replace(cfg, init_from=str(local)), folder
 
 
 def ray_datasets(cfg, storage: RunStorage) -> dict:
@@ -497,7 +519,7 @@ def main(argv: list[str] | None = None) -> dict:
     if stage not in STAGES:
         raise UsageError(f"unknown --stage {stage!r}; choose one of {', '.join(STAGES)}")
     cfg = parse_config(config_class(stage), argv, description=__doc__.splitlines()[0])
-    resolve_paths(cfg, STAGES[stage])
+    start = resolve_paths(cfg, STAGES[stage])
     storage = RunStorage.of(cfg.storage_path, cfg.name or checkpoint.stage_run_dir(stage, cfg.depth).name)
     run_id = preflight(cfg, STAGES[stage], storage)
     cpus = cfg.num_workers * cfg.cpus_per_worker + cfg.tokenize_workers + 1  # + the packing actor
@@ -529,7 +551,7 @@ def main(argv: list[str] | None = None) -> dict:
             train_loop_config={
                 "stage": stage, "stage_config": stage_config, "precision": group.precision,
                 "shard_optimizer": cfg.shard_optimizer, "grad_dtype": cfg.grad_dtype, "fault": os.environ.get(FAULT_ENV, ""),
-                "run_id": run_id, "mlflow_uri": uri, "mlflow_run_id": tracker.run_id, "summary_file": storage.file("summary.json"),
+                "run_id": run_id, "start": start, "mlflow_uri": uri, "mlflow_run_id": tracker.run_id, "summary_file": storage.file("summary.json"),
             },
             scaling_config=scaling,
             run_config=RunConfig(

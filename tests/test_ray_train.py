@@ -97,12 +97,12 @@ def test_killed_worker_resumes_from_its_checkpoint(local_ray, data_dir, tokenize
     # tracking server, as on a cluster without a shared disk
     monkeypatch.setenv(ray_train.FAULT_ENV, "1:6")
     args = tiny(upload_shards(data_dir, s3), tokenizer_dir, "--device-batch-size", "4", "--num-workers", "2", "--storage-path", s3.uri("runs"),
-                "--name", "faulty", "--save-every", "4", "--report-every", "2", "--eval-every", "-1", "--max-failures", "1",
+                "--name", "base_d2", "--save-every", "4", "--report-every", "2", "--eval-every", "-1", "--max-failures", "1",
                 "--keep-last", "10", "--mlflow-uri", tracking_server[0])
     summary = ray_train.main(args)
     assert summary["steps"] == STEPS and summary["mlflow_uri"] == tracking_server[0]
     mlflow_losses(summary)  # steps 5-6 were trained again after the kill, and logged once
-    storage = ray_train.RunStorage.of(args[args.index("--storage-path") + 1], "faulty")
+    storage = ray_train.RunStorage.of(args[args.index("--storage-path") + 1], "base_d2")
     saved = storage.fs.get_file_info(pafs.FileSelector(storage.path))
     assert sorted(i.base_name for i in saved if i.base_name.startswith("step_")) == [f"step_{s:06d}" for s in (4, 8, 12, 16)]
     assert summary["checkpoint"] == storage.show(f"{storage.path}/step_{STEPS:06d}")
@@ -122,6 +122,18 @@ def test_killed_worker_resumes_from_its_checkpoint(local_ray, data_dir, tokenize
     # with the step-time split, every 2 steps
     for phase in ("data_s", "compute_s", "exposed_comm_s", "optimizer_s"):
         assert [m.step for m in client.get_metric_history(summary["mlflow_run_id"], phase)] == list(range(2, STEPS + 1, 2))
+
+    # the next stage starts from that run's latest checkpoint in the bucket (the default --init-from in the
+    # same --storage-path): each worker downloads it, and the run records where it came from
+    mid = ray_train.main(["--stage", "mid", "--device", "cpu", "--tokenizer-dir", str(tokenizer_dir), "--depth", "2",
+                          "--storage-path", args[args.index("--storage-path") + 1], "--mixture", "identity:20,spelling:20",
+                          "--val-conversations", "8", "--device-batch-size", "2", "--total-batch-size", "128", "--num-iterations", "2",
+                          "--save-every", "-1", "--eval-every", "-1", "--sample-every", "-1", "--num-workers", "1",
+                          "--mlflow-uri", tracking_server[0]])
+    assert mid["stage"] == "mid" and mid["steps"] == 2
+    mid_storage = ray_train.RunStorage.of(args[args.index("--storage-path") + 1], "mid_d2")
+    meta = checkpoint.read_state(f"{mid_storage.path}/step_000002", mid_storage.fs)["meta"]
+    assert meta["init_from"] == storage.show(f"{storage.path}/step_{STEPS:06d}")
 
 
 def test_a_second_run_in_the_same_place_needs_resume(one_worker):
