@@ -35,10 +35,11 @@ import threading
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -84,14 +85,23 @@ def default_data_dir() -> Path:
 # reading shards
 
 
-def _open_shard(path: Path) -> pq.ParquetFile:
+# A shard's file opened for reading: local shards are opened by path (open_file None); nanochat.shardfs
+# passes one that opens URIs through their file system.
+OpenFile = Callable[[str], BinaryIO]
+
+
+def _remedy(path: str | Path) -> str:
+    """What to do about a shard that cannot be read: rebuild a local one, upload a remote one again."""
+    if "://" in str(path):
+        return "check the URI and the credentials of its file system, or upload the shard again"
+    return f"rebuild the shards from their source: `{BUILD_COMMAND} --source SOURCE --out {Path(path).parent} --overwrite`"
+
+
+def _open_shard(path: str | Path, open_file: OpenFile | None = None) -> pq.ParquetFile:
     try:
-        shard = pq.ParquetFile(path)
+        shard = pq.ParquetFile(open_file(str(path)) if open_file else Path(path))
     except (OSError, pa.ArrowException) as err:
-        raise DataError(
-            f"{path} is not a readable parquet file ({_one_line(err)}); rebuild the shards from their source: "
-            f"`{BUILD_COMMAND} --source SOURCE --out {path.parent} --overwrite`."
-        ) from err
+        raise DataError(f"{path} is not a readable parquet file ({_one_line(err)}); {_remedy(path)}.") from err
     if "text" not in shard.schema_arrow.names:
         raise DataError(
             f"{path} has no 'text' column (columns: {shard.schema_arrow.names}); "
@@ -100,23 +110,19 @@ def _open_shard(path: Path) -> pq.ParquetFile:
     return shard
 
 
-def num_row_groups(path: str | Path) -> int:
-    return _open_shard(Path(path)).num_row_groups
+def num_row_groups(path: str | Path, open_file: OpenFile | None = None) -> int:
+    return _open_shard(path, open_file).num_row_groups
 
 
-def read_row_group(path: str | Path, index: int) -> list[str]:
+def read_row_group(path: str | Path, index: int, open_file: OpenFile | None = None) -> list[str]:
     """The documents of one row group; nulls and damaged data raise DataError naming the file."""
-    path = Path(path)
-    shard = _open_shard(path)
+    shard = _open_shard(path, open_file)
     if not 0 <= index < shard.num_row_groups:
         raise IndexError(f"{path} has {shard.num_row_groups} row groups, asked for row group {index}")
     try:
         column = shard.read_row_group(index, columns=["text"]).column("text")
     except (OSError, pa.ArrowException) as err:
-        raise DataError(
-            f"{path}: row group {index} is unreadable ({_one_line(err)}); rebuild the shards from their source: "
-            f"`{BUILD_COMMAND} --source SOURCE --out {path.parent} --overwrite`."
-        ) from err
+        raise DataError(f"{path}: row group {index} is unreadable ({_one_line(err)}); {_remedy(path)}.") from err
     if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
         raise DataError(
             f"{path}: column 'text' has type {column.type}, expected string; rebuild with `{BUILD_COMMAND}`."
@@ -131,8 +137,7 @@ def read_row_group(path: str | Path, index: int) -> list[str]:
         row, err = _first_undecodable(column)
         raise DataError(
             f"{path}: row group {index}, document {row} is not valid UTF-8 ({err.reason} at byte {err.start}); "
-            f"fix the source's encoding and rebuild the shards: `{BUILD_COMMAND} --source SOURCE --out {path.parent} "
-            "--overwrite`."
+            f"fix the source's encoding, then {_remedy(path)}."
         ) from None
 
 
@@ -146,21 +151,21 @@ def _first_undecodable(column: pa.ChunkedArray) -> tuple[int, UnicodeDecodeError
     raise AssertionError("decoding the column failed, but every document decodes on its own")
 
 
-def nonempty_row_groups(shards: Sequence[str | Path]) -> list[tuple[int, int]]:
+def nonempty_row_groups(shards: Sequence[str | Path], open_file: OpenFile | None = None) -> list[tuple[int, int]]:
     """(shard index, row group) of every row group of `shards` that holds documents, in stream order: the
     work of every loader. Opening every shard checks them all (a bad one fails here, naming the file).
     Row groups of zero rows (some parquet writers leave them) hold nothing: left out, and counted in the log."""
     kept: list[tuple[int, int]] = []
-    empty: list[tuple[Path, int]] = []
+    empty: list[tuple[str, int]] = []
     for s, path in enumerate(shards):
-        meta = _open_shard(Path(path)).metadata
+        meta = _open_shard(path, open_file).metadata
         for g in range(meta.num_row_groups):
             if meta.row_group(g).num_rows:
                 kept.append((s, g))
             else:
-                empty.append((Path(path), g))
+                empty.append((str(path), g))
     if empty and not _logged_empty.issuperset(empty):
-        names = [f"{path.name} row group {g}" for path, g in empty]
+        names = [f"{file_name(path)} row group {g}" for path, g in empty]
         log.warning("skipping %d empty row groups (zero rows) of %d: %s", len(empty), len(kept) + len(empty),
                     ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""))
         _logged_empty.update(empty)
@@ -168,7 +173,12 @@ def nonempty_row_groups(shards: Sequence[str | Path]) -> list[tuple[int, int]]:
 
 
 # empty row groups already logged: once per process, not again for each evaluation's new loader
-_logged_empty: set[tuple[Path, int]] = set()
+_logged_empty: set[tuple[str, int]] = set()
+
+
+def file_name(path: str | Path) -> str:
+    """The file name in a path or URI (a URI's query left out)."""
+    return str(path).partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 def list_shards(data_dir: str | Path) -> list[Path]:

@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from nanochat import dataset
-from nanochat.dataset import DataError, NoShardsError
+from nanochat.dataset import NoShardsError
 
 Source = str | Path  # a local path, or a URI string
 
@@ -71,9 +71,7 @@ def size(source: Source) -> int:
     return fs.get_file_info(path).size
 
 
-def name(source: Source) -> str:
-    """The file name of a shard, local or a URI (a query, e.g. s3://...?endpoint_override=..., left out)."""
-    return str(source).partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+name = dataset.file_name  # of a shard, local or a URI (a query, e.g. s3://...?endpoint_override=..., left out)
 
 
 def fingerprint(shards: list[Source]) -> str:
@@ -104,20 +102,19 @@ def list_shards(source: Source) -> list[Source]:
     return [join(source, name) for name in names]
 
 
+def _open_file(uri: str) -> pa.NativeFile:
+    fs, path = filesystem(uri)
+    return fs.open_input_file(path)
+
+
+def _opener(source: Source) -> dataset.OpenFile | None:
+    """How nanochat.dataset's readers open `source`: by path when local, through its file system when a URI."""
+    return _open_file if is_uri(source) else None
+
+
 def open_shard(source: Source) -> pq.ParquetFile:
     """A shard's parquet file, its footer read; a missing or unreadable one raises DataError naming it."""
-    if not is_uri(source):
-        return dataset._open_shard(Path(source))
-    fs, path = filesystem(source)
-    try:
-        shard = pq.ParquetFile(fs.open_input_file(path))
-    except (OSError, pa.ArrowException) as err:
-        raise DataError(f"{source} is not a readable parquet file ({' '.join(str(err).split())}): check the "
-                        "URI and the credentials of its file system, or upload the shard again.") from err
-    if "text" not in shard.schema_arrow.names:
-        raise DataError(f"{source} has no 'text' column (columns: {shard.schema_arrow.names}): shards need one "
-                        f"string column 'text', as `{dataset.BUILD_COMMAND}` writes them.")
-    return shard
+    return dataset._open_shard(source, _opener(source))
 
 
 def num_row_groups(source: Source) -> int:
@@ -126,25 +123,13 @@ def num_row_groups(source: Source) -> int:
 
 def read_row_group(source: Source, index: int) -> list[str]:
     """The documents of one row group; a bad one raises DataError naming the shard and row group."""
-    if not is_uri(source):
-        return dataset.read_row_group(source, index)
-    column = open_shard(source).read_row_group(index, columns=["text"]).column("text")
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)) or column.null_count:
-        raise DataError(f"{source}: row group {index} has {column.null_count} null texts or a column 'text' of "
-                        f"type {column.type}: rebuild the shard with `{dataset.BUILD_COMMAND}`.")
-    try:
-        return column.to_pylist()
-    except UnicodeDecodeError as err:
-        raise DataError(f"{source}: row group {index} holds text that is not valid UTF-8 ({err.reason}): fix the "
-                        "source's encoding and rebuild the shards.") from None
+    return dataset.read_row_group(source, index, _opener(source))
 
 
 def nonempty_row_groups(shards: list[Source]) -> list[tuple[int, int]]:
     """(shard index, row group) of every row group that holds documents, in stream order (the work of
-    every loader); local shards go through `nanochat.dataset.nonempty_row_groups`, which logs the empty ones."""
-    if not any(is_uri(s) for s in shards):
-        return dataset.nonempty_row_groups(shards)
-    return [(s, g) for s, sizes in enumerate(row_group_sizes(shards)) for g, rows in enumerate(sizes) if rows]
+    every loader; nanochat.dataset.nonempty_row_groups, which logs the empty ones)."""
+    return dataset.nonempty_row_groups(shards, _open_file if any(is_uri(s) for s in shards) else None)
 
 
 def row_group_sizes(shards: list[Source]) -> list[list[int]]:
