@@ -24,12 +24,11 @@ import queue
 import threading
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from nanochat.shardfs import Source, is_uri, nonempty_row_groups, read_row_group
+from nanochat.shardfs import Source, as_source, nonempty_row_groups, read_row_group
 from nanochat.tokenizer import Tokenizer
 
 
@@ -83,7 +82,7 @@ class DataLoader:
             raise ValueError("a loader split by batches (evaluation) reads its stream from the start: it takes no state")
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
-        self.shards = [s if is_uri(s) else Path(s) for s in shards]
+        self.shards = [as_source(s) for s in shards]
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.seq_len = seq_len

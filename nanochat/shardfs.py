@@ -31,6 +31,11 @@ def is_uri(source: Source) -> bool:
     return isinstance(source, str) and "://" in source
 
 
+def as_source(shard: Source) -> Source:
+    """A shard as the readers take it: a URI string, or a Path for anything local."""
+    return shard if is_uri(shard) else Path(shard)
+
+
 def filesystem(source: Source) -> tuple[pafs.FileSystem, str]:
     """(file system, path in it) of a local path or a URI."""
     if not is_uri(source):
@@ -90,7 +95,7 @@ def list_shards(source: Source) -> list[Source]:
         shards = [line for line in lines if line and not line.startswith("#")]
         if not shards:
             raise NoShardsError(f"the shard list {source} names no shards: put one shard URI per line in it.")
-        return [s if is_uri(s) else Path(s) for s in shards]
+        return [as_source(s) for s in shards]
     if not is_uri(source):
         return list(dataset.list_shards(source))
     fs, path = filesystem(source)

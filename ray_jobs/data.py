@@ -292,7 +292,7 @@ def build_dataset(
         raise ValueError(f"tokenize_concurrency must be >= 1, got {tokenize_concurrency}")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    shards = [s if shardfs.is_uri(s) else Path(s) for s in shards]
+    shards = [shardfs.as_source(s) for s in shards]
     items = work_items(shards, start, epochs)
     skip = 0 if start is None else int(start["offset"])
     if skip < 0:

@@ -47,7 +47,8 @@ from nanochat.common import base_dir
 from nanochat.config import option, parse_config
 from nanochat.dataset import default_data_dir, split_shards
 from nanochat.errors import UsageError
-from nanochat.shardfs import filesystem, is_uri
+from nanochat.shardfs import Source, filesystem, is_uri
+from nanochat.tokenized import TokenFiles
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
 from nanochat.tracking import Tracker, default_uri, ui_command
 from nanochat.train.harness import with_step_split
@@ -184,11 +185,11 @@ def fault_hook(spec: str, rank: int, restored: bool) -> Callable[[int], None]:
     return maybe_kill
 
 
-def pass_epochs(cfg) -> int:
-    """Epochs per execution of the training dataset, from settings the driver (ray_datasets) and every
-    worker (train_loop_per_worker, before its setup resolves any) read alike."""
+def pass_epochs(cfg, shards: list[Source], token_files: TokenFiles | None) -> int:
+    """Epochs per execution of the training dataset over `shards` (and their token files: training_data),
+    from settings the driver (ray_datasets) and every worker (train_loop_per_worker, before its setup
+    resolves any) read alike."""
     run_tokens = cfg.num_iterations * cfg.total_batch_size if cfg.num_iterations > 0 and cfg.total_batch_size > 0 else None
-    shards, token_files = training_data(cfg.data_dir, cfg.tokenizer_dir)
     return epochs_per_pass(shards, run_tokens, token_files)
 
 
@@ -283,7 +284,8 @@ def train_loop_per_worker(config: dict) -> None:
     quiet_report_log()
     stage = STAGES[config["stage"]]
     cfg = stage.config(**config["stage_config"])
-    epochs = pass_epochs(cfg) if stage.shards else 1  # before setup: what the driver's datasets hold
+    # before setup: what the driver's datasets hold
+    epochs = pass_epochs(cfg, *training_data(cfg.data_dir, cfg.tokenizer_dir)) if stage.shards else 1
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if config.get("start") is not None:  # the previous stage's checkpoint, in object storage
@@ -452,7 +454,7 @@ def start_from_storage(cfg, start: ray.train.Checkpoint, rank: int) -> tuple[obj
 def ray_datasets(cfg, storage: RunStorage) -> dict:
     """TorchTrainer arguments that stream the training shards through Ray Data (the run in `storage`)."""
     shards, token_files = training_data(cfg.data_dir, cfg.tokenizer_dir)
-    epochs = pass_epochs(cfg)  # the workers derive the same number (train_loop_per_worker)
+    epochs = pass_epochs(cfg, shards, token_files)  # the workers derive the same number (train_loop_per_worker)
     print(f"Ray Data: {epochs} epochs per pass, " + (f"rows cut from the token files in {token_files.directory}"
           if token_files else f"tokenized by {cfg.tokenize_workers} actors in every pass (`python -m nanochat.dataset "
           "tokenize` once makes token files every pass, epoch and trial reuses)"), flush=True)
@@ -478,7 +480,7 @@ def load_tokenizer(directory: str) -> Tokenizer:
     return Tokenizer.load(directory)
 
 
-def check_resume(storage: RunStorage, cfg, shards: list[Path] | None) -> str:
+def check_resume(storage: RunStorage, cfg, shards: list[Source] | None) -> str:
     """The run id of the run about to start in `storage` (checkpoint.resume_run: a folder that holds a
     run needs --resume, and resumes only its own checkpoints). Ray Train resumes a run from its storage
     folder by itself (same --name and --storage-path): this makes that an explicit choice rather than a
