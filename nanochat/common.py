@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -69,6 +70,14 @@ def init_process(cfg, device: torch.device | None = None) -> tuple[torch.device,
     apply_process_settings(plan, device)
     seed_everything(cfg.seed)
     return device, plan
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on at `host` now (the OS picks it; it may be taken again before use)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def stop_process_group(proc: subprocess.Popen, grace_s: float = 60) -> None:

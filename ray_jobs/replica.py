@@ -62,6 +62,7 @@ class ServingMetrics:
 
     WINDOW_S = 10.0  # tokens/s over this much recent time
     KEPT = 1000  # latencies of the last requests that the summary's percentiles cover
+    EXPORT_EVERY_S = 1.0
 
     def __init__(self):
         self.in_flight_gauge = Gauge("nanochat_requests_in_flight", "requests this replica admitted and has not finished")
@@ -77,6 +78,9 @@ class ServingMetrics:
         self.ttft: deque[float] = deque(maxlen=self.KEPT)
         self.tpot: deque[float] = deque(maxlen=self.KEPT)
         self.recent: deque[tuple[float, int]] = deque()  # (time, tokens) within WINDOW_S
+        self.recent_tokens = 0  # their sum
+        # tokens not yet added to tokens_counter: one Ray metric call per second, not one per stream event
+        self.unexported, self.exported_at = 0, time.monotonic()
 
     def admitted(self, arrived: float) -> Timing:
         self.in_flight, self.queued = self.in_flight + 1, self.queued + 1
@@ -93,8 +97,11 @@ class ServingMetrics:
             self.ttft_histogram.observe(now - timing.arrived)
         timing.last, timing.tokens = now, timing.tokens + tokens
         self.tokens += tokens
-        self.tokens_counter.inc(tokens)
+        self.unexported += tokens
+        if now - self.exported_at >= self.EXPORT_EVERY_S:
+            self._export_tokens(now)
         self.recent.append((now, tokens))
+        self.recent_tokens += tokens
 
     def finished(self, timing: Timing) -> None:
         self.in_flight -= 1
@@ -105,13 +112,19 @@ class ServingMetrics:
         if timing.tokens > 1:
             self.tpot.append((timing.last - timing.first) / (timing.tokens - 1))
             self.tpot_histogram.observe(self.tpot[-1])
+        self._export_tokens(time.monotonic())
         self.tokens_per_s_gauge.set(self.tokens_per_s())
+
+    def _export_tokens(self, now: float) -> None:
+        if self.unexported:
+            self.tokens_counter.inc(self.unexported)
+        self.unexported, self.exported_at = 0, now
 
     def tokens_per_s(self) -> float:
         since = time.monotonic() - self.WINDOW_S
         while self.recent and self.recent[0][0] < since:
-            self.recent.popleft()
-        return sum(n for _, n in self.recent) / self.WINDOW_S
+            self.recent_tokens -= self.recent.popleft()[1]
+        return self.recent_tokens / self.WINDOW_S
 
     def _set_load(self) -> None:
         self.in_flight_gauge.set(self.in_flight)

@@ -29,6 +29,7 @@ import signal
 import socket
 import sys
 import time
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from nanochat import checkpoint
+from nanochat.common import free_port
 from nanochat.config import CommonConfig, option, parse_config
 from nanochat.errors import UsageError
 from nanochat.tokenizer import Tokenizer
@@ -67,6 +69,9 @@ class ServeConfig(CommonConfig):
     replicas: int = option(1, "replicas (one GPU each, or a share of a CPU)")
     host: str = option("127.0.0.1", "address the HTTP proxy binds (0.0.0.0 exposes it to the network)")
     port: int = option(8000, "HTTP port")
+    ingress: str = option("auto", "what listens on --port: the replica itself (direct: Serve's direct ingress, no proxy "
+                                  "hop) or Serve's proxy, which routes among replicas; auto = direct for one replica on "
+                                  "a Ray this command starts, else proxy", choices=("auto", "direct", "proxy"))
     max_concurrency: int = option(32, "requests a replica decodes together in one batch")
     max_queue: int = option(64, "requests a replica keeps waiting beyond those; more get 429")
     request_timeout_s: float = option(300.0, "seconds a request may take end to end (Serve's HTTP timeout and each "
@@ -204,6 +209,43 @@ def check_port(host: str, port: int) -> None:
             raise UsageError(f"{host}:{port} {what}: pass another --port (or --host), or stop what holds it") from err
 
 
+def uses_direct_ingress(cfg: ServeConfig) -> bool:
+    """Whether the replica itself listens on --port (see `direct_ingress_env`)."""
+    own_ray = not joins_cluster(cfg.address)
+    if cfg.ingress == "direct" and not (own_ray and cfg.replicas == 1):
+        raise UsageError("--ingress direct needs --replicas 1 and a Ray this command starts (no --address or "
+                         "$RAY_ADDRESS): a cluster's Serve processes were started without it. Use --ingress proxy")
+    return cfg.ingress == "direct" or (cfg.ingress == "auto" and own_ray and cfg.replicas == 1)
+
+
+def direct_ingress_env(first_port: int, ports: int = 1) -> dict[str, str]:
+    """The environment under which Ray's Serve processes run direct ingress (Ray's throughput-optimized mode):
+    each ingress replica serves HTTP itself, on a port of first_port .. first_port + ports - 1, rather than
+    behind the proxy, which would relay every streamed event through one more process and a Ray call
+    (measured on an H200: docs/serving.md). The proxy still runs, on the head node, and routes to them."""
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first_port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first_port + ports),  # exclusive
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",  # a replica replacing a dead one may take its port at once
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",  # no load balancer to leave before stopping
+    }
+
+
+def wait_for_http(url: str, timeout_s: float) -> None:
+    """Until `url` answers 200, or a UsageError naming it after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError as err:
+            if time.monotonic() > deadline:
+                raise UsageError(f"{url} did not answer within {timeout_s:g} s ({err}); the replica's log is in "
+                                 "Ray's session folder (/tmp/ray/session_latest/logs/serve)") from err
+            time.sleep(0.2)
+
+
 def check_capacity(cfg: ServeConfig, nodes: list[dict]) -> None:
     """The cluster has room for every replica (in the --precision group if one is named): Serve would
     otherwise wait without end for a node that never comes."""
@@ -224,6 +266,7 @@ def preflight(cfg: ServeConfig, cpus: float) -> None:
     if not cfg.checkpoint:
         raise UsageError("pass --checkpoint (a step_* directory or a run directory)")
     check_exposure(cfg)
+    uses_direct_ingress(cfg)
     check_model(cfg)
     if not joins_cluster(cfg.address):  # the proxy binds on this machine (a cluster's runs on its head node)
         check_port(cfg.host, cfg.port)
@@ -234,15 +277,23 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(ServeConfig, sys.argv[1:] if argv is None else argv, description=__doc__.splitlines()[0])
     cpus = cfg.replicas * cfg.num_cpus + 2  # + Serve's controller and proxy
     preflight(cfg, cpus)
+    direct = uses_direct_ingress(cfg)
+    proxy_port = cfg.port
+    if direct:  # read where Serve is imported, and by Ray's processes, which inherit it when connect() starts them
+        os.environ.update(direct_ingress_env(cfg.port))
+        proxy_port = free_port(cfg.host)
     from ray import serve  # after the checks: seconds to import
 
     connect(cfg.address, cfg.dtype, cfg.device, cpus)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s or None})
+    serve.start(http_options={"host": cfg.host, "port": proxy_port, "request_timeout_s": cfg.request_timeout_s or None})
     serve.run(build_app(cfg), name="nanochat", route_prefix="/")
     shown = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    if direct:
+        wait_for_http(f"http://{shown}:{cfg.port}/health", 30)
     auth = f" (bearer key from ${API_KEY_ENV})" if os.environ.get(API_KEY_ENV) else ""
-    print(f"serving {cfg.checkpoint} on http://{shown}:{cfg.port}/  (OpenAI API: http://{shown}:{cfg.port}/v1){auth}; "
-          "Ctrl-C stops", flush=True)
+    how = f"the replica itself; Serve's proxy on port {proxy_port}" if direct else "Serve's proxy"
+    print(f"serving {cfg.checkpoint} on http://{shown}:{cfg.port}/ ({how})  (OpenAI API: http://{shown}:{cfg.port}/v1)"
+          f"{auth}; Ctrl-C stops", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `ray job stop`, kill: shut Serve down as Ctrl-C does
     try:
         while True:

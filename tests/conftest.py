@@ -6,7 +6,8 @@ Fixtures (session-scoped, built once from a slice of the embedded corpus):
                  16 val docs -> 3 train shards (12 row groups) + 1 val shard
   tokenizer_dir  Path: a tokenizer (vocab 512) trained on the train shards and saved there
   tokenizer      that tokenizer, loaded
-  local_ray      a local Ray instance shared by the modules that ask for it (see below)
+  local_ray      a local Ray instance shared by the modules that ask for it (see below); its Serve replicas
+                 listen on SERVE_PORTS themselves (direct ingress), its proxy on the port serve.start names
   tracking_server  (URI, folder): an MLflow tracking server on 127.0.0.1, as cluster/mlflow_server.sh starts it
 
 Markers: `@pytest.mark.slow` runs only with --runslow; `@pytest.mark.gpu` is skipped without CUDA.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.common import stop_process_group
+from nanochat.common import free_port, stop_process_group
 from nanochat.corpus import embedded_corpus
 from nanochat.dataset import build_shards, list_shards, num_row_groups, read_row_group, split_shards
 from nanochat.tokenizer import Tokenizer
@@ -69,13 +69,16 @@ RAY_CPUS = 8  # logical CPUs: the most any module asks of it (a Tune trial and i
 SHARED_RAY_MODULES: set[str] = set()  # modules with a test that asks for the shared instance
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 METRICS_PORT = free_port()  # the shared instance's Prometheus endpoint: http://127.0.0.1:METRICS_PORT/metrics
+# the ports its Serve replicas may listen on (direct ingress; a port in use is skipped)
+_first_serve_port = free_port()
+SERVE_PORTS = range(_first_serve_port, _first_serve_port + 8)
+
+
+@pytest.fixture(scope="session")
+def serve_ports() -> range:
+    """SERVE_PORTS of the conftest that started local_ray (a module importing tests.conftest may get another copy)."""
+    return SERVE_PORTS
 
 
 @pytest.fixture(scope="session")
@@ -96,9 +99,16 @@ def local_ray() -> None:
     global _shared_ray_running
     import ray
 
+    from ray_jobs.serve import direct_ingress_env
+
     if not ray.is_initialized():
-        # address="local": an instance of our own, never a cluster that happens to run on this host
-        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, _metrics_export_port=METRICS_PORT)
+        # Serve's ingress replicas listen on SERVE_PORTS themselves, as `python -m ray_jobs.serve` runs one
+        # replica: Ray's processes inherit the environment they start with (this process's stays as it was)
+        with pytest.MonkeyPatch.context() as env:
+            for name, value in direct_ingress_env(SERVE_PORTS.start, len(SERVE_PORTS)).items():
+                env.setenv(name, value)
+            # address="local": an instance of our own, never a cluster that happens to run on this host
+            ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, _metrics_export_port=METRICS_PORT)
         _shared_ray_running = True
 
 

@@ -1,12 +1,14 @@
 """The Ray Serve chat endpoint on CPU, over real HTTP: one Serve instance per module (on the session's
-local Ray, conftest.py's `local_ray`) with two applications of the tiny checkpoint, "main" at /
-(default limits, no key) and "tight" at /tight (1 in the batch, 1 waiting, a bearer key, and the test
+local Ray, conftest.py's `local_ray`, whose replicas listen themselves, as `python -m ray_jobs.serve`'s
+one replica does; Serve's proxy in front routes to them too) with two applications of the tiny
+checkpoint, "main" at / (default limits, no key) and "tight" at /tight (1 in the batch, 1 waiting, a bearer key, and the test
 faults of $NANOCHAT_SERVE_FAULT: a decode step that raises, a decoding process that dies, each when a
 request of their seed asks). Answers are checked against the engine run in this process, streamed
 against non-streamed, and through the official `openai` client."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -42,14 +44,29 @@ REQUEST_TIMEOUT_S = 12  # Serve's HTTP timeout in these tests (ray_jobs.serve se
 
 @dataclass
 class Server:
-    url: str  # the "main" app
-    tight: str  # the "tight" app: max_concurrency 1, max_queue 1, bearer key
+    url: str  # the "main" app's replica (direct ingress, as `python -m ray_jobs.serve` serves one replica)
+    tight: str  # the "tight" app's replica: max_concurrency 1, max_queue 1, bearer key
+    proxy: str  # Serve's proxy, which routes to both: "main" at /, "tight" at /tight
     checkpoint: Path
     tokenizer_dir: Path
+    ports: range  # those the replicas listen on (conftest.SERVE_PORTS)
+
+    def replica_url(self, prefix: str, timeout: float = 60) -> str:
+        """The URL of the replica that serves the app at `prefix` (a replica replacing another may take
+        another port)."""
+        deadline = time.time() + timeout
+        while True:
+            for port in self.ports:
+                url = f"http://127.0.0.1:{port}{prefix}"
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                        return url
+            assert time.time() < deadline, f"no replica answers for {prefix or '/'} on ports {self.ports}"
+            time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_run, tokenizer_dir, monkeypatch_module, local_ray) -> Server:  # noqa: F811
+def server(tiny_run, tokenizer_dir, monkeypatch_module, local_ray, serve_ports) -> Server:  # noqa: F811
     port = free_port()
     common = {"checkpoint": str(tiny_run), "tokenizer_dir": str(tokenizer_dir), "device": "cpu", "num_cpus": "0.5"}
     try:
@@ -63,7 +80,9 @@ def server(tiny_run, tokenizer_dir, monkeypatch_module, local_ray) -> Server:  #
         monkeypatch_module.delenv(serve_app.FAULT_ENV)
         # both at once: their replicas start (import torch, load the model) side by side
         serve.run_many([serve.RunTarget(main, "main", "/"), serve.RunTarget(tight, "tight", "/tight")])
-        yield Server(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/tight", tiny_run, tokenizer_dir)
+        found = Server("", "", f"http://127.0.0.1:{port}", tiny_run, tokenizer_dir, serve_ports)
+        found.url, found.tight = found.replica_url(""), found.replica_url("/tight")
+        yield found
     finally:
         serve.shutdown()
 
@@ -132,9 +151,12 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 # ----------------------------------------------------------------------------- answers
 
 
-def test_streamed_and_plain_answers_match_the_engine(server, engine):
+@pytest.mark.parametrize("through", ["replica", "proxy"])
+def test_streamed_and_plain_answers_match_the_engine(server, engine, through):
+    """From the replica itself (direct ingress) and through Serve's proxy (multi-replica deployments)."""
+    url = server.url if through == "replica" else server.proxy
     text, prompt_tokens, completion_tokens, finish = local_answer(engine, HELLO, 16)
-    plain = chat(server.url, max_tokens=16, temperature=0)
+    plain = chat(url, max_tokens=16, temperature=0)
     assert plain.status_code == 200, plain.text
     body = plain.json()
     assert body["object"] == "chat.completion" and body["model"] == server.checkpoint.name
@@ -144,7 +166,7 @@ def test_streamed_and_plain_answers_match_the_engine(server, engine):
                              "total_tokens": prompt_tokens + completion_tokens}
     assert prompt_tokens == len(render_for_completion(engine.tokenizer, {"messages": HELLO}))
 
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=60, json={
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60, json={
             "messages": HELLO, "max_tokens": 16, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = sse(r)
@@ -395,9 +417,10 @@ def test_a_dead_decoding_process_gets_its_replica_replaced(server, engine):
     assert failed.status_code == 503 and failed.json()["reason"].startswith("the decoding process stopped: ")
     assert_error(chat(server.tight, headers=AUTH, max_tokens=2), 503, "replica_unavailable")
     deadline = time.time() + 120
-    while time.time() < deadline:
+    while time.time() < deadline:  # the new replica listens on a port of its own, perhaps the same
+        server.tight = server.replica_url("/tight", timeout=deadline - time.time())
         health = httpx.get(f"{server.tight}/health", timeout=60)
-        if health.status_code == 200 and health.json()["replica"] != replica:
+        if health.json()["replica"] != replica:
             break
         time.sleep(0.5)
     assert health.status_code == 200 and health.json()["replica"] != replica, health.text

@@ -13,8 +13,9 @@ the server reports how many tokens each answer took) and reads the Server-Sent E
 `data: [DONE]`. Reported: latency (request sent -> [DONE]) and time to first token (request sent ->
 first content) as p50/p99, decode tokens/s of one stream, aggregate completion tokens/s over the
 whole run, and every failed request with its reason: a load test that loses requests must say so.
-Plain HTTP from the standard library (no extra dependency); $NANOCHAT_API_KEY is sent as the
-bearer key when set.
+Plain HTTP from the standard library (no extra dependency), or the official `openai` client
+(`--client openai`); $NANOCHAT_API_KEY is sent as the bearer key when set. ray_jobs/bench_endpoint.py
+runs both beside the engine on the same checkpoint.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -51,6 +54,8 @@ class BenchServeConfig:
     prompt: str = option("", "the user message of every request; empty = a few prompts in turn")
     timeout: float = option(300.0, "seconds one request may take")
     seed: int = option(0, "seed of the first request")
+    client: str = option("http", "http: plain HTTP from the standard library; openai: the official openai client",
+                         choices=("http", "openai"))
 
 
 @dataclass
@@ -68,15 +73,18 @@ def _percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
+def request_body(cfg: BenchServeConfig, index: int) -> dict:
+    """Request `index`'s body: the same for every client."""
+    prompt = cfg.prompt or PROMPTS[index % len(PROMPTS)]
+    return {"messages": [{"role": "user", "content": prompt}], "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
+            "seed": cfg.seed + index, "stream": True, "stream_options": {"include_usage": True}}
+
+
 def stream_one(cfg: BenchServeConfig, index: int, api_key: str | None) -> Outcome:
-    """One streamed chat completion, timed."""
+    """One streamed chat completion over plain HTTP, timed."""
     parts = urlsplit(cfg.url)
     connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    prompt = cfg.prompt or PROMPTS[index % len(PROMPTS)]
-    body = json.dumps({
-        "messages": [{"role": "user", "content": prompt}], "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
-        "seed": cfg.seed + index, "stream": True, "stream_options": {"include_usage": True},
-    })
+    body = json.dumps(request_body(cfg, index))
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
@@ -119,12 +127,41 @@ def stream_one(cfg: BenchServeConfig, index: int, api_key: str | None) -> Outcom
         connection.close()
 
 
+def openai_streamer(cfg: BenchServeConfig, api_key: str | None) -> Callable[[int], Outcome]:
+    """One streamed chat completion through the official `openai` client (the code path of a user's
+    program: its HTTP pool, its event parsing), timed; one client shared by every thread, as a program would."""
+    import openai  # a dev dependency: only this client needs it
+
+    client = openai.OpenAI(base_url=cfg.url.rstrip("/") + "/v1", api_key=api_key or "unused", max_retries=0,
+                           timeout=cfg.timeout)
+
+    def stream_one_openai(index: int) -> Outcome:
+        start = time.perf_counter()
+        outcome = Outcome(ok=False)
+        try:
+            for chunk in client.chat.completions.create(model="nanochat", **request_body(cfg, index)):
+                if chunk.usage:
+                    outcome.tokens = chunk.usage.completion_tokens
+                for choice in chunk.choices:
+                    if choice.delta.content and outcome.ttft is None:
+                        outcome.ttft = time.perf_counter() - start
+                    outcome.text += choice.delta.content or ""
+                    outcome.finish_reason = choice.finish_reason or outcome.finish_reason
+        except openai.OpenAIError as e:
+            return Outcome(ok=False, error=f"{type(e).__name__}: {e}")
+        outcome.latency, outcome.ok = time.perf_counter() - start, True
+        return outcome
+
+    return stream_one_openai
+
+
 def run(cfg: BenchServeConfig) -> dict:
     """Send cfg.requests requests from cfg.concurrency clients; the summary dict."""
     api_key = os.environ.get("NANOCHAT_API_KEY")
+    one = openai_streamer(cfg, api_key) if cfg.client == "openai" else partial(stream_one, cfg, api_key=api_key)
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=cfg.concurrency) as clients:
-        outcomes = list(clients.map(lambda i: stream_one(cfg, i, api_key), range(cfg.requests)))
+        outcomes = list(clients.map(one, range(cfg.requests)))
     wall = time.perf_counter() - start
     ok = [o for o in outcomes if o.ok]
     latencies = [o.latency for o in ok]
@@ -133,7 +170,7 @@ def run(cfg: BenchServeConfig) -> dict:
     decode = [(o.tokens - 1) / (o.latency - o.ttft) for o in ok if o.ttft is not None and o.tokens > 1 and o.latency > o.ttft]
     tokens = sum(o.tokens for o in ok)
     return {
-        "url": cfg.url, "concurrency": cfg.concurrency, "requests": cfg.requests, "max_tokens": cfg.max_tokens,
+        "url": cfg.url, "client": cfg.client, "concurrency": cfg.concurrency, "requests": cfg.requests, "max_tokens": cfg.max_tokens,
         "completed": len(ok), "failed": len(outcomes) - len(ok),
         "errors": sorted({o.error for o in outcomes if not o.ok}),
         "wall_s": wall,
@@ -154,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(BenchServeConfig, sys.argv[1:] if argv is None else argv, description=__doc__.splitlines()[0])
     if cfg.concurrency < 1 or cfg.requests < 1:
         raise SystemExit("bench_serve: --concurrency and --requests must be at least 1")
-    print(f"{cfg.requests} requests, {cfg.concurrency} concurrent streaming clients, max_tokens {cfg.max_tokens} -> {cfg.url}")
+    print(f"{cfg.requests} requests, {cfg.concurrency} concurrent streaming clients ({cfg.client}), max_tokens "
+          f"{cfg.max_tokens} -> {cfg.url}")
     result = run(cfg)
     decode = result["stream_decode_tokens_per_s_p50"]
     print(f"completed {result['completed']}/{result['requests']}, failed {result['failed']} in {result['wall_s']:.2f} s\n"
