@@ -203,3 +203,42 @@ def test_warm_up_captures_every_row_count_so_none_is_captured_while_serving(monk
         batch.step()
     while batch.busy:
         batch.step()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_captured_sampling_draws_what_eager_sampling_draws(compile):
+    """In a graphed batch the sampling of each step replays a graph per row count and top-k width, all
+    captured by the warm-up: every request gets exactly the tokens that sampling without graphs gives
+    it (whatever its batch mates' widths), and the same alone."""
+    plan = resolve("float32", "cuda")
+    model = random_model(128).cuda()
+    settings = [(0.8, 20, 1), (1.0, None, 2), (0.0, None, 3), (0.7, 50, 4), (2.0, 1, 5), (0.9, 90, 6)]
+    requests = [Request(p, n, temperature=t, top_k=k, seed=s)
+                for p, n, (t, k, s) in zip(PROMPTS * 2, [9, 4, 6, 3, 8, 5], settings, strict=True)]
+
+    def run(graphs: bool) -> tuple[list[list[int]], set]:
+        e = engine(model, plan, "graph")
+        e.decoder.compile = compile
+        batch = DecodeBatch(e, slots=4, capacity=64)
+        batch.sampler.graphs = graphs
+        batch.warm_up()
+        warmed = set(batch.sampler._graphs)
+        tokens: dict[int, list[int]] = {}
+        for request in requests:  # one joins every step, so rows join and leave while others sample
+            tokens[batch.add(request)] = []
+            for rid, token in batch.step().items():
+                tokens[rid].append(token)
+        while batch.busy:
+            for rid, token in batch.step().items():
+                tokens[rid].append(token)
+        widths = {width for _, _, width in set(batch.sampler._graphs) - warmed}
+        assert not graphs or {width for _, _, width in warmed} == {0, 2, 4, 8, 16, 32, 64, 128}  # vocab 128
+        return [tokens[rid] for rid in sorted(tokens)], widths
+
+    graphed, captured_later = run(True)
+    assert graphed == run(False)[0]
+    assert not captured_later, f"sampler graphs captured while decoding: widths {captured_later}"
+    lone = engine(model, plan, "graph")
+    lone.decoder.compile = compile
+    assert graphed[0] == alone(lone, requests[0])
