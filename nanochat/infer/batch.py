@@ -82,8 +82,7 @@ class DecodeBatch:
         self.cache = KVCache(len(model.transformer.h), capacity,
                              pad=torch.full((slots,), self.free_pad, dtype=torch.long, device=self.device))
         engine.decoder.sync_weights()
-        self.sampler = BatchSampler(slots, self.device, compile=engine.decoder.compile,
-                                    graphs=engine.decoder.mode == "graph")
+        self.sampler = BatchSampler(slots, self.device, compile=engine.decoder.compile)
         # the token each slot feeds at the next step, on the device: the sampled one unless forced
         self.feed = torch.full((slots, 1), engine.tokenizer.bos_token_id, dtype=torch.long, device=self.device)
         self.running: dict[int, _Slot] = {}
@@ -125,8 +124,8 @@ class DecodeBatch:
     @torch.no_grad()
     def warm_up(self) -> None:
         """Capture (and compile, where the plan compiles) the decode step of every row count the
-        batch can take, the prefill of every group shape it may capture, and the sampler at every
-        top-k width it captures (and eagerly with and without top-k), before the first request: nothing is captured or compiled while serving.
+        batch can take, the prefill of every group shape it may capture, and the sampler with and
+        without top-k, before the first request: nothing is captured or compiled while serving.
         Eager decoding has nothing to capture."""
         if self.engine.decoder.mode != "graph":
             return
@@ -140,9 +139,7 @@ class DecodeBatch:
         for rows in range(1, self.slots + 1):  # the decoder rounds these up to the graphs it keeps
             self.cache.pos = 0  # every slot free: a row sees only the column it writes
             logits = self.engine.decoder(self.feed[:rows], self.cache)
-            if s.graphs:  # a decode step's sampling: captured at every top-k width
-                s.warm_up(logits)
-            for top_k in (0, SAMPLING.top_k):  # a joining group's (rows by slot, eager): compiled before use
+            for top_k in (0, SAMPLING.top_k):
                 sample(logits, s.temperature[:rows], s.top_k[:rows], s.seed[:rows], s.index[:rows], top_k, s.compile)
         self.cache.pos = 0
 

@@ -100,31 +100,12 @@ def request_seed(seed: int) -> int:
     return seed % 2**63
 
 
-GRAPH_TOP_K = 1024  # widest top-k the captured sampler serves; a wider one samples eagerly
-
-
-def graph_width(max_top_k: int, vocab: int) -> int:
-    """The top-k width of the captured sampler for a batch whose widest top-k is `max_top_k` (0 = none):
-    the next power of two, so that a few graphs serve every width. Exact: each row gathers its own
-    k-th value from the wider top, which holds it."""
-    return 0 if max_top_k <= 0 else min(1 << (max(max_top_k, 2) - 1).bit_length(), vocab)
-
-
 class BatchSampler:
     """The sampling settings of each row of a batch, kept on the device and written only when rows
-    start sampling; `sample` draws one token for each row asked and advances those rows' counters.
+    start sampling; `sample` draws one token for each row asked and advances those rows' counters."""
 
-    With `graphs` (CUDA, where the decoder replays CUDA graphs) the sampling of a decode step, rows
-    0..n-1 from the decoder's static logits, is captured too, once per (logits buffer, rows, top-k
-    width): launched from Python, the top-k, the hash and the draws cost the decoding loop more host
-    time than the graphed forward itself (measured on an H200: docs/serving.md). All share one memory
-    pool: they run one at a time and each one's tokens are read before the next runs."""
-
-    def __init__(self, rows: int, device: torch.device, compile: bool = False, graphs: bool = False):
+    def __init__(self, rows: int, device: torch.device, compile: bool = False):
         self.device, self.compile = device, compile
-        self.graphs = graphs and device.type == "cuda"
-        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = None
         self.temperature = torch.zeros(rows, device=device)
         self.top_k = torch.zeros(rows, dtype=torch.long, device=device)
         self.seed = torch.zeros(rows, dtype=torch.long, device=device)
@@ -153,45 +134,8 @@ class BatchSampler:
 
     def sample(self, logits: torch.Tensor, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         """(rows,) token ids on the device for `logits` (one row per entry of `rows`: a slice or an
-        int64 tensor of row numbers); those rows' counters advance by one. Rows 0..n-1 of a graphed
-        batch replay a captured graph: the tokens are then its output buffer, valid until the next call."""
-        if self.graphs and isinstance(rows, slice) and not rows.start and rows.stop == logits.size(0):
-            width = graph_width(self.max_top_k, logits.size(1))
-            if width <= GRAPH_TOP_K:
-                graph, tokens = self._graph(logits, width)
-                graph.replay()
-                return tokens
-        return self._draw(logits, rows, self.max_top_k)
-
-    def warm_up(self, logits: torch.Tensor) -> None:
-        """Capture the sampling of rows 0..n-1 of `logits` (a static buffer) at every top-k width a graph
-        serves, so that nothing is captured while serving."""
-        vocab = logits.size(1)
-        for width in {0, *(min(1 << i, vocab) for i in range(1, GRAPH_TOP_K.bit_length()))}:
-            self._graph(logits, width)
-
-    def _draw(self, logits: torch.Tensor, rows: slice | torch.Tensor, max_top_k: int) -> torch.Tensor:
+        int64 tensor of row numbers); those rows' counters advance by one."""
         tokens = sample(logits, self.temperature[rows], self.top_k[rows], self.seed[rows], self.index[rows],
-                        max_top_k, self.compile)
+                        self.max_top_k, self.compile)
         self.index[rows] += 1
         return tokens
-
-    def _graph(self, logits: torch.Tensor, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """The captured sampling of rows 0..n-1 of `logits` (a static buffer) at top-k `width`."""
-        key = (logits.data_ptr(), logits.size(0), width)
-        if key not in self._graphs:
-            rows = slice(0, logits.size(0))
-            counters = self.index.clone()  # the warm-up draws advance them: put back after
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # compiles (where the plan compiles) and warms the allocator
-                for _ in range(2):
-                    self._draw(logits, rows, width)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self._pool = self._pool or torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                tokens = self._draw(logits, rows, width)
-            self.index.copy_(counters)
-            self._graphs[key] = (graph, tokens)
-        return self._graphs[key]
