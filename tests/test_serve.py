@@ -464,6 +464,23 @@ def test_an_open_host_without_a_key_is_refused_before_ray_starts(tiny_run, token
     serve_app.check_exposure(parse_config(serve_app.ServeConfig, args))
 
 
+def test_the_replica_listens_itself_only_for_one_replica_on_a_ray_of_its_own(tiny_run, tokenizer_dir, monkeypatch):  # noqa: F811
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = ["--checkpoint", str(tiny_run), "--tokenizer-dir", str(tokenizer_dir), "--device", "cpu"]
+
+    def direct(*flags: str) -> bool:
+        return serve_app.uses_direct_ingress(parse_config(serve_app.ServeConfig, [*args, *flags]))
+
+    assert direct() and direct("--ingress", "direct")
+    assert not direct("--replicas", "2") and not direct("--ingress", "proxy") and not direct("--address", "auto")
+    for flags in (["--replicas", "2"], ["--address", "10.0.0.1:6379"]):
+        with pytest.raises(UsageError, match="--ingress direct needs --replicas 1 and a Ray this command starts"):
+            serve_app.main([*args, "--ingress", "direct", *flags])
+    env = serve_app.direct_ingress_env(8000)
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1" and env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8000"
+    assert env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] == "8001"  # exclusive: that port and no other
+
+
 def test_a_truncated_model_file_is_refused_before_ray_starts(tiny_run, tokenizer_dir, tmp_path):  # noqa: F811
     step = shutil.copytree(find_latest(tiny_run / "checkpoints"), tmp_path / "step_000004")
     model = step / MODEL_FILE
