@@ -107,10 +107,21 @@ def test_the_incremental_stream_gives_what_decoding_each_segment_whole_gives(tok
 
 
 def test_the_stream_decodes_each_token_once(tokenizer, monkeypatch):
-    """However long the answer, and whatever bytes it holds, a token costs one token's decoding."""
-    decoded: list[int] = []
+    """However long the answer, and whatever bytes it holds, a token costs one look-up of its bytes
+    (the tokenizer's table: no encoder call, no window decoded again)."""
+    looked_up: list[int] = []
+
+    class CountingTable(list):
+        def __getitem__(self, token):
+            looked_up.append(token)
+            return super().__getitem__(token)
+
+    table = CountingTable(tokenizer.bytes_table())
+    assert all(table[t] == tokenizer.decode_bytes([t]) for t in range(tokenizer.vocab_size))
+    looked_up.clear()
+    monkeypatch.setattr(tokenizer, "bytes_table", lambda: table)
     decode_bytes = tokenizer.decode_bytes
-    monkeypatch.setattr(tokenizer, "decode_bytes", lambda ids: (decoded.append(len(ids)), decode_bytes(ids))[1])
+    monkeypatch.setattr(tokenizer, "decode_bytes", lambda ids: pytest.fail("the encoder was called"))
     monkeypatch.setattr(tokenizer, "decode", lambda ids: pytest.fail("a whole window was decoded"))
     stream = AnswerStream(tokenizer)
     text = "In the beginning God created the heaven and the earth, Café ☕ 😀. " * 20
@@ -119,7 +130,7 @@ def test_the_stream_decodes_each_token_once(tokenizer, monkeypatch):
     garbage = [random.Random(1).randrange(256) for _ in range(500)]  # the byte tokens: mostly invalid UTF-8
     stream = AnswerStream(tokenizer)
     assert "".join(stream.feed(t) for t in garbage) + stream.finish() == decode_bytes(garbage).decode(errors="replace")
-    assert decoded == [1] * (len(tokens) + len(garbage))
+    assert looked_up == tokens + garbage
 
 
 # ----------------------------------------------------------------------------- the decoding process

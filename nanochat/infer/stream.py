@@ -22,6 +22,7 @@ class AnswerStream:
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
+        self._bytes = tokenizer.bytes_table()
         special = tokenizer.encode_special
         self._starts = {special("<|python_start|>"): "python", special("<|output_start|>"): "python_output"}
         self._ends = {special("<|python_end|>"): "python", special("<|output_end|>"): "python_output"}
@@ -56,7 +57,7 @@ class AnswerStream:
         if token in self._ends and self._ends[token] == self._kind:
             return self._close_segment()
         self._segment.append(token)
-        return self._new_text(self.tokenizer.decode_bytes([token]))
+        return self._new_text(self._bytes[token])
 
     def finish(self) -> str:
         """Flush what is held back; return the last text to print."""
