@@ -14,6 +14,7 @@ request, so that a run of 32 streams outlasts its arrival burst.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -137,6 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
     clients = [c for c in cfg.clients.split(",") if c]
     if not clients or set(clients) - {"http", "openai"}:
         raise UsageError(f"--clients {cfg.clients!r}: give http, openai or both (comma-separated)")
+    if "openai" in clients and importlib.util.find_spec("openai") is None:
+        raise UsageError("the openai client is not installed (it is a dev dependency): pip install openai, "
+                         "or pass --clients http")
     with tempfile.TemporaryDirectory(prefix="bench_endpoint_") as tmp:
         work = Path(tmp)
         engine = run_engine(cfg, streams, work)
