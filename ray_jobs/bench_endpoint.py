@@ -14,6 +14,7 @@ request, so that a run of 32 streams outlasts its arrival burst.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import subprocess
@@ -83,6 +84,15 @@ def start_server(cfg: BenchEndpointConfig, port: int, slots: int, log: Path) -> 
     raise UsageError(f"the server did not start serving within {SERVE_START_S} s (exit status {server.returncode}):\n{tail}")
 
 
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM to the server's own process, as `kill` sends it: it shuts Serve down and exits once its port is
+    free. The rest of its process group (the Ray it started) only if it has not exited within a minute."""
+    server.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.wait(60)
+    stop_process_group(server, grace_s=10)
+
+
 def run_clients(cfg: BenchEndpointConfig, url: str, streams: list[int], clients: list[str]) -> list[dict]:
     """bench_serve at each stream count with each client; each client's first request is untimed."""
     results = []
@@ -149,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             endpoint = run_clients(cfg, f"http://127.0.0.1:{port}", streams, clients)
         finally:
-            stop_process_group(server)
+            stop_server(server)
     rows = summary(engine, endpoint, streams)
     print_summary(rows, engine)
     result = {"checkpoint": cfg.checkpoint, "server": serving, "server_exit_status": server.returncode, "engine": engine,

@@ -246,6 +246,19 @@ def wait_for_http(url: str, timeout_s: float) -> None:
             time.sleep(0.2)
 
 
+def wait_until_free(host: str, port: int, timeout_s: float) -> None:
+    """Until host:port can be bound again (or timeout_s has passed: then say so)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return check_port(host, port)
+        except UsageError:
+            if time.monotonic() > deadline:
+                print(f"{host}:{port} was still held {timeout_s:g} s after Serve shut down", file=sys.stderr)
+                return
+            time.sleep(0.2)
+
+
 def check_capacity(cfg: ServeConfig, nodes: list[dict]) -> None:
     """The cluster has room for every replica (in the --precision group if one is named): Serve would
     otherwise wait without end for a node that never comes."""
@@ -302,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
         pass
     finally:
         serve.shutdown()
+        if direct:  # the replica's process may outlive the shutdown by a moment: exit once its port is free
+            wait_until_free(cfg.host, cfg.port, 30)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,13 @@ runs both beside the engine on the same checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -130,41 +131,50 @@ def stream_one(cfg: BenchServeConfig, index: int, api_key: str | None) -> Outcom
         connection.close()
 
 
-def openai_streamer(cfg: BenchServeConfig, api_key: str | None) -> Callable[[int], Outcome]:
+def stream_one_openai(client, cfg: BenchServeConfig, index: int) -> Outcome:
     """One streamed chat completion through the official `openai` client (the code path of a user's
-    program: its HTTP pool, its event parsing), timed; one client shared by every thread, as a program would."""
+    program: its HTTP pool, its event parsing), timed."""
+    import openai
+
+    start = time.perf_counter()
+    outcome = Outcome(ok=False)
+    try:
+        for chunk in client.chat.completions.create(model="nanochat", **request_body(cfg, index)):
+            if chunk.usage:
+                outcome.tokens = chunk.usage.completion_tokens
+            for choice in chunk.choices:
+                if choice.delta.content and outcome.ttft is None:
+                    outcome.ttft = time.perf_counter() - start
+                outcome.text += choice.delta.content or ""
+                outcome.finish_reason = choice.finish_reason or outcome.finish_reason
+    except openai.OpenAIError as e:
+        return Outcome(ok=False, error=f"{type(e).__name__}: {e}")
+    outcome.latency, outcome.ok = time.perf_counter() - start, True
+    return outcome
+
+
+@contextlib.contextmanager
+def streamer(cfg: BenchServeConfig, api_key: str | None) -> Iterator[Callable[[int], Outcome]]:
+    """Request index -> its timed Outcome, with cfg.client. The openai client is one shared by every thread,
+    as a program would share it, and closed after the run (its pooled connections would otherwise hold
+    the server's port after the server stops)."""
+    if cfg.client != "openai":
+        yield partial(stream_one, cfg, api_key=api_key)
+        return
     import openai  # a dev dependency: only this client needs it
 
-    client = openai.OpenAI(base_url=cfg.url.rstrip("/") + "/v1", api_key=api_key or "unused", max_retries=0,
-                           timeout=cfg.timeout)
-
-    def stream_one_openai(index: int) -> Outcome:
-        start = time.perf_counter()
-        outcome = Outcome(ok=False)
-        try:
-            for chunk in client.chat.completions.create(model="nanochat", **request_body(cfg, index)):
-                if chunk.usage:
-                    outcome.tokens = chunk.usage.completion_tokens
-                for choice in chunk.choices:
-                    if choice.delta.content and outcome.ttft is None:
-                        outcome.ttft = time.perf_counter() - start
-                    outcome.text += choice.delta.content or ""
-                    outcome.finish_reason = choice.finish_reason or outcome.finish_reason
-        except openai.OpenAIError as e:
-            return Outcome(ok=False, error=f"{type(e).__name__}: {e}")
-        outcome.latency, outcome.ok = time.perf_counter() - start, True
-        return outcome
-
-    return stream_one_openai
+    with openai.OpenAI(base_url=cfg.url.rstrip("/") + "/v1", api_key=api_key or "unused", max_retries=0,
+                       timeout=cfg.timeout) as client:
+        yield partial(stream_one_openai, client, cfg)
 
 
 def run(cfg: BenchServeConfig) -> dict:
     """Send cfg.requests requests from cfg.concurrency clients; the summary dict."""
     api_key = os.environ.get("NANOCHAT_API_KEY")
-    one = openai_streamer(cfg, api_key) if cfg.client == "openai" else partial(stream_one, cfg, api_key=api_key)
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=cfg.concurrency) as clients:
-        outcomes = list(clients.map(one, range(cfg.requests)))
+    with streamer(cfg, api_key) as one:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=cfg.concurrency) as clients:
+            outcomes = list(clients.map(one, range(cfg.requests)))
     wall = time.perf_counter() - start
     ok = [o for o in outcomes if o.ok]
     latencies = [o.latency for o in ok]
