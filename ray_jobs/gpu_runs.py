@@ -32,14 +32,14 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanochat.common import stop_process_group
 from nanochat.config import option, parse_config
-from nanochat.errors import run_main
+from nanochat.errors import UsageError, run_main
 from nanochat.tokenizer import Tokenizer
+from ray_jobs.serve import wait_for_http
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("scaling", "memory", "mixed", "faults")
@@ -187,14 +187,13 @@ def train_args(data: Path, tokenizer: Path, work: Path, name: str, *extra) -> li
 
 
 def wait_for(url: str, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=5).close()
-            return True
-        except OSError:
-            time.sleep(2)
-    return False
+    """Whether `url` answered within `seconds` (ray_jobs.serve's own wait, as a yes or no for the report)."""
+    try:
+        wait_for_http(url, seconds)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return False
+    return True
 
 
 def mixed(r: Runner, work: Path) -> None:
