@@ -42,6 +42,14 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 
 
+def run_fresh(code: str, env: dict[str, str]) -> None:
+    """Run `code` in a fresh Python with `env` added (TRITON_INTERPRET is read when Triton kernels are
+    defined, so a kernel test under the interpreter needs its own process); it must print "ok" last."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env},
+                            timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
 

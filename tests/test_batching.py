@@ -4,7 +4,9 @@ in a cache small enough to be compacted, decode exactly as they would alone."""
 from __future__ import annotations
 
 import pytest
+import torch
 
+from nanochat.gpt import GPTConfig
 from nanochat.infer.batch import DecodeBatch, Request
 from nanochat.infer.cache import KVCache
 from nanochat.infer.engine import Engine
@@ -93,6 +95,43 @@ def test_requests_that_cannot_fit_are_refused(engine, tokenizer):
         batch.add(Request(prompt(tokenizer, "And God said"), 15, temperature=0.0))
     with pytest.raises(ValueError, match="rotary tables"):
         DecodeBatch(engine, slots=1, capacity=10**6)
+
+
+class TransitionModel(torch.nn.Module):
+    """Proposes, for each row, the token `after` maps its last input token to (`otherwise` for the
+    rest): what it proposes shows which token it was fed."""
+
+    def __init__(self, after: dict[int, int], otherwise: int, vocab_size: int):
+        super().__init__()
+        self.after, self.otherwise, self.vocab_size = after, otherwise, vocab_size
+        self.transformer = torch.nn.ModuleDict({"h": torch.nn.ModuleList([torch.nn.Identity()])})
+        self.register_buffer("cos", torch.zeros(1, 1, 256, 1))
+        self.config = GPTConfig(sequence_len=256)
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, idx, kv_cache):
+        rows, columns = idx.shape
+        kv_cache.insert(0, torch.zeros(rows, 1, columns, 1), torch.zeros(rows, 1, columns, 1))
+        kv_cache.advance(columns)
+        logits = torch.zeros(rows, columns, self.vocab_size)
+        for row, token in enumerate(idx[:, -1].tolist()):
+            logits[row, -1, self.after.get(token, self.otherwise)] = 1.0
+        return logits
+
+
+def test_a_tool_output_is_fed_in_place_of_what_was_sampled_while_a_batch_mate_decodes_on(tokenizer):
+    sp = tokenizer.encode_special
+    call = [sp("<|python_start|>"), *tokenizer.encode("12*7"), sp("<|python_end|>")]
+    output = [sp("<|output_start|>"), *tokenizer.encode("84"), sp("<|output_end|>")]
+    marker, other = tokenizer.encode("!")[0], tokenizer.encode("?")[0]
+    # after the call the model would end the answer; fed the calculator's output it writes `marker`:
+    # a step decoded on the sampled token instead of the forced one would show as `other`
+    after = {tokenizer.bos_token_id: call[0], **dict(zip(call[:-1], call[1:], strict=True)), call[-1]: sp("<|assistant_end|>"),
+             output[-1]: marker, marker: sp("<|assistant_end|>")}
+    engine = Engine(TransitionModel(after, other, tokenizer.vocab_size), tokenizer, PLAN)
+    requests = [Request([tokenizer.bos_token_id], 30, temperature=0.0), Request([tokenizer.bos_token_id, other], 20, temperature=0.0)]
+    got, _ = run_schedule(engine, {0: requests}, slots=2, capacity=64)
+    assert got == [call + output + [marker, sp("<|assistant_end|>")], [other] * 20]
 
 
 def test_warm_up_leaves_an_empty_batch_that_decodes_as_a_fresh_one(engine, tokenizer):

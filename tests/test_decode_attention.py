@@ -4,11 +4,10 @@ Run on the CPU by Triton's interpreter (TRITON_INTERPRET=1, read when the kernel
 a fresh interpreter process) and, where there is a GPU, compiled for it."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
+
+from tests.conftest import run_fresh
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
@@ -48,10 +47,7 @@ print("ok")
 
 
 def run_check(device: str, dtypes: str, env: dict) -> None:
-    code = CHECK.replace("{device}", device).replace("{dtypes}", dtypes)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env},
-                            timeout=600)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    run_fresh(CHECK.replace("{device}", device).replace("{dtypes}", dtypes), env)
 
 
 def test_kernels_match_the_plain_attention_in_the_interpreter():

@@ -5,11 +5,10 @@ a fresh interpreter process) and, where there is a GPU, compiled for it, in a CU
 compute capability 9.0+) with programmatic dependent launch."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
+
+from tests.conftest import run_fresh
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
@@ -68,9 +67,7 @@ print("ok")
 
 
 def run_check(device: str, env: dict) -> None:
-    result = subprocess.run([sys.executable, "-c", CHECK.replace("{device}", device)], capture_output=True, text=True,
-                            env={**os.environ, **env}, timeout=600)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    run_fresh(CHECK.replace("{device}", device), env)
 
 
 def test_matvec_matches_torch_in_the_interpreter():

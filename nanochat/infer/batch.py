@@ -8,6 +8,13 @@ on the device (nanochat.infer.sampling), each with its own settings and token co
 request's tokens do not depend on its batch mates or its slot; then each takes the engine's per-row
 step, `Engine.next_token`.
 
+One step ahead: a step samples, then launches the next step's forward on the tokens it sampled, on
+the device, and only then reads its tokens on the host: the GPU runs that forward while the host
+does its bookkeeping (and a server sends the tokens), as `Engine.generate` does. Rows that end at
+this step were fed once more for nothing; a row whose next token is a forced tool output (known
+before the launch) makes the batch wait for the host instead. Nothing in a step waits for the
+device but the read of its tokens: host values go up by non-blocking copies from pinned memory.
+
 Rule: all rows share one KV cache whose write position `pos` advances one column per step. A row
 holds columns [pad[r], pos): a request joins so that its prompt ends at `pos`. Columns before the
 smallest pad are dropped by shifting left when the cache is full; a prompt longer than `pos`
@@ -24,8 +31,8 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat.infer.cache import KVCache
-from nanochat.infer.engine import SAMPLING, Engine, Row
-from nanochat.infer.sampling import BatchSampler, sample
+from nanochat.infer.engine import SAMPLING, Engine, HostCopy, Row
+from nanochat.infer.sampling import BatchSampler, sample, to_device
 
 PREFILL_TOKENS = 512  # prompt tokens (padding included) one step may prefill while rows are running
 
@@ -45,8 +52,17 @@ class Request:
 class _Slot:
     rid: int
     request: Request
+    start: int  # its first cache column (kept on the host: reading the cache's pad would wait for the device)
     state: Row = field(default_factory=Row)
     generated: int = 0
+
+
+@dataclass
+class _Ahead:
+    """A decode step launched but not sampled yet: its logits and the request in each of its rows then."""
+
+    logits: torch.Tensor
+    members: list[_Slot | None]
 
 
 @dataclass
@@ -82,12 +98,13 @@ class DecodeBatch:
         self.cache = KVCache(len(model.transformer.h), capacity,
                              pad=torch.full((slots,), self.free_pad, dtype=torch.long, device=self.device))
         engine.decoder.sync_weights()
-        self.sampler = BatchSampler(slots, self.device, compile=engine.decoder.compile)
+        self.sampler = BatchSampler(slots, self.device, fused=engine.decoder.compile)
         # the token each slot feeds at the next step, on the device: the sampled one unless forced
         self.feed = torch.full((slots, 1), engine.tokenizer.bos_token_id, dtype=torch.long, device=self.device)
         self.running: dict[int, _Slot] = {}
         self.waiting: deque[tuple[int, Request]] = deque()
         self.prefilling: _Prefill | None = None
+        self.ahead: _Ahead | None = None
         self._next_id = 0
 
     # ---- the queue
@@ -140,7 +157,7 @@ class DecodeBatch:
             self.cache.pos = 0  # every slot free: a row sees only the column it writes
             logits = self.engine.decoder(self.feed[:rows], self.cache)
             for top_k in (0, SAMPLING.top_k):
-                sample(logits, s.temperature[:rows], s.top_k[:rows], s.seed[:rows], s.index[:rows], top_k, s.compile)
+                sample(logits, s.temperature[:rows], s.top_k[:rows], s.seed[:rows], s.index[:rows], top_k, s.fused)
         self.cache.pos = 0
 
     # ---- decoding
@@ -150,35 +167,50 @@ class DecodeBatch:
         """One token for every running request and the first token of each request whose prefill
         ends this step: {request id: token}. A request leaves after its stop token (which is
         returned) or its max_tokens-th token."""
-        out: dict[int, int] = {}
-        if self.running:
-            self._make_room()
-            # rows up to the highest busy slot only (slots fill lowest first): one request alone
-            # costs a one-row forward, not a forward of every slot
-            rows = max(self.running) + 1
-            logits = self.engine.decoder(self.feed[:rows], self.cache)
-            out.update(self._sample(logits, slice(0, rows), list(range(rows))))
-        out.update(self._prefill())
+        if self.ahead is None and self.running:
+            self.ahead = self._launch()
+        sampled: list[tuple[list[_Slot | None], list[int], torch.Tensor]] = []
+        if self.ahead is not None:
+            ahead, self.ahead = self.ahead, None
+            rows = len(ahead.members)
+            tokens = self.sampler.sample(ahead.logits, slice(0, rows))
+            self.feed[:rows, 0] = tokens
+            sampled.append((ahead.members, list(range(rows)), tokens))
+        joined = self._prefill()
+        if joined is not None:
+            sampled.append(joined)
+        if not sampled:
+            return {}
+        host = HostCopy(torch.cat([tokens for _, _, tokens in sampled]))
+        if self.running and not any(s.state.forced for s in self.running.values()):
+            self.ahead = self._launch()  # runs while the host reads and handles this step's tokens
+        values = host.values()
+        out = {}
+        for members, slots, _ in sampled:
+            row_values, values = values[: len(slots)], values[len(slots) :]
+            for member, slot, token in zip(members, slots, row_values, strict=True):
+                if member is not None and self.running.get(slot) is member:  # not left or replaced since
+                    out[member.rid] = self._take(slot, member, token)
         return out
 
-    def _sample(self, logits: torch.Tensor, rows: slice | torch.Tensor, slots: list[int]) -> dict[int, int]:
-        """Sample rows `rows` of the batch from `logits` (slots[i]: the slot of its row i; free ones
-        are dropped); forced tool tokens take precedence."""
-        tokens = self.sampler.sample(logits, rows)
-        self.feed[rows, 0] = tokens
-        out = {}
-        for slot, sampled in zip(slots, tokens.tolist(), strict=True):  # one host sync for the batch
-            s = self.running.get(slot)
-            if s is None:
-                continue
-            token, forced = self.engine.next_token(s.state, sampled)
-            if forced:
-                self.feed[slot, 0] = token
-            s.generated += 1
-            out[s.rid] = token
-            if s.state.done or s.generated >= s.request.max_tokens:
-                self._free(slot)
-        return out
+    def _launch(self) -> _Ahead:
+        """The forward of the running rows on the tokens in `feed`, up to the highest busy slot only
+        (slots fill lowest first: one request alone costs a one-row forward, not one of every slot)."""
+        self._make_room()
+        rows = max(self.running) + 1
+        logits = self.engine.decoder(self.feed[:rows], self.cache)
+        return _Ahead(logits, [self.running.get(slot) for slot in range(rows)])
+
+    def _take(self, slot: int, s: _Slot, sampled: int) -> int:
+        """The row's token, given what was sampled for it (a forced tool token takes precedence and is
+        fed instead); the row leaves after its stop token or its max_tokens-th token."""
+        token, forced = self.engine.next_token(s.state, sampled)
+        if forced:
+            self.feed[slot, 0] = token
+        s.generated += 1
+        if s.state.done or s.generated >= s.request.max_tokens:
+            self._free(slot)
+        return token
 
     def _free(self, slot: int) -> None:
         self.running.pop(slot, None)
@@ -186,15 +218,17 @@ class DecodeBatch:
         self.cache.pad[slot] = self.free_pad
         if not self.running:
             self.cache.pos = 0  # nothing cached is needed any more
+            self.ahead = None  # a step launched ahead decodes rows that have all left
 
-    def _prefill(self) -> dict[int, int]:
-        """Prefill the next chunk of waiting prompts; the requests whose prompts are then complete join."""
+    def _prefill(self) -> tuple[list[_Slot | None], list[int], torch.Tensor] | None:
+        """Prefill the next chunk of waiting prompts; the requests whose prompts are then complete join:
+        (their slots' requests, the slots, their first tokens on the device), or None."""
         # nothing to stall in an idle batch: prefill all that fits at once
         budget = self.prefill_tokens if self.running else None
         if self.prefilling is None:
             self.prefilling = self._next_group(budget)
             if self.prefilling is None:
-                return {}
+                return None
         group = self.prefilling
         if group.done < group.width:
             columns = group.width - group.done if budget is None else max(1, budget // len(group.requests))
@@ -202,7 +236,7 @@ class DecodeBatch:
             group.logits = self._prefill_columns(group, end)
             group.done = end
             if group.done < group.width:
-                return {}
+                return None
         self.prefilling = None
         return self._join(group, group.logits)
 
@@ -231,33 +265,39 @@ class DecodeBatch:
         if not joining:
             return None
         bos = self.engine.tokenizer.bos_token_id
-        pad = torch.tensor([width - len(req.prompt) for _, req in joining], device=self.device)
-        ids = torch.tensor([[bos] * (width - len(req.prompt)) + req.prompt for _, req in joining], device=self.device)
+        pad = to_device([width - len(req.prompt) for _, req in joining], torch.long, self.device)
+        ids = to_device([[bos] * (width - len(req.prompt)) + req.prompt for _, req in joining], torch.long, self.device)
         return _Prefill(joining, ids, KVCache(self.cache.num_layers, width, pad=pad))
 
-    def _join(self, group: _Prefill, logits: torch.Tensor) -> dict[int, int]:
+    def _join(self, group: _Prefill, logits: torch.Tensor) -> tuple[list[_Slot | None], list[int], torch.Tensor]:
         """Place a prefilled group so that its prompts end at the shared write position (moving the
-        running rows right first when a prompt is longer than what is cached), and sample its first tokens."""
+        running rows right first when a prompt is longer than what is cached), and sample its first
+        tokens (cancelled requests are prefilled with the others, then left out)."""
         slots = [slot for slot in range(self.slots) if slot not in self.running][: len(group.requests)]
         self._shift(max(0, group.width - self.cache.pos))
-        rows = torch.tensor(slots, device=self.device)
+        rows = to_device(slots, torch.long, self.device)
         self.cache.place(rows, group.cache)
+        start = self.cache.pos - group.width
+        members: list[_Slot | None] = []
         for slot, (rid, req) in zip(slots, group.requests, strict=True):
-            self.running[slot] = _Slot(rid, req)
+            member = _Slot(rid, req, start=start + group.width - len(req.prompt))
+            self.running[slot] = member
+            members.append(member)
         requests = [req for _, req in group.requests]
         self.sampler.start(slots, [r.temperature for r in requests], [r.top_k for r in requests], [r.seed for r in requests])
-        out = self._sample(logits, rows, slots)
-        for slot, (rid, _) in zip(slots, group.requests, strict=True):
+        tokens = self.sampler.sample(logits, rows)
+        self.feed[rows, 0] = tokens
+        for i, (slot, (rid, _)) in enumerate(zip(slots, group.requests, strict=True)):
             if rid in group.cancelled:
-                out.pop(rid, None)
+                members[i] = None
                 self._free(slot)
-        return out
+        return members, slots, tokens
 
     def _live_span(self) -> int:
         """Columns from the earliest start of a running row to pos."""
         if not self.running:
             return 0
-        return self.cache.pos - int(self.cache.pad[list(self.running)].min())
+        return self.cache.pos - min(s.start for s in self.running.values())
 
     def _make_room(self) -> None:
         """Before a decode step: when every column is used, drop those before the earliest running row."""
@@ -267,8 +307,11 @@ class DecodeBatch:
     def _shift(self, delta: int) -> None:
         if delta:
             self.cache.shift(delta, start=self.cache.pos - self._live_span())
+            for s in self.running.values():
+                s.start += delta
             free = [slot for slot in range(self.slots) if slot not in self.running]
-            self.cache.pad[free] = self.free_pad
+            if free:
+                self.cache.pad[to_device(free, torch.long, self.device)] = self.free_pad
 
 
 def decode_many(engine: Engine, prompts: list[list[int]], max_tokens: list[int], temperature: list[float],

@@ -82,7 +82,7 @@ def sample_text(model: nn.Module, tokenizer: Tokenizer, plan: PrecisionPlan, pro
     return tokenizer.decode(list(generate(model, plan, ids, max_new_tokens, temperature=0.0)))
 
 
-class _HostCopy:
+class HostCopy:
     """A device tensor's values on their way to the host: the copy is queued at once, and values()
     waits for that copy only, not for the work queued after it."""
 
@@ -181,7 +181,7 @@ class Engine:
         max_tokens = min(max_tokens, limit - len(prompt))
         if max_tokens <= 0:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room to generate (model limit {limit})")
-        sampler = BatchSampler(num_samples, device, compile=self.decoder.compile)
+        sampler = BatchSampler(num_samples, device, fused=self.decoder.compile)
         sampler.start(list(range(num_samples)), [temperature] * num_samples, [top_k] * num_samples,
                       [sample_seed(seed, r) for r in range(num_samples)])
         self.decoder.sync_weights()
@@ -194,7 +194,7 @@ class Engine:
         for step in range(max_tokens):
             sampled = sampler.sample(logits)[:, None]
             forcing = any(row.forced for row in rows)
-            sampled_host = _HostCopy(sampled)
+            sampled_host = HostCopy(sampled)
             if not forcing and step < max_tokens - 1:
                 # run the next step on the sampled ids while the host reads them and does its
                 # bookkeeping: the GPU does not wait for Python between tokens

@@ -10,8 +10,7 @@ softmax(logits / temperature) restricted to those k tokens.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -49,45 +48,37 @@ def _draw(logits: torch.Tensor, allowed: torch.Tensor, temperature: torch.Tensor
     return torch.where(temperature > 0, sampled, logits.argmax(dim=1))
 
 
-def _pick(logits: torch.Tensor, temperature: torch.Tensor, seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return _draw(logits, logits, temperature, seed, index)
-
-
-def _pick_top_k(logits: torch.Tensor, top_values: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    # each row's k-th largest logit, gathered at its own k; no threshold for a row without one
-    kth = top_values.gather(1, (top_k.clamp(1, top_values.size(1)) - 1)[:, None])
-    kth = torch.where(top_k[:, None] > 0, kth, float("-inf"))
-    return _draw(logits, logits.masked_fill(logits < kth, float("-inf")), temperature, seed, index)
-
-
-@functools.cache
-def _compiled(pick: Callable) -> Callable:
-    """`pick` under torch.compile (built on first use): the hash, the noise and both argmaxes fuse
-    into a few kernels instead of dozens of launches. Dynamic shapes: any row count and top-k width;
-    one function per branch, so neither branch's programs push the other's out of the cache."""
-    return torch.compile(pick, dynamic=True)
-
-
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, seed: torch.Tensor,
-           index: torch.Tensor, max_top_k: int, compile: bool = False) -> torch.Tensor:
+           index: torch.Tensor, max_top_k: int, fused: bool = False) -> torch.Tensor:
     """(rows,) token ids for (rows, vocab) `logits`; every other argument but the last two is a (rows,)
     tensor on the logits' device: temperature (float32, <= 0 = greedy), top_k (int64, <= 0 = the whole
     vocabulary), seed (any int64), index (int64: tokens the row has sampled before this one).
     `max_top_k` is the largest top_k of any row (0 = none has one), known on the host so that nothing
-    here waits for the device. `compile`: run under torch.compile (where the precision plan compiles)."""
-    # one layout and one grad mode whatever the caller (an expanded prefill row, a graph's output
-    # buffer): each difference would be one more program for torch.compile to build
-    logits = logits.float().contiguous()
-    vocab = logits.size(1)
+    here waits for the device. `fused`: on a CUDA device, draw in one Triton kernel
+    (nanochat.infer.sample_kernel; where the precision plan compiles, so Triton is there)."""
+    if fused and logits.is_cuda:
+        from nanochat.infer.sample_kernel import sample_rows  # imports Triton
+
+        return sample_rows(logits, temperature, top_k, seed, index)
+    logits = logits.float()
     with torch.no_grad():
         if max_top_k <= 0:
-            pick = _compiled(_pick) if compile else _pick
-            return pick(logits, temperature, seed, index)
-        # at least 2 wide: a width of 1 would be one more shape to specialize on
-        top_values = torch.topk(logits, min(max(max_top_k, 2), vocab)).values
-        pick = _compiled(_pick_top_k) if compile else _pick_top_k
-        return pick(logits, top_values, temperature, top_k, seed, index)
+            return _draw(logits, logits, temperature, seed, index)
+        # each row's k-th largest logit, gathered at its own k; no threshold for a row without one
+        top_values = torch.topk(logits, min(max_top_k, logits.size(1))).values
+        kth = top_values.gather(1, (top_k.clamp(1, top_values.size(1)) - 1)[:, None])
+        kth = torch.where(top_k[:, None] > 0, kth, float("-inf"))
+        return _draw(logits, logits.masked_fill(logits < kth, float("-inf")), temperature, seed, index)
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of host values on `device` without waiting for the device: a plain copy to a CUDA
+    device waits for all the work queued before it (a step launched ahead, say); a non-blocking copy
+    from pinned memory is queued behind that work instead."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def as_int64(seed: int) -> int:
@@ -104,8 +95,8 @@ class BatchSampler:
     """The sampling settings of each row of a batch, kept on the device and written only when rows
     start sampling; `sample` draws one token for each row asked and advances those rows' counters."""
 
-    def __init__(self, rows: int, device: torch.device, compile: bool = False):
-        self.device, self.compile = device, compile
+    def __init__(self, rows: int, device: torch.device, fused: bool = False):
+        self.device, self.fused = device, fused
         self.temperature = torch.zeros(rows, device=device)
         self.top_k = torch.zeros(rows, dtype=torch.long, device=device)
         self.seed = torch.zeros(rows, dtype=torch.long, device=device)
@@ -117,11 +108,11 @@ class BatchSampler:
               seed: Sequence[int]) -> None:
         """Rows `rows` sample from now on with these settings (top_k None: the whole vocabulary),
         their token counters back at 0."""
-        ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+        ids = to_device(list(rows), torch.long, self.device)
         ks = [k if k is not None and k > 0 else 0 for k in top_k]
-        self.temperature[ids] = torch.tensor(temperature, dtype=torch.float32).to(self.device)
-        self.top_k[ids] = torch.tensor(ks, dtype=torch.long).to(self.device)
-        self.seed[ids] = torch.tensor([as_int64(s) for s in seed], dtype=torch.long).to(self.device)
+        self.temperature[ids] = to_device(list(temperature), torch.float32, self.device)
+        self.top_k[ids] = to_device(ks, torch.long, self.device)
+        self.seed[ids] = to_device([as_int64(s) for s in seed], torch.long, self.device)
         self.index[ids] = 0
         for row, k in zip(rows, ks, strict=True):
             self._top_k[row] = k
@@ -136,6 +127,6 @@ class BatchSampler:
         """(rows,) token ids on the device for `logits` (one row per entry of `rows`: a slice or an
         int64 tensor of row numbers); those rows' counters advance by one."""
         tokens = sample(logits, self.temperature[rows], self.top_k[rows], self.seed[rows], self.index[rows],
-                        self.max_top_k, self.compile)
+                        self.max_top_k, self.fused)
         self.index[rows] += 1
         return tokens
