@@ -203,3 +203,39 @@ def test_warm_up_captures_every_row_count_so_none_is_captured_while_serving(monk
         batch.step()
     while batch.busy:
         batch.step()
+
+
+@pytest.mark.gpu
+def test_a_served_step_waits_for_the_device_only_to_read_its_tokens(monkeypatch):
+    """Requests join, leave, are cancelled, sample with and without top-k (in the one-kernel sampler)
+    and the cache is compacted, with every synchronizing CUDA call an error: a step may wait only for
+    its tokens' copy (an event, which sync debug mode does not count), so the step launched ahead runs
+    while the host works."""
+    shifts = []
+    original = KVCache.shift
+    monkeypatch.setattr(KVCache, "shift", lambda self, delta, start=0: (shifts.append(delta), original(self, delta, start)))
+    e = engine(random_model(128).cuda(), resolve("float32", "cuda"), "graph")
+    e.decoder.compile = False
+    batch = DecodeBatch(e, slots=4, capacity=26)  # the longest prompt + max_tokens: compacted while serving
+    batch.sampler.fused = True  # the Triton sampler too: it needs no compiled step
+    batch.warm_up()
+    settings = [(0.8, 20), (0.0, None), (1.0, 5)]
+    requests = [Request(p, n, *settings[i % 3], seed=i) for i, (p, n) in enumerate(zip(PROMPTS * 3, [9, 4, 16, 3, 14, 5, 12, 7, 2], strict=True))]
+    got: dict[int, int] = {}
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(400):
+            if step % 4 == 0 and requests:
+                rid = batch.add(requests.pop())
+                if len(requests) == 4:
+                    cancelled = rid
+            if step == 18:
+                batch.cancel(cancelled)
+            for rid in batch.step():
+                got[rid] = got.get(rid, 0) + 1
+            if not requests and not batch.busy:
+                break
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert not batch.busy and any(d < 0 for d in shifts)  # all answered; the cache was compacted
+    assert len(got) == 8 + (cancelled in got) and got.get(cancelled, 0) < 14

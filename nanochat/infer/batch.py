@@ -13,7 +13,9 @@ the device, and only then reads its tokens on the host: the GPU runs that forwar
 does its bookkeeping (and a server sends the tokens), as `Engine.generate` does. Rows that end at
 this step were fed once more for nothing; a row whose next token is a forced tool output (known
 before the launch) makes the batch wait for the host instead. Nothing in a step waits for the
-device but the read of its tokens: host values go up by non-blocking copies from pinned memory.
+device but the read of its tokens: host values go up by non-blocking copies from pinned memory and
+constants are written by fill kernels (in a profile, assigning a Python number to an indexed CUDA
+tensor waited for the device: 15% of the decoding process's time at 32 streams).
 
 Rule: all rows share one KV cache whose write position `pos` advances one column per step. A row
 holds columns [pad[r], pos): a request joins so that its prompt ends at `pos`. Columns before the
@@ -206,7 +208,7 @@ class DecodeBatch:
         fed instead); the row leaves after its stop token or its max_tokens-th token."""
         token, forced = self.engine.next_token(s.state, sampled)
         if forced:
-            self.feed[slot, 0] = token
+            self.feed[slot].fill_(token)
         s.generated += 1
         if s.state.done or s.generated >= s.request.max_tokens:
             self._free(slot)
@@ -215,7 +217,7 @@ class DecodeBatch:
     def _free(self, slot: int) -> None:
         self.running.pop(slot, None)
         self.sampler.stop(slot)
-        self.cache.pad[slot] = self.free_pad
+        self.cache.pad[slot].fill_(self.free_pad)
         if not self.running:
             self.cache.pos = 0  # nothing cached is needed any more
             self.ahead = None  # a step launched ahead decodes rows that have all left
@@ -311,7 +313,7 @@ class DecodeBatch:
                 s.start += delta
             free = [slot for slot in range(self.slots) if slot not in self.running]
             if free:
-                self.cache.pad[to_device(free, torch.long, self.device)] = self.free_pad
+                self.cache.pad.index_fill_(0, to_device(free, torch.long, self.device), self.free_pad)
 
 
 def decode_many(engine: Engine, prompts: list[list[int]], max_tokens: list[int], temperature: list[float],

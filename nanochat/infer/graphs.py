@@ -291,7 +291,7 @@ class Decoder:
         p.ids.zero_()  # padding: any token, no query attends to it
         p.ids[:rows, extra:] = ids
         p.cache.pad[:rows] = pad + extra
-        p.cache.pad[rows:] = shape[1]  # a row of nothing but padding: each query sees itself only
+        p.cache.pad[rows:].fill_(shape[1])  # a row of nothing but padding: each query sees itself only
         if p.graph is None:
             p.cache.pos = 0
             p.logits = self._prefill_forward(p)

@@ -113,7 +113,7 @@ class BatchSampler:
         self.temperature[ids] = to_device(list(temperature), torch.float32, self.device)
         self.top_k[ids] = to_device(ks, torch.long, self.device)
         self.seed[ids] = to_device([as_int64(s) for s in seed], torch.long, self.device)
-        self.index[ids] = 0
+        self.index.index_fill_(0, ids, 0)
         for row, k in zip(rows, ks, strict=True):
             self._top_k[row] = k
         self.max_top_k = max(self._top_k)
