@@ -43,15 +43,15 @@ def int_list(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
-def row_counts(text: str, flag: str, example: str) -> list[int]:
-    """A comma-separated option of row counts (e.g. --num-samples 1,32) as numbers; anything but
-    positive integers is refused, naming the option."""
+def row_counts(text: str, flag: str, example: str, what: str = "row counts") -> list[int]:
+    """A comma-separated option of row counts (e.g. --num-samples 1,32; or of other sizes, named by
+    `what`) as numbers; anything but positive integers is refused, naming the option."""
     try:
         counts = [int(n) for n in text.split(",")]
     except ValueError:
         counts = []
     if not counts or min(counts) < 1:
-        raise SystemExit(f"{flag} {text!r}: give comma-separated positive row counts, e.g. {example}")
+        raise SystemExit(f"{flag} {text!r}: give comma-separated positive {what}, e.g. {example}")
     return counts
 
 

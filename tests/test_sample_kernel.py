@@ -59,3 +59,24 @@ def test_the_kernel_draws_as_the_tensor_ops_in_the_interpreter():
 @pytest.mark.gpu
 def test_the_kernel_draws_as_the_tensor_ops_on_the_gpu():
     run_fresh(CHECK.replace("{device}", "cuda"), {})
+
+
+def test_bench_sampler_refuses_a_cpu_and_bad_sizes_before_anything_runs():
+    from nanochat.scripts import bench_sampler
+
+    with pytest.raises(SystemExit, match="vocabulary sizes"):
+        bench_sampler.main(["--vocab-sizes", "lots"])
+    with pytest.raises(SystemExit, match="run it on a GPU"):
+        bench_sampler.main(["--device", "cpu"])
+
+
+@pytest.mark.gpu
+def test_bench_sampler_times_both_ways(tmp_path):
+    from nanochat.scripts import bench_sampler
+
+    out = bench_sampler.main(["--vocab-sizes", "1000,20000", "--rows", "1,4", "--repeats", "5", "--out", str(tmp_path / "s.json")])
+    assert {(r["vocab"], r["rows"], r["way"]) for r in out["results"]} == {
+        (v, n, way) for v in (1000, 20000) for n in (1, 4) for way in ("tensor ops", "triton kernel")}
+    assert all(r["us_per_call"] > 0 for r in out["results"])
+    assert all(r["rows_drawn_otherwise"] <= 1 for r in out["results"] if r["way"] == "triton kernel")
+    assert (tmp_path / "s.json").exists()

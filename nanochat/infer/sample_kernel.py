@@ -40,20 +40,20 @@ def _key(x):
 
 
 @triton.jit
-def _count_at_least(base, V, threshold, held, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+def _count_at_least(base, V, threshold, held, BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
     """How many logits of the row have a key >= threshold (from `held` when the row is one block)."""
-    if ONE_BLOCK:
+    if CHUNKS == 1:
         return tl.sum((held >= threshold).to(tl.int32), axis=0)
     total = 0
-    for start in range(0, V, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
+    for chunk in range(CHUNKS):
+        offs = chunk * BLOCK + tl.arange(0, BLOCK)
         keys = _key(tl.load(base + offs, mask=offs < V, other=float("-inf")))
         total += tl.sum(((keys >= threshold) & (offs < V)).to(tl.int32), axis=0)
     return total
 
 
 @triton.jit
-def _kth_largest(base, V, k, lowest, highest, held, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+def _kth_largest(base, V, k, lowest, highest, held, BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
     """The k-th largest key of the row: the largest t with at least k keys >= t, by bisection
     between its smallest and largest key (int64 bounds: their distance can exceed int32)."""
     lo = lowest.to(tl.int64)
@@ -61,7 +61,7 @@ def _kth_largest(base, V, k, lowest, highest, held, BLOCK: tl.constexpr, ONE_BLO
     for _ in range(32):
         if lo < hi:
             mid = lo + (hi - lo + 1) // 2
-            if _count_at_least(base, V, mid.to(tl.int32), held, BLOCK, ONE_BLOCK) >= k:
+            if _count_at_least(base, V, mid.to(tl.int32), held, BLOCK, CHUNKS) >= k:
                 lo = mid
             else:
                 hi = mid - 1
@@ -69,31 +69,32 @@ def _kth_largest(base, V, k, lowest, highest, held, BLOCK: tl.constexpr, ONE_BLO
 
 
 @triton.jit
-def _sample(logits_ptr, temperature_ptr, top_k_ptr, seed_ptr, index_ptr, out_ptr, V, stride, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
+def _sample(logits_ptr, temperature_ptr, top_k_ptr, seed_ptr, index_ptr, out_ptr, V, stride, BLOCK: tl.constexpr,
+            CHUNKS: tl.constexpr):
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride
     temperature = tl.load(temperature_ptr + row)
     top_k = tl.load(top_k_ptr + row)
     held = tl.zeros([BLOCK], dtype=tl.int32)
-    if ONE_BLOCK:
+    if CHUNKS == 1:  # the row stays in registers for the bisection's passes
         offs = tl.arange(0, BLOCK)
         held = tl.where(offs < V, _key(tl.load(base + offs, mask=offs < V, other=float("-inf"))), -(2**31))
     # pass 1: the maximum (first index on ties: the greedy token) and the smallest key
     best = float("-inf")
     best_i = 0
     lowest = 2**31 - 1
-    for start in range(0, V, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
+    for chunk in range(CHUNKS):
+        offs = chunk * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(base + offs, mask=offs < V, other=float("-inf"))
         m, i = tl.max(x, axis=0, return_indices=True)
         if m > best:
-            best, best_i = m, start + i
+            best, best_i = m, chunk * BLOCK + i
         lowest = tl.minimum(lowest, tl.min(tl.where(offs < V, _key(x), 2**31 - 1), axis=0))
     token = best_i.to(tl.int64)
     if temperature > 0:
         threshold = float("-inf")
         if (top_k > 0) & (top_k < V):
-            kth = _kth_largest(base, V, top_k, lowest, _key(best), held, BLOCK, ONE_BLOCK)
+            kth = _kth_largest(base, V, top_k, lowest, _key(best), held, BLOCK, CHUNKS)
             threshold = (kth ^ ((kth >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)  # the key's float
         seed = tl.load(seed_ptr + row)
         lo = (seed & 0xFFFFFFFF).to(tl.uint32)
@@ -103,8 +104,8 @@ def _sample(logits_ptr, temperature_ptr, top_k_ptr, seed_ptr, index_ptr, out_ptr
         # pass 2: Gumbel-max over the logits at or above the threshold
         drawn = float("-inf")
         drawn_i = 0
-        for start in range(0, V, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
+        for chunk in range(CHUNKS):
+            offs = chunk * BLOCK + tl.arange(0, BLOCK)
             x = tl.load(base + offs, mask=offs < V, other=float("-inf"))
             bits = _mix32(_mix32(key ^ offs.to(tl.uint32)) ^ key)
             uniform = ((bits >> 8).to(tl.float32) + 0.5) * (2.0**-24)
@@ -112,7 +113,7 @@ def _sample(logits_ptr, temperature_ptr, top_k_ptr, seed_ptr, index_ptr, out_ptr
             value = tl.where((x >= threshold) & (offs < V), (x - best) / temperature + gumbel, float("-inf"))
             m, i = tl.max(value, axis=0, return_indices=True)
             if m > drawn:
-                drawn, drawn_i = m, start + i
+                drawn, drawn_i = m, chunk * BLOCK + i
         token = drawn_i.to(tl.int64)
     tl.store(out_ptr + row, token)
 
@@ -128,6 +129,6 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     out = torch.empty(rows, dtype=torch.long, device=logits.device)
     if rows:
         _sample[(rows,)](logits, temperature.contiguous(), top_k.contiguous(), seed.contiguous(), index.contiguous(),
-                         out, vocab, logits.stride(0), BLOCK=block, ONE_BLOCK=vocab <= block,
+                         out, vocab, logits.stride(0), BLOCK=block, CHUNKS=triton.cdiv(vocab, block),
                          num_warps=max(4, min(16, block // 1024)))
     return out
