@@ -23,7 +23,7 @@ from nanochat.infer.sampling import _gumbel, sample
 device = "{device}"
 g = torch.Generator().manual_seed(0)
 differ = checked = 0
-for vocab in (64, 1000, 40000):  # 40000: more than one block per row
+for vocab in (64, 1000, 100_000):  # 100,000: more than one block per row
     rows = 24
     wide = 3 * torch.randn(rows, vocab + 8, generator=g)
     logits = wide[:, :vocab]  # rows a stride apart

@@ -4,7 +4,8 @@ Gumbel-max, same top-k rule), one program per row, instead of a top-k sort and a
 Why: on an H200 at depth 12 the tensor ops cost 0.08 ms of GPU time per step at one row (a radix
 top-k over the vocabulary, then the noise and two argmaxes), a quarter of the greedy step. Here a
 row's k-th largest logit is found by bisection over the logits' order-preserving integer keys (32
-counting passes over a row held in registers), then one pass draws: no sort, no launches between.
+counting passes over a row held in registers, reloaded per pass only beyond MAX_BLOCK logits),
+then one pass draws: no sort, no launches between.
 
 A row's token is a function of its logits, temperature, top-k, seed and index only, as in the
 tensor ops; the kernel agrees with them token for token but where two candidates' perturbed
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_BLOCK = 16384  # logits a program holds at once: 32 per thread at 16 warps
+MAX_BLOCK = 65536  # logits a program holds at once (64 per thread at 32 warps): a 65,536-token vocabulary in registers
 
 
 @triton.jit
@@ -130,5 +131,5 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Te
     if rows:
         _sample[(rows,)](logits, temperature.contiguous(), top_k.contiguous(), seed.contiguous(), index.contiguous(),
                          out, vocab, logits.stride(0), BLOCK=block, CHUNKS=triton.cdiv(vocab, block),
-                         num_warps=max(4, min(16, block // 1024)))
+                         num_warps=max(4, min(32, block // 1024)))
     return out
