@@ -10,6 +10,7 @@ from nanochat.infer.batch import DecodeBatch, Request, decode_many
 from nanochat.infer.cache import KVCache
 from nanochat.infer.engine import Engine
 from nanochat.infer.graphs import Decoder
+from nanochat.infer.sampling import BatchSampler
 from nanochat.precision import resolve
 from tests.test_batching import alone
 from tests.test_engine import random_model
@@ -206,18 +207,20 @@ def test_warm_up_captures_every_row_count_so_none_is_captured_while_serving(monk
 
 
 @pytest.mark.gpu
-def test_a_served_step_waits_for_the_device_only_to_read_its_tokens(monkeypatch):
-    """Requests join, leave, are cancelled, sample with and without top-k (in the one-kernel sampler)
-    and the cache is compacted, with every synchronizing CUDA call an error: a step may wait only for
-    its tokens' copy (an event, which sync debug mode does not count), so the step launched ahead runs
-    while the host works."""
+@pytest.mark.parametrize("sampler", ["triton kernel", "captured tensor ops"])
+def test_a_served_step_waits_for_the_device_only_to_read_its_tokens(monkeypatch, sampler):
+    """Requests join, leave, are cancelled, sample with and without top-k (in the one-kernel sampler,
+    or in the P100 plan's captured tensor ops) and the cache is compacted, with every synchronizing CUDA
+    call an error: a step may wait only for its tokens' copy (an event, which sync debug mode does not
+    count), so the step launched ahead runs while the host works."""
     shifts = []
     original = KVCache.shift
     monkeypatch.setattr(KVCache, "shift", lambda self, delta, start=0: (shifts.append(delta), original(self, delta, start)))
     e = engine(random_model(128).cuda(), resolve("float32", "cuda"), "graph")
     e.decoder.compile = False
     batch = DecodeBatch(e, slots=4, capacity=26)  # the longest prompt + max_tokens: compacted while serving
-    batch.sampler.fused = True  # the Triton sampler too: it needs no compiled step
+    if sampler == "triton kernel":  # as where the plan compiles (the kernel needs no compiled step)
+        batch.sampler = BatchSampler(4, batch.device, fused=True)
     batch.warm_up()
     settings = [(0.8, 20), (0.0, None), (1.0, 5)]
     requests = [Request(p, n, *settings[i % 3], seed=i) for i, (p, n) in enumerate(zip(PROMPTS * 3, [9, 4, 16, 3, 14, 5, 12, 7, 2], strict=True))]
@@ -239,3 +242,46 @@ def test_a_served_step_waits_for_the_device_only_to_read_its_tokens(monkeypatch)
         torch.cuda.set_sync_debug_mode(0)
     assert not batch.busy and any(d < 0 for d in shifts)  # all answered; the cache was compacted
     assert len(got) == 8 + (cancelled in got) and got.get(cancelled, 0) < 14
+
+
+@pytest.mark.gpu
+def test_captured_sampling_draws_what_eager_sampling_draws(monkeypatch):
+    """Without the sampling kernel (the P100 plan), a decode step's sampling replays a graph per row count
+    and top-k width, all captured by the warm-up: every request gets exactly the tokens that sampling
+    without graphs gives it (whatever its batch mates' widths), and the same alone."""
+    plan = resolve("float32", "cuda")
+    model = random_model(128).cuda()
+    settings = [(0.8, 20, 1), (1.0, None, 2), (0.0, None, 3), (0.7, 50, 4), (2.0, 1, 5), (0.9, 90, 6)]
+    requests = [Request(p, n, temperature=t, top_k=k, seed=seed)
+                for p, n, (t, k, seed) in zip(PROMPTS * 2, [9, 4, 6, 3, 8, 5], settings, strict=True)]
+
+    def run(graphs: bool) -> tuple[list[list[int]], int]:
+        e = engine(model, plan, "graph")
+        e.decoder.compile = False
+        batch = DecodeBatch(e, slots=4, capacity=64)
+        assert batch.sampler.graphs
+        batch.sampler.graphs = graphs
+        batch.warm_up()
+        warmed = set(batch.sampler._graphs)
+        assert not graphs or warmed == {(ptr, rows, width) for ptr, rows, _ in warmed for width in (0, 2, 4, 8, 16, 32, 64, 128)}
+        assert not graphs or {rows for _, rows, _ in warmed} == {1, 2, 4}  # the decoder's step row counts
+        eager_steps = []
+        draw = batch.sampler._draw
+        monkeypatch.setattr(batch.sampler, "_draw", lambda logits, rows, k: (eager_steps.append(isinstance(rows, slice)), draw(logits, rows, k))[1])
+        tokens: dict[int, list[int]] = {}
+        for request in requests:  # one joins every step, so rows join and leave while others sample
+            tokens[batch.add(request)] = []
+            for rid, token in batch.step().items():
+                tokens[rid].append(token)
+        while batch.busy:
+            for rid, token in batch.step().items():
+                tokens[rid].append(token)
+        assert set(batch.sampler._graphs) == warmed  # nothing captured while decoding
+        return [tokens[rid] for rid in sorted(tokens)], sum(eager_steps)
+
+    graphed, eager_steps = run(True)
+    assert eager_steps == 0  # every decode step's sampling replayed a graph (joins sample eagerly)
+    assert graphed == run(False)[0]
+    lone = engine(model, plan, "graph")
+    lone.decoder.compile = False
+    assert graphed[0] == alone(lone, requests[0])

@@ -100,7 +100,8 @@ class DecodeBatch:
         self.cache = KVCache(len(model.transformer.h), capacity,
                              pad=torch.full((slots,), self.free_pad, dtype=torch.long, device=self.device))
         engine.decoder.sync_weights()
-        self.sampler = BatchSampler(slots, self.device, fused=engine.decoder.compile)
+        self.sampler = BatchSampler(slots, self.device, fused=engine.decoder.compile,
+                                    graphs=engine.decoder.mode == "graph")
         # the token each slot feeds at the next step, on the device: the sampled one unless forced
         self.feed = torch.full((slots, 1), engine.tokenizer.bos_token_id, dtype=torch.long, device=self.device)
         self.running: dict[int, _Slot] = {}
@@ -143,8 +144,9 @@ class DecodeBatch:
     @torch.no_grad()
     def warm_up(self) -> None:
         """Capture (and compile, where the plan compiles) the decode step of every row count the
-        batch can take, the prefill of every group shape it may capture, and the sampler with and
-        without top-k, before the first request: nothing is captured or compiled while serving.
+        batch can take, the prefill of every group shape it may capture, and the sampler (a decode
+        step's at every top-k width it captures; with and without top-k), before the first request:
+        nothing is captured or compiled while serving.
         Eager decoding has nothing to capture."""
         if self.engine.decoder.mode != "graph":
             return
@@ -155,10 +157,11 @@ class DecodeBatch:
             self.engine.decoder.prefill(torch.zeros(shape, dtype=torch.long, device=self.device),
                                         torch.zeros(shape[0], dtype=torch.long, device=self.device))
         s = self.sampler
-        for rows in range(1, self.slots + 1):  # the decoder rounds these up to the graphs it keeps
+        for rows in sorted({self.engine.decoder.step_rows(n, self.slots) for n in range(1, self.slots + 1)}):
             self.cache.pos = 0  # every slot free: a row sees only the column it writes
             logits = self.engine.decoder(self.feed[:rows], self.cache)
-            for top_k in (0, SAMPLING.top_k):
+            s.warm_up(logits)  # a decode step's sampling, captured at every top-k width (tensor-op sampling)
+            for top_k in (0, SAMPLING.top_k):  # a joining group's, eagerly: the sampling kernel built before use
                 sample(logits, s.temperature[:rows], s.top_k[:rows], s.seed[:rows], s.index[:rows], top_k, s.fused)
         self.cache.pos = 0
 
@@ -197,9 +200,10 @@ class DecodeBatch:
 
     def _launch(self) -> _Ahead:
         """The forward of the running rows on the tokens in `feed`, up to the highest busy slot only
-        (slots fill lowest first: one request alone costs a one-row forward, not one of every slot)."""
+        (slots fill lowest first: one request alone costs a one-row forward, not one of every slot),
+        as many rows as the decoder's step computes (free slots among them: fed, sampled, dropped)."""
         self._make_room()
-        rows = max(self.running) + 1
+        rows = self.engine.decoder.step_rows(max(self.running) + 1, self.slots)
         logits = self.engine.decoder(self.feed[:rows], self.cache)
         return _Ahead(logits, [self.running.get(slot) for slot in range(rows)])
 

@@ -222,14 +222,18 @@ class Decoder:
         cache.advance(1)
         return logits
 
+    def step_rows(self, rows: int, limit: int) -> int:
+        """The rows a one-token step of `rows` rows computes: in graph mode rounded up to a power of two
+        (at most `limit`, the cache's rows) so that a few graphs cover every batch, the extra rows
+        being free slots of the cache, masked to themselves, output dropped; `rows` in other modes."""
+        return min(1 << (rows - 1).bit_length(), limit) if self.mode == "graph" else rows
+
     def _replay(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         rows = ids.size(0)
         if cache.k.data_ptr() != self._cache_ptr:
             self._graphs.clear()  # graphs of an earlier cache would write into memory it no longer owns
             self._cache_ptr = cache.k.data_ptr()
-        # rows rounded up to a power of two (within the cache) so that a few graphs cover every
-        # batch; the extra rows are free slots of the cache, masked to themselves, output dropped
-        padded = min(1 << (rows - 1).bit_length(), cache.k.size(1))
+        padded = self.step_rows(rows, cache.k.size(1))
         g = self._graphs.get(padded)
         fresh = g is None
         if fresh:

@@ -91,12 +91,32 @@ def request_seed(seed: int) -> int:
     return seed % 2**63
 
 
+GRAPH_TOP_K = 1024  # the widest top-k a captured sampling serves; a wider one is sampled eagerly
+
+
+def graph_width(max_top_k: int, vocab: int) -> int:
+    """The top-k width of the captured sampling for a batch whose widest top-k is `max_top_k` (0 = none):
+    the next power of two, so that a few graphs serve every width. Exact: each row gathers its own
+    k-th value from the wider top, which holds it."""
+    return 0 if max_top_k <= 0 else min(1 << (max(max_top_k, 2) - 1).bit_length(), vocab)
+
+
 class BatchSampler:
     """The sampling settings of each row of a batch, kept on the device and written only when rows
-    start sampling; `sample` draws one token for each row asked and advances those rows' counters."""
+    start sampling; `sample` draws one token for each row asked and advances those rows' counters.
 
-    def __init__(self, rows: int, device: torch.device, fused: bool = False):
+    With `graphs` (CUDA, tensor-op sampling: no Triton kernel) the sampling of rows 0..n-1 from a
+    static logits buffer (a captured decode step's) replays a CUDA graph per (buffer, rows, top-k
+    width), captured by `warm_up`: launched from Python, the top-k, the hash and the draws are some 75
+    kernels, and a decoding loop that runs ahead of the device waits on their launches, not on the
+    device (docs/serving.md). The graphs share one memory pool: they run one at a time, and each one's
+    tokens are used before the next runs."""
+
+    def __init__(self, rows: int, device: torch.device, fused: bool = False, graphs: bool = False):
         self.device, self.fused = device, fused
+        self.graphs = graphs and device.type == "cuda" and not fused
+        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
         self.temperature = torch.zeros(rows, device=device)
         self.top_k = torch.zeros(rows, dtype=torch.long, device=device)
         self.seed = torch.zeros(rows, dtype=torch.long, device=device)
@@ -125,8 +145,45 @@ class BatchSampler:
 
     def sample(self, logits: torch.Tensor, rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         """(rows,) token ids on the device for `logits` (one row per entry of `rows`: a slice or an
-        int64 tensor of row numbers); those rows' counters advance by one."""
+        int64 tensor of row numbers); those rows' counters advance by one. Where a captured graph
+        draws them (see the class), the tokens are its output buffer: use them before the next call."""
+        width = graph_width(self.max_top_k, logits.size(1))
+        if (self.graphs and isinstance(rows, slice) and not rows.start and rows.stop == logits.size(0)
+                and width <= GRAPH_TOP_K):
+            graph, tokens = self._graph(logits, width)
+            graph.replay()
+            return tokens
+        return self._draw(logits, rows, self.max_top_k)
+
+    def warm_up(self, logits: torch.Tensor) -> None:
+        """Capture the sampling of every row of `logits` (a static buffer) at each top-k width a graph
+        serves, so that nothing is captured while serving; nothing to do without `graphs`."""
+        if self.graphs:
+            vocab = logits.size(1)
+            for width in sorted({0, *(min(1 << i, vocab) for i in range(1, GRAPH_TOP_K.bit_length()))}):
+                self._graph(logits, width)
+
+    def _draw(self, logits: torch.Tensor, rows: slice | torch.Tensor, max_top_k: int) -> torch.Tensor:
         tokens = sample(logits, self.temperature[rows], self.top_k[rows], self.seed[rows], self.index[rows],
-                        self.max_top_k, self.fused)
+                        max_top_k, self.fused)
         self.index[rows] += 1
         return tokens
+
+    def _graph(self, logits: torch.Tensor, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The captured sampling of every row of `logits` (a static buffer) at top-k `width`."""
+        key = (logits.data_ptr(), logits.size(0), width)
+        if key not in self._graphs:
+            rows = slice(0, logits.size(0))
+            counters = self.index.clone()  # the warm-up draws advance them: put back after
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # the allocator's blocks, before the capture
+                self._draw(logits, rows, width)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._pool = self._pool or torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                tokens = self._draw(logits, rows, width)
+            self.index.copy_(counters)
+            self._graphs[key] = (graph, tokens)
+        return self._graphs[key]
