@@ -67,6 +67,10 @@ class _Ahead:
     members: list[_Slot | None]
 
 
+# rows sampled in a step: the request in each row when it was sampled, the rows' slots, their tokens on the device
+_Sampled = tuple[list[_Slot | None], list[int], torch.Tensor]
+
+
 @dataclass
 class _Prefill:
     """Waiting requests whose prompts are being prefilled together, left-padded to one width, in a
@@ -174,7 +178,7 @@ class DecodeBatch:
         returned) or its max_tokens-th token."""
         if self.ahead is None and self.running:
             self.ahead = self._launch()
-        sampled: list[tuple[list[_Slot | None], list[int], torch.Tensor]] = []
+        sampled: list[_Sampled] = []
         if self.ahead is not None:
             ahead, self.ahead = self.ahead, None
             rows = len(ahead.members)
@@ -226,9 +230,9 @@ class DecodeBatch:
             self.cache.pos = 0  # nothing cached is needed any more
             self.ahead = None  # a step launched ahead decodes rows that have all left
 
-    def _prefill(self) -> tuple[list[_Slot | None], list[int], torch.Tensor] | None:
+    def _prefill(self) -> _Sampled | None:
         """Prefill the next chunk of waiting prompts; the requests whose prompts are then complete join:
-        (their slots' requests, the slots, their first tokens on the device), or None."""
+        their first tokens (None while no prompt is complete)."""
         # nothing to stall in an idle batch: prefill all that fits at once
         budget = self.prefill_tokens if self.running else None
         if self.prefilling is None:
@@ -275,7 +279,7 @@ class DecodeBatch:
         ids = to_device([[bos] * (width - len(req.prompt)) + req.prompt for _, req in joining], torch.long, self.device)
         return _Prefill(joining, ids, KVCache(self.cache.num_layers, width, pad=pad))
 
-    def _join(self, group: _Prefill, logits: torch.Tensor) -> tuple[list[_Slot | None], list[int], torch.Tensor]:
+    def _join(self, group: _Prefill, logits: torch.Tensor) -> _Sampled:
         """Place a prefilled group so that its prompts end at the shared write position (moving the
         running rows right first when a prompt is longer than what is cached), and sample its first
         tokens (cancelled requests are prefilled with the others, then left out)."""
@@ -283,10 +287,9 @@ class DecodeBatch:
         self._shift(max(0, group.width - self.cache.pos))
         rows = to_device(slots, torch.long, self.device)
         self.cache.place(rows, group.cache)
-        start = self.cache.pos - group.width
         members: list[_Slot | None] = []
         for slot, (rid, req) in zip(slots, group.requests, strict=True):
-            member = _Slot(rid, req, start=start + group.width - len(req.prompt))
+            member = _Slot(rid, req, start=self.cache.pos - len(req.prompt))  # its prompt ends at pos
             self.running[slot] = member
             members.append(member)
         requests = [req for _, req in group.requests]
