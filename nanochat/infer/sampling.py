@@ -1,5 +1,6 @@
-"""Sampling for a whole batch on the device: one token per row of a (rows, vocab) logits tensor in a
-fixed handful of tensor ops, each row with its own temperature (0 = greedy), top-k and seed.
+"""Sampling for a whole batch on the device: one token per row of a (rows, vocab) logits tensor, each
+row with its own temperature (0 = greedy), top-k and seed, in tensor ops (replayed as CUDA graphs by a
+served batch) or, where Triton is there, in one kernel (nanochat.infer.sample_kernel).
 
 Rule: a row's token depends only on its logits, its seed and how many tokens it has sampled so far
 (`index`), never on its batch mates or its place in the batch. The random numbers are a hash of
