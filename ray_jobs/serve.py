@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import http.client
 import ipaddress
 import os
 import signal
 import socket
 import sys
 import time
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import torch
 
@@ -205,7 +206,9 @@ def check_port(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as err:
-            what = "is in use" if err.errno == errno.EADDRINUSE else f"cannot be bound ({err.strerror})"
+            what = ("is in use (a server listens there, or one closed connections there within the last minute, "
+                    "which the system holds for about 60 s)" if err.errno == errno.EADDRINUSE
+                    else f"cannot be bound ({err.strerror})")
             raise UsageError(f"{host}:{port} {what}: pass another --port (or --host), or stop what holds it") from err
 
 
@@ -233,17 +236,29 @@ def direct_ingress_env(first_port: int, ports: int = 1) -> dict[str, str]:
 
 
 def wait_for_http(url: str, timeout_s: float) -> None:
-    """Until `url` answers 200, or a UsageError naming it after `timeout_s`."""
+    """Until `url` answers 200, or a UsageError naming it after `timeout_s`. Each probe is closed from
+    this side once its answer is read (urllib asks the server to close): the side that closes first
+    keeps the connection's port in TIME_WAIT for a minute, and a replica listening on --port itself
+    binds without SO_REUSEADDR, so a server-side close would keep the next server off the port."""
+    parts = urlsplit(url)
     deadline = time.monotonic() + timeout_s
     while True:
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
         try:
-            with urllib.request.urlopen(url, timeout=5):
+            connection.request("GET", parts.path or "/")
+            response = connection.getresponse()
+            response.read()
+            if response.status == 200:
                 return
-        except OSError as err:
-            if time.monotonic() > deadline:
-                raise UsageError(f"{url} did not answer within {timeout_s:g} s ({err}); the replica's log is in "
-                                 "Ray's session folder (/tmp/ray/session_latest/logs/serve)") from err
-            time.sleep(0.2)
+            failure: Exception = http.client.HTTPException(f"HTTP {response.status}")
+        except (OSError, http.client.HTTPException) as err:
+            failure = err
+        finally:
+            connection.close()
+        if time.monotonic() > deadline:
+            raise UsageError(f"{url} did not answer within {timeout_s:g} s ({failure}); the replica's log is in "
+                             "Ray's session folder (/tmp/ray/session_latest/logs/serve)") from failure
+        time.sleep(0.2)
 
 
 def wait_until_free(host: str, port: int, timeout_s: float) -> None:
