@@ -69,6 +69,9 @@ def _worker(rank: int, world: int, port: int, cfg: BenchScalingConfig, out: str)
                         "tokens_per_worker": grad_accum * cfg.device_batch_size * cfg.max_seq_len, "params": model.num_params(),
                         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
                         "dtype": plan.dtype, "gpu": plan.name}, out)
+        # every rank out of its last collective before any tears its connections down (on the CPU a gloo
+        # rank aborted once in its teardown while the other was still writing the result)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
