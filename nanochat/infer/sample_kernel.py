@@ -36,10 +36,15 @@ def _mix32(x):
 
 
 @triton.jit
-def _key(x):
-    """float32 -> int32 in the same order (negative floats: magnitude bits flipped)."""
-    bits = x.to(tl.int32, bitcast=True)
+def _flip(bits):
+    """A negative int32's magnitude bits flipped: float32 bits <-> order-preserving keys (its own inverse)."""
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _key(x):
+    """float32 -> int32 in the same order."""
+    return _flip(x.to(tl.int32, bitcast=True))
 
 
 @triton.jit
@@ -98,7 +103,7 @@ def _sample(logits_ptr, temperature_ptr, top_k_ptr, seed_ptr, index_ptr, out_ptr
         threshold = float("-inf")
         if (top_k > 0) & (top_k < V):
             kth = _kth_largest(base, V, top_k, lowest, _key(best), held, BLOCK, CHUNKS)
-            threshold = (kth ^ ((kth >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)  # the key's float
+            threshold = _flip(kth).to(tl.float32, bitcast=True)  # the key's float
         seed = tl.load(seed_ptr + row)
         lo = (seed & 0xFFFFFFFF).to(tl.uint32)
         hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
